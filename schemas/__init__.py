@@ -1,0 +1,38 @@
+"""The event contract: one JSON Schema per event type, loaded once, used on the way in and out."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from jsonschema import Draft202012Validator, FormatChecker
+
+SCHEMA_DIR = Path(__file__).resolve().parent
+SCHEMA_VERSION = "1"
+
+
+def event_types() -> list[str]:
+    return sorted(p.name.removesuffix(".json") for p in SCHEMA_DIR.glob("*.json"))
+
+
+@lru_cache(maxsize=None)
+def validator(event_type: str) -> Draft202012Validator:
+    path = SCHEMA_DIR / f"{event_type}.json"
+    if not path.is_file():
+        raise KeyError(f"no schema for event type {event_type!r}")
+    schema = json.loads(path.read_text(encoding="utf-8"))
+    return Draft202012Validator(schema, format_checker=FormatChecker())
+
+
+def errors(event_type: str, payload: object) -> list[str]:
+    """Every way payload breaks the schema of event_type, as short readable reasons."""
+    found = sorted(validator(event_type).iter_errors(payload), key=lambda e: list(e.absolute_path))
+    return [_describe(e) for e in found]
+
+
+def _describe(error) -> str:
+    where = "/".join(str(p) for p in error.absolute_path) or "(message)"
+    message = error.message
+    if len(message) > 300:
+        message = message[:300] + "…"
+    return f"{where}: {message}"
