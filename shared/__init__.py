@@ -1,0 +1,1 @@
+"""What every reportflow process shares: configuration, events, tracing, database, documents, mail."""

@@ -1,0 +1,83 @@
+"""Events as handlers see them, and as they travel: the wire format of DESIGN.md §2."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import schemas
+
+CONTENT_TYPE = "application/json"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event: its type, its validated payload and the id that makes it idempotent."""
+
+    type: str
+    payload: dict
+    message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    # The trace context (W3C headers) the event is processed in; handlers store it, never read it.
+    trace_context: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def report_id(self) -> str | None:
+        return self.payload.get("report_id")
+
+
+@dataclass(frozen=True)
+class InvalidMessage:
+    """A message that could not be read as its event type; reasons say why, payload is what could be read."""
+
+    type: str
+    message_id: str
+    reasons: list[str]
+    payload: dict | None = None
+
+    @property
+    def report_id(self) -> str | None:
+        value = (self.payload or {}).get("report_id")
+        return value if isinstance(value, str) else None
+
+
+def encode(event: Event) -> bytes:
+    return json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def message_properties(event: Event, headers: dict | None = None, app_id: str = "reportflow") -> dict:
+    """The AMQP properties every reportflow message carries (as keyword arguments for pika or kombu)."""
+    return {
+        "content_type": CONTENT_TYPE,
+        "content_encoding": "utf-8",
+        "delivery_mode": 2,
+        "message_id": event.message_id,
+        "type": event.type,
+        "timestamp": int(time.time()),
+        "app_id": app_id,
+        "correlation_id": event.report_id,
+        "headers": {"schema_version": schemas.SCHEMA_VERSION, **(headers or {})},
+    }
+
+
+def decode(event_type: str | None, message_id: str | None, content_type: str | None, body: bytes,
+           max_bytes: int) -> Event | InvalidMessage:
+    """Read one delivery into an Event, or say exactly why it cannot be one."""
+    event_type = event_type or "(unknown)"
+    message_id = message_id or f"no-id:{uuid.uuid5(uuid.NAMESPACE_OID, body[:65536].hex())}"
+    if len(body) > max_bytes:
+        return InvalidMessage(event_type, message_id, [f"message body is {len(body)} bytes, over the limit of {max_bytes}"])
+    if content_type and content_type.split(";")[0].strip().lower() != CONTENT_TYPE:
+        return InvalidMessage(event_type, message_id, [f"content type {content_type!r} is not {CONTENT_TYPE}"])
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return InvalidMessage(event_type, message_id, [f"body is not UTF-8 JSON: {exc}"])
+    if not isinstance(payload, dict):
+        return InvalidMessage(event_type, message_id, ["body is not a JSON object"])
+    if event_type not in schemas.event_types():
+        return InvalidMessage(event_type, message_id, [f"unknown event type {event_type!r}"], payload)
+    reasons = schemas.errors(event_type, payload)
+    if reasons:
+        return InvalidMessage(event_type, message_id, reasons, payload)
+    return Event(event_type, payload, message_id)

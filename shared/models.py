@@ -1,0 +1,158 @@
+"""The tables: reports and their stages, decisions, refusals, documents, notifications, inbox, outbox."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Report(Base):
+    __tablename__ = "reports"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    title: Mapped[str] = mapped_column(String(200))
+    template: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    submitter: Mapped[dict] = mapped_column(JSON)
+    client: Mapped[dict] = mapped_column(JSON)
+    data: Mapped[dict] = mapped_column(JSON)
+    # W3C carrier (traceparent/tracestate) of the span that created the report: later messages that
+    # arrive in other traces are processed in this one, so one trace holds the whole approval chain.
+    trace_context: Mapped[dict] = mapped_column(JSON, default=dict)
+    request_message_id: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    stages: Mapped[list[ApprovalStage]] = relationship(
+        back_populates="report", order_by="ApprovalStage.position", cascade="all, delete-orphan")
+    documents: Mapped[list[Document]] = relationship(back_populates="report", cascade="all, delete-orphan")
+
+    @property
+    def trace_id(self) -> str | None:
+        traceparent = (self.trace_context or {}).get("traceparent", "")
+        parts = traceparent.split("-")
+        return parts[1] if len(parts) == 4 else None
+
+    def document(self, kind: str) -> Document | None:
+        return next((d for d in self.documents if d.kind == kind), None)
+
+
+class ApprovalStage(Base):
+    __tablename__ = "approval_stages"
+    __table_args__ = (UniqueConstraint("report_id", "position"), UniqueConstraint("report_id", "name"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    report_id: Mapped[str] = mapped_column(ForeignKey("reports.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(100))
+    rule: Mapped[str] = mapped_column(String(8))
+    approvers: Mapped[list] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    opened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    report: Mapped[Report] = relationship(back_populates="stages")
+    decisions: Mapped[list[Decision]] = relationship(
+        back_populates="stage", order_by="Decision.id", cascade="all, delete-orphan")
+
+
+class Decision(Base):
+    __tablename__ = "decisions"
+    __table_args__ = (UniqueConstraint("stage_id", "approver_email"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    report_id: Mapped[str] = mapped_column(ForeignKey("reports.id", ondelete="CASCADE"), index=True)
+    stage_id: Mapped[int] = mapped_column(ForeignKey("approval_stages.id", ondelete="CASCADE"))
+    approver_email: Mapped[str] = mapped_column(String(254))
+    approver_id: Mapped[str | None] = mapped_column(String(128))
+    decision: Mapped[str] = mapped_column(String(10))
+    comment: Mapped[str | None] = mapped_column(Text)
+    message_id: Mapped[str] = mapped_column(String(100))
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    stage: Mapped[ApprovalStage] = relationship(back_populates="decisions")
+
+
+class Refusal(Base):
+    """A decision that was not applied, and why. Not tied to a report row: the report may not exist."""
+
+    __tablename__ = "refusals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    report_id: Mapped[str | None] = mapped_column(String(100), index=True)
+    stage_name: Mapped[str | None] = mapped_column(String(100))
+    approver_email: Mapped[str | None] = mapped_column(String(254))
+    decision: Mapped[str | None] = mapped_column(String(10))
+    reason: Mapped[str] = mapped_column(Text)
+    message_id: Mapped[str] = mapped_column(String(100))
+    refused_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Document(Base):
+    __tablename__ = "documents"
+    __table_args__ = (UniqueConstraint("report_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    report_id: Mapped[str] = mapped_column(ForeignKey("reports.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(10))  # draft | final
+    storage_key: Mapped[str] = mapped_column(String(300))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    pages: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    report: Mapped[Report] = relationship(back_populates="documents")
+
+    def as_event(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "storage_key": self.storage_key,
+                "size_bytes": self.size_bytes, "sha256": self.sha256, "pages": self.pages}
+
+
+class Notification(Base):
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    report_id: Mapped[str | None] = mapped_column(String(100), index=True)
+    event_type: Mapped[str] = mapped_column(String(40))
+    event_message_id: Mapped[str] = mapped_column(String(100))
+    recipients: Mapped[list] = mapped_column(JSON)
+    subject: Mapped[str] = mapped_column(String(300))
+    email_message_id: Mapped[str] = mapped_column(String(200), unique=True)
+    attachments: Mapped[list] = mapped_column(JSON, default=list)
+    transport: Mapped[str] = mapped_column(String(10))  # smtp | file
+    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class InboxRecord(Base):
+    """A message a consumer has processed: redeliveries and duplicates are acknowledged, not repeated."""
+
+    __tablename__ = "inbox"
+
+    consumer: Mapped[str] = mapped_column(String(40), primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    event_type: Mapped[str] = mapped_column(String(40))
+    processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class OutboxMessage(Base):
+    """An event a handler emitted, stored with its state change and published after the commit."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(100), unique=True)
+    event_type: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[dict] = mapped_column(JSON)
+    headers: Mapped[dict] = mapped_column(JSON, default=dict)  # trace context to publish under
+    source: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
