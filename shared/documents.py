@@ -1,0 +1,120 @@
+"""Reports as documents: Jinja2 templates from a known set, WeasyPrint PDFs, and where they are kept."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+from opentelemetry import trace
+from weasyprint import CSS, HTML
+from weasyprint.text.fonts import FontConfiguration
+from weasyprint.urls import URLFetcher
+
+ASSETS = Path(__file__).resolve().parent / "templates"
+TEMPLATES = {"standard": "standard.html"}
+_tracer = trace.get_tracer("reportflow.documents")
+
+
+class UnknownTemplate(ValueError):
+    pass
+
+
+class AssetsOnlyFetcher(URLFetcher):
+    """Report data is untrusted: WeasyPrint may load the project's own assets and nothing else."""
+
+    def __init__(self, root: Path = ASSETS):
+        super().__init__(allowed_protocols={"file"}, allow_redirects=False)
+        self._root = root.resolve()
+
+    def fetch(self, url, headers=None):
+        if not url.startswith("file://"):
+            raise ValueError(f"refused to fetch {url!r}: only the project's own assets are loaded")
+        path = Path(url.removeprefix("file://").split("?")[0].split("#")[0]).resolve()
+        if not path.is_relative_to(self._root) or not path.is_file():
+            raise ValueError(f"refused to fetch {url!r}: outside the project's assets")
+        return super().fetch(path.as_uri(), headers)
+
+
+@dataclass(frozen=True)
+class RenderedDocument:
+    pdf: bytes
+    pages: int
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.pdf)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.pdf).hexdigest()
+
+
+class DocumentRenderer:
+    """Renders a report to PDF. Built once per process: templates, stylesheet and fonts stay loaded."""
+
+    def __init__(self, assets: Path = ASSETS):
+        self._jinja = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(assets)),
+            autoescape=True,  # every template, whatever its name: report data is untrusted
+            undefined=jinja2.StrictUndefined,
+        )
+        self._base_url = assets.as_uri() + "/"
+        self._fetcher = AssetsOnlyFetcher(assets)
+        self._fonts = FontConfiguration()
+        self._stylesheet = CSS(filename=str(assets / "report.css"), font_config=self._fonts,
+                               url_fetcher=self._fetcher)
+
+    def html(self, report, approval: list[dict] | None = None) -> str:
+        name = TEMPLATES.get(report.template)
+        if name is None:
+            raise UnknownTemplate(f"unknown template {report.template!r}; known: {', '.join(sorted(TEMPLATES))}")
+        with _tracer.start_as_current_span("render template") as span:
+            span.set_attribute("report.id", report.id)
+            span.set_attribute("report.template", report.template)
+            return self._jinja.get_template(name).render(report=report, data=report.data, approval=approval)
+
+    def pdf(self, html: str) -> RenderedDocument:
+        with _tracer.start_as_current_span("render pdf") as span:
+            document = HTML(string=html, base_url=self._base_url, url_fetcher=self._fetcher).render(
+                stylesheets=[self._stylesheet], font_config=self._fonts)
+            pdf = document.write_pdf()
+            span.set_attribute("document.pages", len(document.pages))
+            span.set_attribute("document.size_bytes", len(pdf))
+            return RenderedDocument(pdf=pdf, pages=len(document.pages))
+
+    def render(self, report, approval: list[dict] | None = None) -> RenderedDocument:
+        return self.pdf(self.html(report, approval))
+
+
+class FolderStorage:
+    """Documents in a folder. Stages find documents by key (from the database), never by a shared path."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def put(self, key: str, content: bytes) -> None:
+        with _tracer.start_as_current_span("store document") as span:
+            span.set_attribute("document.storage_key", key)
+            path = self.path(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write then rename, so a reader never sees half a PDF and a crash leaves no torn file.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
+            with os.fdopen(fd, "wb") as out:
+                out.write(content)
+            os.replace(tmp, path)
+
+    def get(self, key: str) -> bytes:
+        return self.path(key).read_bytes()
+
+    def path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ValueError(f"storage key {key!r} leaves the storage folder")
+        return path
+
+
+def document_key(report_id: str, kind: str) -> str:
+    return f"reports/{report_id}/{kind}.pdf"

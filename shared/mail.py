@@ -1,0 +1,104 @@
+"""Outgoing email: built with the standard library, sent over SMTP or, with no SMTP configured, kept as .eml files."""
+from __future__ import annotations
+
+import re
+import smtplib
+import ssl
+from email.message import EmailMessage
+from email.utils import formatdate
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from opentelemetry import trace
+
+_tracer = trace.get_tracer("reportflow.mail")
+_ADDRESS = re.compile(r"^[^@\s<>,;\"]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}$")
+
+
+class InvalidAddress(ValueError):
+    pass
+
+
+def check_address(address: str) -> str:
+    if not isinstance(address, str) or not _ADDRESS.match(address):
+        raise InvalidAddress(f"not an email address: {address!r}")
+    return address
+
+
+def build_email(*, sender: str, to: list[str], subject: str, text: str, message_id: str,
+                attachments: list[tuple[str, bytes, str]] = ()) -> EmailMessage:
+    """One email; attachments are (filename, content, mime type)."""
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = ", ".join(check_address(a) for a in to)
+    message["Subject"] = subject.replace("\n", " ").replace("\r", " ")
+    message["Date"] = formatdate(localtime=False)
+    message["Message-ID"] = message_id
+    message.set_content(text)
+    for filename, content, mime_type in attachments:
+        maintype, subtype = mime_type.split("/", 1)
+        message.add_attachment(content, maintype=maintype, subtype=subtype, filename=filename)
+    return message
+
+
+def stable_message_id(key: str, domain: str = "reportflow.local") -> str:
+    """The same notification always gets the same Message-ID, so a resend is recognisable as one."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "-", key)
+    return f"<{safe}@{domain}>"
+
+
+class SmtpMailer:
+    """smtp://host:port (STARTTLS when ?starttls=true), smtps://host:port (TLS from the start);
+    user:password in the URL logs in."""
+
+    transport = "smtp"
+
+    def __init__(self, url: str, timeout: float = 30):
+        parts = urlsplit(url)
+        if parts.scheme not in ("smtp", "smtps"):
+            raise ValueError(f"REPORTFLOW_SMTP_URL must be smtp:// or smtps://, not {parts.scheme}://")
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (465 if parts.scheme == "smtps" else 25)
+        self.implicit_tls = parts.scheme == "smtps"
+        self.starttls = parse_qs(parts.query).get("starttls", ["false"])[0].lower() in ("1", "true", "yes")
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+        self.timeout = timeout
+
+    def send(self, message: EmailMessage) -> None:
+        with _tracer.start_as_current_span("smtp send", kind=trace.SpanKind.CLIENT) as span:
+            recipients = [a.strip() for a in message["To"].split(",")]
+            span.set_attribute("server.address", self.host)
+            span.set_attribute("server.port", self.port)
+            span.set_attribute("email.recipients.count", len(recipients))
+            context = ssl.create_default_context()
+            if self.implicit_tls:
+                client = smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout, context=context)
+            else:
+                client = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+            with client:
+                if self.starttls:
+                    client.starttls(context=context)
+                if self.username:
+                    client.login(self.username, self.password or "")
+                client.send_message(message)
+
+
+class FolderMailer:
+    """With no SMTP server configured, emails are written where a person can open them."""
+
+    transport = "file"
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def send(self, message: EmailMessage) -> None:
+        with _tracer.start_as_current_span("email write"):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            name = re.sub(r"[^A-Za-z0-9._-]", "_", message["Message-ID"].strip("<>")) + ".eml"
+            (self.folder / name).write_bytes(bytes(message))
+
+
+def mailer_from_settings(smtp_url: str, storage_dir: Path):
+    return SmtpMailer(smtp_url) if smtp_url else FolderMailer(Path(storage_dir) / "outbox-mail")
+
