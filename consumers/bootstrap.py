@@ -1,0 +1,54 @@
+"""Wires a stage to its dependencies and runs it: the entry point behind `reportflow consume STAGE`."""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+
+from sqlalchemy.orm import sessionmaker
+
+import consumers
+from consumers.notification import Postman
+from consumers.runtime import Consumer
+from shared.config import Settings
+from shared.db import make_engine
+from shared.documents import DocumentRenderer, FolderStorage
+from shared.mail import mailer_from_settings
+from shared.tracing import setup_logging, setup_tracing
+
+log = logging.getLogger("reportflow.consumer")
+
+
+def dependencies(stage, settings: Settings) -> dict:
+    """Only what the stage's handlers ask for is built: the renderer loads fonts, the mailer reads SMTP settings."""
+    wanted = {name for h in [*stage.handlers.values(), *stage.on_invalid.values()]
+              for name in list(inspect.signature(h).parameters)[2:]}
+    factories = {
+        "storage": lambda: FolderStorage(settings.storage_dir),
+        "renderer": DocumentRenderer,
+        "postman": lambda: Postman(mailer_from_settings(settings.smtp_url, settings.storage_dir), settings.mail_from),
+    }
+    return {name: factories[name]() for name in wanted}
+
+
+def session_factory(settings: Settings) -> sessionmaker:
+    # expire_on_commit=False: the runtime reads outbox rows after the commit that wrote them.
+    return sessionmaker(make_engine(settings.database_url), expire_on_commit=False)
+
+
+def build_consumer(stage_name: str, settings: Settings, tracer_provider=None) -> Consumer:
+    stage = consumers.STAGES[stage_name]
+    return Consumer(stage, settings, session_factory(settings), dependencies(stage, settings),
+                    tracer_provider=tracer_provider, bindings=consumers.bindings(),
+                    concurrency=int(os.environ.get("REPORTFLOW_CONCURRENCY", "1")))
+
+
+def run(stage_name: str) -> None:
+    settings = Settings.from_env()
+    setup_logging()
+    provider = setup_tracing(f"reportflow-{stage_name}", settings.environment)
+    log.info("%s: starting with %s", stage_name, settings.masked())
+    try:
+        build_consumer(stage_name, settings, provider).run()
+    finally:
+        provider.shutdown()  # flushes the spans still queued for export

@@ -1,0 +1,90 @@
+"""creation: on report.requested, validate and store the report, emit report.created;
+a request that cannot be accepted emits report.invalid with the reasons, so the submitter hears why."""
+from __future__ import annotations
+
+import uuid
+
+from consumers.stage import Stage
+from shared.documents import TEMPLATES
+from shared.events import Event, InvalidMessage
+from shared.mail import InvalidAddress, check_address
+from shared.models import ApprovalStage, Report
+
+
+def new_report_id() -> str:
+    return f"rpt-{uuid.uuid4().hex[:16]}"
+
+
+def on_report_requested(event: Event, uow) -> None:
+    request = event.payload
+    report_id = request.get("report_id") or new_report_id()
+    reasons = _business_rule_violations(request)
+    if uow.report(report_id) is not None:
+        reasons.append(f"report_id: a report {report_id!r} already exists")
+    if reasons:
+        _emit_invalid(uow, report_id, request, reasons, event.message_id)
+        return
+
+    report = Report(
+        id=report_id, title=request["title"], template=request["template"], status="created",
+        submitter=request["submitter"], client=request["client"], data=request["data"],
+        trace_context=dict(event.trace_context), request_message_id=event.message_id,
+    )
+    for position, stage in enumerate(request["approval_stages"], start=1):
+        report.stages.append(ApprovalStage(position=position, name=stage["name"], rule=stage.get("rule", "all"),
+                                           approvers=[a.lower() for a in stage["approvers"]]))
+    uow.add(report)
+    uow.emit("report.created", {
+        "report_id": report.id, "title": report.title, "template": report.template,
+        "submitter": report.submitter, "client": report.client,
+        "stages": [s["name"] for s in request["approval_stages"]],
+    })
+
+
+def on_unreadable_request(message: InvalidMessage, uow) -> None:
+    payload = message.payload or {}
+    report_id = message.report_id
+    _emit_invalid(uow, report_id, payload, message.reasons, message.message_id)
+
+
+def _business_rule_violations(request: dict) -> list[str]:
+    """What the schema cannot say: a known template, distinct stage names."""
+    reasons = []
+    if request["template"] not in TEMPLATES:
+        reasons.append(f"template: unknown template {request['template']!r}; known: {', '.join(sorted(TEMPLATES))}")
+    names = [s["name"] for s in request["approval_stages"]]
+    if len(set(names)) != len(names):
+        reasons.append("approval_stages: stage names must be distinct")
+    return reasons
+
+
+def _emit_invalid(uow, report_id, request: dict, reasons: list[str], message_id: str) -> None:
+    title = request.get("title")
+    uow.emit("report.invalid", {
+        "report_id": report_id,
+        "title": title[:200] if isinstance(title, str) else None,
+        "submitter": _reachable_person(request.get("submitter")),
+        "request_message_id": message_id,
+        "reasons": reasons,
+    })
+
+
+def _reachable_person(person) -> dict | None:
+    """The submitter of a bad request, if what they sent is enough to write back to them."""
+    if not isinstance(person, dict):
+        return None
+    try:
+        reachable = {"email": check_address(person.get("email"))}
+    except InvalidAddress:
+        return None
+    for key in ("id", "name", "role"):
+        if isinstance(person.get(key), str):
+            reachable[key] = person[key][:100]
+    return reachable
+
+
+STAGE = Stage(
+    name="creation",
+    handlers={"report.requested": on_report_requested},
+    on_invalid={"report.requested": on_unreadable_request},
+)

@@ -1,0 +1,62 @@
+"""generation: on report.created, render the draft PDF, store it, emit report.generated;
+on report.approved, render the approved version with its approval page, store it, emit report.finalized."""
+from __future__ import annotations
+
+from consumers.stage import Stage
+from shared.documents import DocumentRenderer, FolderStorage, document_key
+from shared.events import Event
+from shared.models import Document, Report
+
+
+class ReportNotFound(LookupError):
+    pass
+
+
+def on_report_created(event: Event, uow, renderer: DocumentRenderer, storage: FolderStorage) -> None:
+    report = _report(uow, event.report_id)
+    document = _store(uow, report, "draft", renderer, storage, approval=None)
+    report.status = "generated"
+    uow.emit("report.generated", {"report_id": report.id, "document": document.as_event()})
+
+
+def on_report_approved(event: Event, uow, renderer: DocumentRenderer, storage: FolderStorage) -> None:
+    report = _report(uow, event.report_id)
+    document = _store(uow, report, "final", renderer, storage, approval=approval_record(report))
+    report.status = "finalized"
+    uow.emit("report.finalized", {"report_id": report.id, "title": report.title, "document": document.as_event()})
+
+
+def approval_record(report: Report) -> list[dict]:
+    """Who approved which stage, when, with what comment: the approval page's content."""
+    return [
+        {"name": stage.name, "rule": stage.rule, "decisions": [
+            {"approver": d.approver_email, "decision": d.decision, "comment": d.comment,
+             "decided_at": d.decided_at.strftime("%Y-%m-%d %H:%M")} for d in stage.decisions]}
+        for stage in report.stages
+    ]
+
+
+def _report(uow, report_id: str) -> Report:
+    report = uow.report(report_id)
+    if report is None:
+        raise ReportNotFound(f"report {report_id!r} is not in the database")
+    return report
+
+
+def _store(uow, report: Report, kind: str, renderer, storage, approval) -> Document:
+    rendered = renderer.render(report, approval=approval)
+    key = document_key(report.id, kind)
+    storage.put(key, rendered.pdf)
+    document = report.document(kind)
+    if document is None:
+        document = Document(kind=kind, storage_key=key, size_bytes=0, sha256="", pages=0)
+        report.documents.append(document)
+    document.size_bytes, document.sha256, document.pages = rendered.size_bytes, rendered.sha256, rendered.pages
+    uow.flush()
+    return document
+
+
+STAGE = Stage(
+    name="generation",
+    handlers={"report.created": on_report_created, "report.approved": on_report_approved},
+)

@@ -1,0 +1,93 @@
+"""notification: emails the approvers of an opened stage (approval.requested), the submitter of an
+invalid or rejected report (report.invalid, report.rejected), and the submitter and client of a
+finalized report with its PDF (report.finalized); records every email sent."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from consumers.stage import Stage
+from shared.documents import FolderStorage
+from shared.events import Event
+from shared.mail import build_email, stable_message_id
+from shared.models import Notification
+
+
+@dataclass(frozen=True)
+class Postman:
+    """How notification sends: a mailer (SMTP or folder) and the From address."""
+
+    mailer: object
+    sender: str
+
+
+def on_approval_requested(event: Event, uow, postman: Postman, storage: FolderStorage) -> None:
+    requested = event.payload
+    stage = requested["stage"]
+    subject = f"Approval needed: {requested['title']} (stage {stage['position']} of {stage['of']}: {stage['name']})"
+    rule = "every approver must approve" if stage["rule"] == "all" else "one approval is enough"
+    for approver in requested["approvers"]:
+        text = (f"Hello,\n\nThe report \"{requested['title']}\" ({requested['report_id']}) is waiting for your "
+                f"decision at stage \"{stage['name']}\" ({rule}).\n\n"
+                f"Decide with:\n  reportflow publish decision {requested['report_id']} --stage \"{stage['name']}\" "
+                f"--approver {approver} --approve|--reject --comment \"...\"\n\n"
+                "The draft is attached.\n")
+        attachments = _pdf(storage, requested.get("document"), requested["report_id"], "draft")
+        _send(uow, postman, event, [approver], subject, text, attachments, key=approver)
+
+
+def on_report_invalid(event: Event, uow, postman: Postman) -> None:
+    invalid = event.payload
+    if not invalid.get("submitter"):
+        return  # nobody to write to; the event itself is the record
+    title = invalid.get("title") or "(untitled)"
+    reasons = "\n".join(f"  - {r}" for r in invalid["reasons"])
+    text = (f"Hello,\n\nYour report request \"{title}\" could not be accepted:\n\n{reasons}\n\n"
+            "Please correct it and send it again.\n")
+    _send(uow, postman, event, [invalid["submitter"]["email"]], f"Report request not accepted: {title}", text)
+
+
+def on_report_rejected(event: Event, uow, postman: Postman) -> None:
+    rejected = event.payload
+    report = uow.report(rejected["report_id"])
+    comment = rejected.get("comment") or "(no comment)"
+    text = (f"Hello,\n\nThe report \"{rejected['title']}\" ({rejected['report_id']}) was rejected at stage "
+            f"\"{rejected['stage']}\" by {rejected['approver']['email']}.\n\nComment: {comment}\n")
+    _send(uow, postman, event, [report.submitter["email"]], f"Report rejected: {rejected['title']}", text)
+
+
+def on_report_finalized(event: Event, uow, postman: Postman, storage: FolderStorage) -> None:
+    finalized = event.payload
+    report = uow.report(finalized["report_id"])
+    text = (f"Hello,\n\nThe report \"{finalized['title']}\" ({finalized['report_id']}) has been approved. "
+            "The approved version, with its approval page, is attached.\n")
+    attachments = _pdf(storage, finalized["document"], finalized["report_id"], "approved")
+    recipients = list(dict.fromkeys([report.submitter["email"], report.client["email"]]))
+    _send(uow, postman, event, recipients, f"Report approved: {finalized['title']}", text, attachments)
+
+
+def _pdf(storage: FolderStorage, document: dict | None, report_id: str, label: str) -> list[tuple[str, bytes, str]]:
+    if not document:
+        return []
+    return [(f"{report_id}-{label}.pdf", storage.get(document["storage_key"]), "application/pdf")]
+
+
+def _send(uow, postman: Postman, event: Event, to: list[str], subject: str, text: str,
+          attachments: list = (), key: str = "all") -> None:
+    message_id = stable_message_id(f"{event.message_id}.{key}")
+    email = build_email(sender=postman.sender, to=to, subject=subject, text=text,
+                        message_id=message_id, attachments=attachments)
+    postman.mailer.send(email)
+    uow.add(Notification(report_id=event.report_id, event_type=event.type, event_message_id=event.message_id,
+                         recipients=to, subject=email["Subject"], email_message_id=message_id,
+                         attachments=[a[0] for a in attachments], transport=postman.mailer.transport))
+
+
+STAGE = Stage(
+    name="notification",
+    handlers={
+        "approval.requested": on_approval_requested,
+        "report.invalid": on_report_invalid,
+        "report.rejected": on_report_rejected,
+        "report.finalized": on_report_finalized,
+    },
+)

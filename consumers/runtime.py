@@ -1,0 +1,422 @@
+"""The consumer runtime: runs any stage on RabbitMQ.
+
+Broker connection, threads, acknowledgements, the inbox and outbox, tracing and dead letters live
+here, once, so that stage handlers stay plain functions of (event, unit of work, dependencies).
+
+Threads: pika's BlockingConnection is not thread-safe, so the main thread owns it and does nothing
+but I/O (which keeps heartbeats flowing during a long PDF render); handlers run on worker threads,
+and everything they need from the broker (publish, ack) is handed back with add_callback_threadsafe.
+
+Order per message: handler + inbox record + outbox rows commit in one transaction; then the outbox
+is published with publisher confirms; then the delivery is acked; then the outbox rows are marked
+published. A crash at any point redelivers the message (the inbox makes it a no-op) or leaves outbox
+rows unpublished (the relay publishes them; downstream inboxes absorb the duplicate).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+
+import pika
+import pika.exceptions
+from opentelemetry import context, trace
+from opentelemetry.instrumentation.pika import PikaInstrumentor
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from sqlalchemy import select, update
+
+from consumers.stage import Stage
+from shared.config import Settings
+from shared.db import UnitOfWork
+from shared.events import Event, InvalidMessage, decode, encode, message_properties
+from shared.models import OutboxMessage, Report, utcnow
+from shared.topology import Topology, declare
+from shared.tracing import carrier_of_current, context_from
+
+log = logging.getLogger("reportflow.consumer")
+
+RECONNECT_BACKOFF_SECONDS = (1, 2, 5, 10, 30)
+OUTBOX_RELAY_INTERVAL_SECONDS = 30.0
+# Outbox rows younger than this may still be on their way out through the normal path.
+OUTBOX_RELAY_GRACE_SECONDS = 10.0
+
+
+class ConnectionLost(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Delivery:
+    channel: object
+    delivery_tag: int
+    exchange: str
+    routing_key: str
+    properties: pika.BasicProperties
+    body: bytes
+    redelivered: bool
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    outbox_id: int
+    message_id: str
+    event_type: str
+    payload: dict
+    headers: dict  # the trace context it is published under
+
+    @classmethod
+    def of(cls, row: OutboxMessage) -> "OutgoingMessage":
+        return cls(row.id, row.message_id, row.event_type, row.payload, row.headers or {})
+
+
+@dataclass
+class Outcome:
+    """What the I/O thread must do for one delivery once its handler has committed."""
+
+    context: context.Context
+    publish: list[OutgoingMessage] = field(default_factory=list)
+    dead_letter_reason: str | None = None
+
+
+class Consumer:
+    def __init__(self, stage: Stage, settings: Settings, session_factory, dependencies: dict, *,
+                 tracer_provider=None, bindings: dict[str, list[str]] | None = None, concurrency: int = 1):
+        self.stage = stage
+        self.settings = settings
+        self.topology = Topology(settings.exchange)
+        self.queue = self.topology.queue(stage.name)
+        self._bindings = bindings or {stage.name: stage.event_types}
+        self._session_factory = session_factory
+        self._tracer_provider = tracer_provider
+        self._tracer = trace.get_tracer("reportflow.consumer", tracer_provider=tracer_provider)
+        self._handler_kwargs = {h: _injected(h, dependencies)
+                                for h in [*stage.handlers.values(), *stage.on_invalid.values()]}
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"{stage.name}-worker")
+        self._app_id = f"reportflow-{stage.name}"
+        self._stopping = threading.Event()
+        self.ready = threading.Event()
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._pending_io: set[Future] = set()
+        self._connection: pika.BlockingConnection | None = None
+        self._publish_channel = None
+
+    # -- lifecycle ------------------------------------------------------------
+    def run(self) -> None:
+        """Consume until stop(); reconnect with backoff when the broker goes away."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self.stop())
+            signal.signal(signal.SIGINT, lambda *_: self.stop())
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                self._serve_one_connection()
+                attempt = 0
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                if self._stopping.is_set():
+                    break
+                delay = RECONNECT_BACKOFF_SECONDS[min(attempt, len(RECONNECT_BACKOFF_SECONDS) - 1)]
+                attempt += 1
+                log.warning("%s: broker connection lost (%r); reconnecting in %ss", self.stage.name, exc, delay)
+                self._stopping.wait(delay)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        log.info("%s: stopped", self.stage.name)
+
+    def stop(self) -> None:
+        """Stop taking messages, finish the one in hand, then return from run()."""
+        self._stopping.set()
+
+    def _serve_one_connection(self) -> None:
+        params = pika.URLParameters(self.settings.amqp_url)
+        params.heartbeat = self.settings.heartbeat_seconds
+        params.client_properties = {"connection_name": f"{self._app_id}-{os.getpid()}"}
+        connection = pika.BlockingConnection(params)
+        self._connection = connection
+        try:
+            consume_channel = connection.channel()
+            self._publish_channel = self._open_publish_channel(connection)
+            declare(consume_channel, self.topology, self._bindings)
+            consume_channel.basic_qos(prefetch_count=self.settings.prefetch)
+            consumer_tag = consume_channel.basic_consume(self.queue, on_message_callback=self._on_message)
+            log.info("%s: consuming %s (prefetch %d)", self.stage.name, self.queue, self.settings.prefetch)
+            self.ready.set()
+            next_relay = 0.0
+            while True:
+                connection.process_data_events(time_limit=0.25)
+                if self._stopping.is_set():
+                    if consumer_tag:
+                        consume_channel.basic_cancel(consumer_tag)
+                        consumer_tag = None
+                    if self._in_flight_count() == 0:
+                        break
+                elif time.monotonic() >= next_relay:
+                    next_relay = time.monotonic() + OUTBOX_RELAY_INTERVAL_SECONDS
+                    self._executor.submit(self._relay_outbox)
+        finally:
+            self.ready.clear()
+            self._fail_pending_io()
+            if connection.is_open:
+                try:
+                    connection.close()
+                except pika.exceptions.AMQPError:
+                    pass
+
+    def _open_publish_channel(self, connection):
+        channel = connection.channel()
+        channel.confirm_delivery()
+        # Per channel, not global instrument(): only publishing is instrumented this way. Consuming is
+        # traced below, because the process span must be able to join a report's stored trace.
+        PikaInstrumentor.instrument_channel(channel, tracer_provider=self._tracer_provider,
+                                            publish_hook=_name_publish_span)
+        return channel
+
+    # -- I/O thread -------------------------------------------------------------
+    def _on_message(self, channel, method, properties, body) -> None:
+        delivery = Delivery(channel, method.delivery_tag, method.exchange, method.routing_key,
+                            properties, body, method.redelivered)
+        with self._lock:
+            self._in_flight += 1
+        self._executor.submit(self._work, delivery)
+
+    def _settle(self, delivery: Delivery, outcome: Outcome) -> list[int]:
+        token = context.attach(outcome.context)
+        try:
+            for message in outcome.publish:
+                self._publish(message)
+            if outcome.dead_letter_reason is not None:
+                self._dead_letter(delivery, outcome.dead_letter_reason)
+            delivery.channel.basic_ack(delivery.delivery_tag)
+        finally:
+            context.detach(token)
+        return [m.outbox_id for m in outcome.publish]
+
+    def _publish(self, message: OutgoingMessage) -> None:
+        event = Event(message.event_type, message.payload, message.message_id)
+        token = context.attach(context_from(message.headers))  # publish under the span that emitted it
+        try:
+            self._publish_channel.basic_publish(
+                self.topology.exchange, event.type, encode(event),
+                pika.BasicProperties(**message_properties(event, app_id=self._app_id)))
+        finally:
+            context.detach(token)
+
+    def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        props = delivery.properties
+        headers = dict(props.headers or {})
+        headers.update({
+            "x-reportflow-stage": self.stage.name,
+            "x-reportflow-error": reason[:1000],
+            "x-reportflow-queue": self.queue,
+            "x-reportflow-routing-key": delivery.routing_key,
+            "x-reportflow-dead-lettered-at": utcnow().isoformat(),
+        })
+        kept = pika.BasicProperties(
+            content_type=props.content_type, content_encoding=props.content_encoding, delivery_mode=2,
+            message_id=props.message_id, type=props.type or delivery.routing_key, timestamp=props.timestamp,
+            app_id=props.app_id, correlation_id=props.correlation_id, headers=headers)
+        self._publish_channel.basic_publish(self.topology.dead_letter_exchange, delivery.routing_key,
+                                            delivery.body, kept)
+        log.error("%s: dead-lettered message %s (%s): %s", self.stage.name, props.message_id,
+                  delivery.routing_key, reason)
+
+    def _call_on_io(self, fn) -> Future:
+        """Run fn on the I/O thread; the returned future fails if the connection is lost first."""
+        future: Future = Future()
+
+        def run() -> None:
+            with self._lock:
+                self._pending_io.discard(future)
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the waiting worker
+                    future.set_exception(exc)
+
+        with self._lock:
+            connection = self._connection
+            if connection is None or not connection.is_open:
+                raise ConnectionLost("no broker connection")
+            self._pending_io.add(future)
+        connection.add_callback_threadsafe(run)
+        return future
+
+    def _fail_pending_io(self) -> None:
+        with self._lock:
+            pending, self._pending_io = self._pending_io, set()
+            self._connection = None
+        for future in pending:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(ConnectionLost("broker connection closed before the message was settled"))
+
+    def _in_flight_count(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    # -- worker threads -----------------------------------------------------------
+    def _work(self, delivery: Delivery) -> None:
+        try:
+            if self._stopping.is_set():
+                return  # not started: left unacked, so the broker gives it to another consumer
+            outcome = self._process(delivery)
+            published = self._call_on_io(lambda: self._settle(delivery, outcome)).result()
+            self._mark_published(published)
+        except ConnectionLost as exc:
+            log.warning("%s: %s; message %s will be redelivered", self.stage.name, exc,
+                        delivery.properties.message_id)
+        except Exception:  # noqa: BLE001 - the worker must survive whatever settling throws
+            log.exception("%s: could not settle message %s; it will be redelivered", self.stage.name,
+                          delivery.properties.message_id)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _process(self, delivery: Delivery) -> Outcome:
+        props = delivery.properties
+        message = decode(props.type or delivery.routing_key, props.message_id, props.content_type,
+                         delivery.body, self.settings.max_message_bytes)
+        parent, links = self._processing_parent(props, message)
+        with self._tracer.start_as_current_span(
+                f"process {delivery.exchange}:{delivery.routing_key}:{self.queue}", context=parent,
+                kind=SpanKind.CONSUMER, links=links, attributes=self._span_attributes(delivery, message),
+                record_exception=False, set_status_on_exception=False) as span:
+            try:
+                return self._handle(message, span)
+            except Exception as exc:  # noqa: BLE001 - any handler failure ends in a stated outcome
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                span.set_attribute("error.type", type(exc).__qualname__)
+                log.exception("%s: handling %s %s failed", self.stage.name, message.type, message.message_id)
+                return Outcome(context.get_current(), dead_letter_reason=f"{type(exc).__name__}: {exc}")
+
+    def _handle(self, message: Event | InvalidMessage, span) -> Outcome:
+        if isinstance(message, InvalidMessage):
+            span.set_attribute("reportflow.invalid_reasons", message.reasons[:20])
+            handler = self.stage.on_invalid.get(message.type)
+            if handler is None:
+                span.set_status(Status(StatusCode.ERROR, "unreadable message"))
+                span.set_attribute("error.type", "InvalidMessage")
+                return Outcome(context.get_current(), dead_letter_reason="; ".join(message.reasons))
+        else:
+            handler = self.stage.handlers.get(message.type)
+            if handler is None:
+                return Outcome(context.get_current(),
+                               dead_letter_reason=f"stage {self.stage.name} has no handler for {message.type}")
+            message = replace(message, trace_context=carrier_of_current())
+
+        with UnitOfWork(self._session_factory, self.stage.name) as uow:
+            if uow.already_processed(message.message_id):
+                span.set_attribute("reportflow.duplicate", True)
+                log.info("%s: %s %s was processed before; acknowledged without effect",
+                         self.stage.name, message.type, message.message_id)
+                return Outcome(context.get_current())
+            handler(message, uow, **self._handler_kwargs[handler])
+            if uow.refusal:
+                span.set_attribute("reportflow.refused", uow.refusal)
+                span.add_event("refused", {"reason": uow.refusal})
+                log.warning("%s: refused %s %s: %s", self.stage.name, message.type, message.message_id,
+                            uow.refusal)
+            rows = uow.commit(message.type, message.message_id, carrier_of_current())
+            return Outcome(context.get_current(), publish=[OutgoingMessage.of(r) for r in rows])
+
+    def _processing_parent(self, props, message) -> tuple[context.Context, list[Link]]:
+        """The message's own context; or, for an upstream message about a report that lives in another
+        trace, the report's trace, with a link to the context the message came with."""
+        incoming = context_from(props.headers)
+        incoming_span = trace.get_current_span(incoming).get_span_context()
+        if (props.app_id or "").startswith("reportflow") or not message.report_id:
+            return incoming, []
+        with self._session_factory() as session:
+            stored = session.scalar(select(Report.trace_context).where(Report.id == message.report_id))
+        report_span = trace.get_current_span(context_from(stored)).get_span_context()
+        if not report_span.is_valid or (incoming_span.is_valid and incoming_span.trace_id == report_span.trace_id):
+            return incoming, []
+        links = [Link(incoming_span, {"reportflow.link.reason": "message arrived in this trace"})] \
+            if incoming_span.is_valid else []
+        return context_from(stored), links
+
+    def _span_attributes(self, delivery: Delivery, message) -> dict:
+        params = self._connection_params()
+        attributes = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": f"{delivery.exchange}:{delivery.routing_key}:{self.queue}",
+            "messaging.consumer.group.name": self.queue,
+            "messaging.rabbitmq.destination.routing_key": delivery.routing_key,
+            "messaging.rabbitmq.message.delivery_tag": delivery.delivery_tag,
+            "messaging.message.id": message.message_id,
+            "messaging.message.body.size": len(delivery.body),
+            "server.address": params[0],
+            "server.port": params[1],
+        }
+        if message.report_id:
+            attributes["messaging.message.conversation_id"] = message.report_id
+            attributes["report.id"] = message.report_id
+        if delivery.redelivered:
+            attributes["reportflow.redelivered"] = True
+        return attributes
+
+    def _connection_params(self) -> tuple[str, int]:
+        params = pika.URLParameters(self.settings.amqp_url)
+        return params.host, params.port
+
+    def _mark_published(self, outbox_ids: list[int]) -> None:
+        if not outbox_ids:
+            return
+        with self._session_factory() as session, session.begin():
+            session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(outbox_ids))
+                            .values(published_at=utcnow()))
+
+    def _relay_outbox(self) -> None:
+        """Publish what a crash left in the outbox. Runs at start and every OUTBOX_RELAY_INTERVAL_SECONDS."""
+        try:
+            cutoff = time.time() - OUTBOX_RELAY_GRACE_SECONDS
+            with self._session_factory() as session:
+                rows = session.scalars(select(OutboxMessage).where(
+                    OutboxMessage.source == self.stage.name, OutboxMessage.published_at.is_(None))
+                    .order_by(OutboxMessage.id).limit(500)).all()
+                stale = [OutgoingMessage.of(r) for r in rows if _timestamp(r.created_at) < cutoff]
+            if not stale:
+                return
+            log.warning("%s: relaying %d unpublished outbox messages", self.stage.name, len(stale))
+            published = self._call_on_io(lambda: [self._publish(m) or m.outbox_id for m in stale]).result()
+            self._mark_published(published)
+        except Exception:  # noqa: BLE001 - the next round tries again
+            log.exception("%s: outbox relay failed; will retry", self.stage.name)
+
+
+def _timestamp(moment: datetime) -> float:
+    # SQLite hands back naive datetimes; they were written in UTC.
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _injected(handler, dependencies: dict) -> dict:
+    """The dependencies a handler names after (message, uow), looked up by parameter name."""
+    names = list(inspect.signature(handler).parameters)[2:]
+    missing = [n for n in names if n not in dependencies]
+    if missing:
+        raise TypeError(f"{handler.__qualname__} needs {missing}, which the bootstrap does not provide")
+    return {n: dependencies[n] for n in names}
+
+
+def _name_publish_span(span, body, properties) -> None:
+    """Bring the pika instrumentation's publish span to the current messaging conventions."""
+    exchange = getattr(span, "name", "").removesuffix(" send")
+    routing_key = properties.type or ""
+    destination = f"{exchange}:{routing_key}" if routing_key else exchange
+    span.update_name(f"publish {destination}")
+    span.set_attribute("messaging.operation.type", "send")
+    span.set_attribute("messaging.operation.name", "publish")
+    span.set_attribute("messaging.destination.name", destination)
+    span.set_attribute("messaging.rabbitmq.destination.routing_key", routing_key)
+    if properties.correlation_id:
+        span.set_attribute("messaging.message.conversation_id", properties.correlation_id)
+        span.set_attribute("report.id", properties.correlation_id)
