@@ -1,0 +1,101 @@
+"""A kombu-based client for upstream Python systems: publishes report.requested and approval.decided
+with publisher confirms, as persistent messages, with the current trace context in the headers."""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import kombu
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+import schemas
+from shared.config import Settings
+from shared.events import Event, encode, message_properties
+from shared.tracing import carrier_of_current
+
+_tracer = trace.get_tracer("reportflow.producer")
+
+
+class InvalidEvent(ValueError):
+    def __init__(self, event_type: str, reasons: list[str]):
+        super().__init__(f"invalid {event_type}: " + "; ".join(reasons))
+        self.reasons = reasons
+
+
+class Unroutable(RuntimeError):
+    """The broker had no queue for the message: reportflow's topology is not declared on this vhost."""
+
+
+@dataclass(frozen=True)
+class PublishedEvent:
+    event_type: str
+    message_id: str
+    report_id: str | None
+    trace_id: str | None
+
+
+class ReportflowClient:
+    def __init__(self, amqp_url: str | None = None, exchange: str | None = None, app_id: str = "upstream",
+                 validate: bool = True):
+        settings = Settings.from_env()
+        self._connection = kombu.Connection(amqp_url or settings.amqp_url,
+                                            transport_options={"confirm_publish": True})
+        self._exchange = kombu.Exchange(exchange or settings.exchange, type="topic", durable=True)
+        self._app_id = app_id
+        self._validate = validate
+        self._returned: list[str] = []
+        self._producer = kombu.Producer(self._connection, exchange=self._exchange, on_return=self._on_return)
+
+    def __enter__(self) -> "ReportflowClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._connection.release()
+
+    def request_report(self, request: dict, message_id: str | None = None) -> PublishedEvent:
+        """Ask for a report. A report_id is chosen here when the request has none, so the caller knows it."""
+        request = {**request, "report_id": request.get("report_id") or f"rpt-{uuid.uuid4().hex[:16]}"}
+        return self.publish("report.requested", request, message_id)
+
+    def decide(self, report_id: str, stage: str, approver_email: str, approve: bool, comment: str | None = None,
+               approver_id: str | None = None, message_id: str | None = None) -> PublishedEvent:
+        approver = {"email": approver_email, **({"id": approver_id} if approver_id else {})}
+        decided = {"report_id": report_id, "stage": stage, "approver": approver,
+                   "decision": "approve" if approve else "reject"}
+        if comment:
+            decided["comment"] = comment
+        return self.publish("approval.decided", decided, message_id)
+
+    def publish(self, event_type: str, payload: dict, message_id: str | None = None) -> PublishedEvent:
+        if self._validate:
+            reasons = schemas.errors(event_type, payload)
+            if reasons:
+                raise InvalidEvent(event_type, reasons)
+        event = Event(event_type, payload, message_id or str(uuid.uuid4()))
+        destination = f"{self._exchange.name}:{event_type}"
+        with _tracer.start_as_current_span(f"publish {destination}", kind=SpanKind.PRODUCER, attributes={
+                "messaging.system": "rabbitmq", "messaging.operation.type": "send",
+                "messaging.operation.name": "publish", "messaging.destination.name": destination,
+                "messaging.rabbitmq.destination.routing_key": event_type,
+                "messaging.message.id": event.message_id,
+                **({"messaging.message.conversation_id": event.report_id} if event.report_id else {}),
+        }) as span:
+            properties = message_properties(event, carrier_of_current(), app_id=self._app_id)
+            headers = properties.pop("headers")
+            body = encode(event)
+            self._returned.clear()
+            self._producer.publish(body, routing_key=event_type, headers=headers, mandatory=True,
+                                   retry=True, retry_policy={"max_retries": 3}, **properties)
+            if event.message_id in self._returned:
+                raise Unroutable(f"no queue is bound for {event_type} on exchange {self._exchange.name!r}; "
+                                 "run `reportflow topology declare`")
+            span_context = span.get_span_context()
+            trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else None
+            return PublishedEvent(event_type, event.message_id, event.report_id, trace_id)
+
+    def _on_return(self, exception, exchange, routing_key, message) -> None:
+        self._returned.append(message.properties.get("message_id"))

@@ -1,0 +1,156 @@
+"""The `reportflow` command."""
+from __future__ import annotations
+
+import atexit
+import json
+import time
+from pathlib import Path
+
+import click
+
+from shared.config import Settings
+
+
+@click.group()
+def main() -> None:
+    """reportflow: report workflows on RabbitMQ."""
+
+
+@main.command()
+@click.argument("stage", type=click.Choice(["creation", "generation", "approval", "notification"]))
+def consume(stage: str) -> None:
+    """Run one stage's consumer until SIGTERM or Ctrl-C."""
+    from consumers.bootstrap import run
+
+    run(stage)
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Bring the database schema up to date."""
+    from shared.migrate import upgrade
+
+    settings = Settings.from_env()
+    upgrade(settings.database_url, revision)
+    click.echo(f"database schema at {revision}: {settings.masked()['database_url']}")
+
+
+@main.group()
+def topology() -> None:
+    """Exchanges, queues and bindings on the broker."""
+
+
+@topology.command("declare")
+def topology_declare() -> None:
+    """Declare reportflow's exchange, queues and dead-letter route (idempotent)."""
+    import pika
+
+    import consumers
+    from shared.topology import Topology, declare
+
+    settings = Settings.from_env()
+    topo = Topology(settings.exchange)
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        declare(connection.channel(), topo, consumers.bindings())
+    finally:
+        connection.close()
+    for stage, types in consumers.bindings().items():
+        click.echo(f"{topo.queue(stage)} <- {', '.join(types)}")
+    click.echo(f"{topo.dead_letter_queue} <- dead letters")
+
+
+def _cli_tracing() -> None:
+    from shared.tracing import setup_tracing
+
+    provider = setup_tracing("reportflow-cli", Settings.from_env().environment)
+    atexit.register(provider.shutdown)
+
+
+def _publish_group():
+    from producers.cli import publish
+
+    publish.callback = _cli_tracing
+    return publish
+
+
+main.add_command(_publish_group(), "publish")
+
+
+@main.group()
+def report() -> None:
+    """Look at reports."""
+
+
+@report.command("show")
+@click.argument("report_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def report_show(report_id: str, as_json: bool) -> None:
+    """Print a report's status, stages, decisions, documents, emails and trace id."""
+    from shared.inspect import report_summary
+
+    summary = report_summary(Settings.from_env(), report_id)
+    if summary is None:
+        raise click.ClickException(f"no report {report_id!r}")
+    click.echo(json.dumps(summary, indent=2, default=str) if as_json else _as_text(summary))
+
+
+def _as_text(summary: dict) -> str:
+    lines = [f"{summary['id']}  {summary['title']}", f"  status:   {summary['status']}",
+             f"  trace id: {summary['trace_id']}"]
+    for stage in summary["stages"]:
+        lines.append(f"  stage {stage['position']} {stage['name']} ({stage['rule']}): {stage['status']}")
+        lines += [f"    {d['approver']} {d['decision']}d {d['decided_at']} {d['comment'] or ''}".rstrip()
+                  for d in stage["decisions"]]
+    lines += [f"  document {d['kind']}: {d['path']} ({d['pages']} pages, {d['size_bytes']} bytes)"
+              for d in summary["documents"]]
+    lines += [f"  email to {', '.join(n['recipients'])}: {n['subject']} [{n['transport']}]"
+              for n in summary["notifications"]]
+    lines += [f"  refused: {r['approver']} on {r['stage']}: {r['reason']}" for r in summary["refusals"]]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--timeout", default=120, show_default=True, help="Seconds to wait for each step.")
+@click.option("--request-file", type=click.Path(exists=True, dir_okay=False),
+              default=str(Path(__file__).resolve().parents[1] / "producers" / "examples" / "q3-revenue.json"))
+def demo(timeout: int, request_file: str) -> None:
+    """Publish a sample request, approve both stages as the approvers would, and print the outcome."""
+    from producers.client import ReportflowClient
+    from shared.inspect import report_summary
+
+    _cli_tracing()
+    settings = Settings.from_env()
+    request = json.loads(Path(request_file).read_text())
+
+    def wait_for(report_id: str, done, what: str) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            summary = report_summary(settings, report_id)
+            if summary and done(summary):
+                return summary
+            time.sleep(0.5)
+        raise click.ClickException(f"timed out waiting for {what}; is `make run` going?")
+
+    def stage_open(name):
+        return lambda s: any(st["name"] == name and st["status"] == "open" for st in s["stages"])
+
+    with ReportflowClient() as client:
+        published = client.request_report(request)
+        report_id = published.report_id
+        click.echo(f"requested {report_id} (trace {published.trace_id})")
+        for stage in request["approval_stages"]:
+            wait_for(report_id, stage_open(stage["name"]), f"stage {stage['name']} to open")
+            approvers = stage["approvers"] if stage.get("rule", "all") == "all" else stage["approvers"][:1]
+            for approver in approvers:
+                client.decide(report_id, stage["name"], approver, approve=True, comment="Looks right to me.")
+                click.echo(f"  {approver} approved stage {stage['name']}")
+    summary = wait_for(report_id, lambda s: s["status"] == "finalized" and len(s["notifications"]) >= 4,
+                       "the approved PDF and its emails")
+    click.echo(_as_text(summary))

@@ -1,0 +1,39 @@
+"""Read-only views of a report, for the CLI and operators."""
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.config import Settings
+from shared.db import make_engine
+from shared.documents import FolderStorage
+from shared.models import Notification, Refusal, Report
+
+
+def report_summary(settings: Settings, report_id: str) -> dict | None:
+    engine = make_engine(settings.database_url)
+    storage = FolderStorage(settings.storage_dir)
+    try:
+        with Session(engine) as session:
+            report = session.get(Report, report_id)
+            if report is None:
+                return None
+            notifications = session.scalars(select(Notification).where(Notification.report_id == report_id)
+                                            .order_by(Notification.id)).all()
+            refusals = session.scalars(select(Refusal).where(Refusal.report_id == report_id)).all()
+            return {
+                "id": report.id, "title": report.title, "status": report.status, "trace_id": report.trace_id,
+                "stages": [{"position": s.position, "name": s.name, "rule": s.rule, "status": s.status,
+                            "approvers": s.approvers,
+                            "decisions": [{"approver": d.approver_email, "decision": d.decision,
+                                           "comment": d.comment, "decided_at": d.decided_at} for d in s.decisions]}
+                           for s in report.stages],
+                "documents": [{"kind": d.kind, "path": str(storage.path(d.storage_key)), "pages": d.pages,
+                               "size_bytes": d.size_bytes, "sha256": d.sha256} for d in report.documents],
+                "notifications": [{"recipients": n.recipients, "subject": n.subject, "transport": n.transport,
+                                   "event": n.event_type} for n in notifications],
+                "refusals": [{"approver": r.approver_email, "stage": r.stage_name, "reason": r.reason}
+                             for r in refusals],
+            }
+    finally:
+        engine.dispose()
