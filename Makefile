@@ -1,0 +1,38 @@
+# The front door: `make run` runs the pipeline, `make test` runs the tests; both set up what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+export REPORTFLOW_DATABASE_URL ?= sqlite:///var/reportflow.db
+export REPORTFLOW_STORAGE_DIR ?= var/storage
+
+.PHONY: run demo test install services clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip check
+	touch $@
+
+install: $(STAMP)
+
+services:
+	infra/ensure-rabbitmq.sh
+
+run: install services
+	$(BIN)/reportflow db upgrade
+	$(BIN)/reportflow topology declare
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
+
+demo: install services
+	$(BIN)/reportflow demo
+
+test: install
+	infra/ensure-test-services.sh
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf var .pytest_cache
