@@ -106,6 +106,8 @@ class Consumer:
         self._pending_io: set[Future] = set()
         self._connection: pika.BlockingConnection | None = None
         self._publish_channel = None
+        self.connections_opened = 0  # more than one means the broker connection was re-established
+        self.messages_settled = 0
 
     # -- lifecycle ------------------------------------------------------------
     def run(self) -> None:
@@ -138,6 +140,7 @@ class Consumer:
         params.client_properties = {"connection_name": f"{self._app_id}-{os.getpid()}"}
         connection = pika.BlockingConnection(params)
         self._connection = connection
+        self.connections_opened += 1
         try:
             consume_channel = connection.channel()
             self._publish_channel = self._open_publish_channel(connection)
@@ -266,6 +269,8 @@ class Consumer:
             outcome = self._process(delivery)
             published = self._call_on_io(lambda: self._settle(delivery, outcome)).result()
             self._mark_published(published)
+            with self._lock:
+                self.messages_settled += 1
         except ConnectionLost as exc:
             log.warning("%s: %s; message %s will be redelivered", self.stage.name, exc,
                         delivery.properties.message_id)
