@@ -1,0 +1,302 @@
+"""Real services for the tests: RabbitMQ on its own vhost, SQLite and PostgreSQL on their own
+databases, an SMTP server (aiosmtpd) and an OTLP/HTTP receiver on loopback."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from email import message_from_bytes, policy
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pika
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import sessionmaker
+
+from shared.config import Settings
+from shared.db import UnitOfWork, make_engine
+from shared.migrate import upgrade
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_VHOST = os.environ.get("REPORTFLOW_TEST_VHOST", "reportflow-test")
+TEST_AMQP_URL = os.environ.get("REPORTFLOW_TEST_AMQP_URL", f"amqp://guest:guest@127.0.0.1:5672/{TEST_VHOST}")
+TEST_PG_URL = os.environ.get("REPORTFLOW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/reportflow_test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# -- tracing in the test process -------------------------------------------------------------
+@pytest.fixture(scope="session", autouse=True)
+def tracer_provider():
+    """The SDK, as every reportflow process installs it; spans kept in memory for the tests to read."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from shared.tracing import setup_tracing
+
+    os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    provider = setup_tracing("reportflow-tests")
+    provider.memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(provider.memory))
+    return provider
+
+
+@pytest.fixture
+def finished_spans(tracer_provider):
+    tracer_provider.memory.clear()
+    return tracer_provider.memory.get_finished_spans
+
+
+# -- databases ----------------------------------------------------------------------
+def _postgres_available() -> bool:
+    try:
+        engine = make_engine(TEST_PG_URL)
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _fresh_postgres(url: str) -> None:
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """A migrated, empty database: a SQLite file, then PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'reportflow.db'}"
+    else:
+        if not _postgres_available():
+            if os.environ.get("CI"):
+                pytest.fail(f"PostgreSQL is not reachable at {TEST_PG_URL}")
+            pytest.skip("PostgreSQL is not reachable")
+        url = TEST_PG_URL
+        _fresh_postgres(url)
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    url = f"sqlite:///{tmp_path / 'reportflow.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def session_factory(database_url):
+    engine = make_engine(database_url)
+    yield sessionmaker(engine, expire_on_commit=False)
+    engine.dispose()
+
+
+@pytest.fixture
+def uow(session_factory):
+    """A unit of work as the runtime gives one to a handler."""
+    return lambda consumer="test": UnitOfWork(session_factory, consumer)
+
+
+# -- RabbitMQ -------------------------------------------------------------------------
+@pytest.fixture
+def exchange() -> str:
+    """A fresh exchange name per test, so tests never see each other's queues."""
+    return f"rft-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def broker(exchange):
+    """A pika connection on the test vhost; deletes what the test declared under its exchange."""
+    connection = pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL))
+    yield connection
+    try:
+        channel = connection.channel() if connection.is_open else \
+            pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL)).channel()
+        for stage in ("creation", "generation", "approval", "notification", "dead-letter", "tap"):
+            channel.queue_delete(f"{exchange}.{stage}")
+        channel.exchange_delete(exchange)
+        channel.exchange_delete(f"{exchange}.dead-letter")
+        connection.close()
+    except pika.exceptions.AMQPError:
+        pass
+
+
+class Tap:
+    """A queue bound to every event on the exchange: what reportflow published, in order."""
+
+    def __init__(self, connection, exchange: str):
+        self.channel = connection.channel()
+        self.queue = f"{exchange}.tap"
+        self.channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+        self.channel.queue_declare(self.queue, durable=False, auto_delete=False)
+        self.channel.queue_bind(self.queue, exchange, routing_key="#")
+        self.seen: list[tuple[str, dict, pika.BasicProperties]] = []
+
+    def drain(self) -> list[tuple[str, dict, pika.BasicProperties]]:
+        while True:
+            method, properties, body = self.channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                return self.seen
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                payload = body  # what a test published on purpose as garbage
+            self.seen.append((method.routing_key, payload, properties))
+
+    def wait_for(self, event_type: str, count: int = 1, timeout: float = 30.0):
+        def found():
+            matches = [e for e in self.drain() if e[0] == event_type]
+            return matches if len(matches) >= count else None
+        return wait_until(found, timeout, what=f"{count} x {event_type}")
+
+
+@pytest.fixture
+def tap(broker, exchange) -> Tap:
+    return Tap(broker, exchange)
+
+
+@pytest.fixture
+def settings_for(tmp_path, exchange):
+    def make(database_url: str, **overrides) -> Settings:
+        values = dict(amqp_url=TEST_AMQP_URL, exchange=exchange, database_url=database_url,
+                      storage_dir=tmp_path / "storage", smtp_url="", heartbeat_seconds=10)
+        values.update(overrides)
+        return Settings(**values)
+    return make
+
+
+# -- SMTP -----------------------------------------------------------------------------
+class SmtpSink:
+    def __init__(self):
+        from aiosmtpd.controller import Controller
+
+        self.messages = []
+        sink = self
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):
+                sink.messages.append({
+                    "envelope_to": list(envelope.rcpt_tos),
+                    "message": message_from_bytes(envelope.content, policy=policy.default),
+                })
+                return "250 OK"
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+        self.url = f"smtp://127.0.0.1:{self.port}"
+
+    def to(self, address: str) -> list:
+        return [m["message"] for m in self.messages if address in m["envelope_to"]]
+
+    def stop(self):
+        self.controller.stop()
+
+
+@pytest.fixture
+def smtp():
+    sink = SmtpSink()
+    yield sink
+    sink.stop()
+
+
+# -- OTLP/HTTP receiver -----------------------------------------------------------------
+class OtlpReceiver:
+    """Receives OTLP/HTTP protobuf exports and decodes them, as a collector would."""
+
+    def __init__(self):
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest, ExportTraceServiceResponse)
+
+        self.spans: list[dict] = []
+        self.requests = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                receiver._collect(request)
+                payload = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def _collect(self, request) -> None:
+        self.requests += 1
+        for resource_spans in request.resource_spans:
+            resource = {a.key: _any_value(a.value) for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    self.spans.append({
+                        "service": resource.get("service.name"),
+                        "resource": resource,
+                        "name": span.name,
+                        "kind": span.kind,
+                        "trace_id": span.trace_id.hex(),
+                        "span_id": span.span_id.hex(),
+                        "parent_id": span.parent_span_id.hex() or None,
+                        "attributes": {a.key: _any_value(a.value) for a in span.attributes},
+                        "links": [{"trace_id": link.trace_id.hex(), "span_id": link.span_id.hex()}
+                                  for link in span.links],
+                        "status": span.status.code,
+                        "events": [e.name for e in span.events],
+                    })
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def _any_value(value):
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_any_value(v) for v in value.array_value.values]
+    return getattr(value, kind) if kind else None
+
+
+@pytest.fixture
+def otlp():
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.stop()
+
+
+def sample_request(**overrides) -> dict:
+    request = json.loads((ROOT / "producers" / "examples" / "q3-revenue.json").read_text())
+    request.update(overrides)
+    return request

@@ -1,0 +1,68 @@
+"""The event contract: schemas, and how a delivery is read into an event or a stated reason."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import schemas
+from shared.events import Event, InvalidMessage, decode, encode, message_properties
+from tests.conftest import sample_request
+
+LIMIT = 1_000_000
+
+
+def read(body, event_type="report.requested", content_type="application/json", message_id="m-1"):
+    return decode(event_type, message_id, content_type, body, LIMIT)
+
+
+def test_every_event_in_the_flow_has_a_schema():
+    assert set(schemas.event_types()) >= {
+        "report.requested", "approval.decided", "report.created", "report.invalid", "report.generated",
+        "approval.requested", "approval.refused", "report.approved", "report.rejected", "report.finalized"}
+
+
+def test_the_example_request_is_valid():
+    message = read(json.dumps(sample_request()).encode())
+    assert isinstance(message, Event) and message.payload["title"] == "Q3 revenue review"
+
+
+@pytest.mark.parametrize("body, content_type, event_type, reason", [
+    (b"{not json", "application/json", "report.requested", "not UTF-8 JSON"),
+    (b"\xff\xfe", "application/json", "report.requested", "not UTF-8 JSON"),
+    (b"[1, 2]", "application/json", "report.requested", "not a JSON object"),
+    (b"{}", "text/plain", "report.requested", "content type 'text/plain'"),
+    (b"{}", "application/json", "report.exploded", "unknown event type 'report.exploded'"),
+    (b'{"title": 5}', "application/json", "report.requested", "5 is not of type 'string'"),
+    (b"x" * (LIMIT + 1), "application/json", "report.requested", "over the limit"),
+])
+def test_every_way_a_message_can_be_wrong_is_named(body, content_type, event_type, reason):
+    message = read(body, event_type, content_type)
+    assert isinstance(message, InvalidMessage)
+    assert any(reason in r for r in message.reasons), message.reasons
+
+
+def test_a_table_over_the_row_limit_is_invalid():
+    request = sample_request()
+    request["data"]["table"]["rows"] = [["a"] * 5] * 5001
+    message = read(json.dumps(request).encode())
+    assert isinstance(message, InvalidMessage)
+    assert any("data/table/rows" in r for r in message.reasons)
+
+
+def test_a_message_without_an_id_gets_a_stable_one_so_its_duplicates_are_recognised():
+    first = read(b"{nope", message_id=None)
+    second = read(b"{nope", message_id=None)
+    assert first.message_id == second.message_id and first.message_id.startswith("no-id:")
+
+
+def test_outgoing_messages_carry_the_contract_properties():
+    event = Event("report.created", {"report_id": "r-1"})
+    properties = message_properties(event, {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"})
+    assert properties["content_type"] == "application/json"
+    assert properties["delivery_mode"] == 2
+    assert properties["message_id"] == event.message_id and properties["type"] == "report.created"
+    assert properties["correlation_id"] == "r-1"
+    assert properties["headers"]["schema_version"] == schemas.SCHEMA_VERSION
+    assert properties["headers"]["traceparent"].startswith("00-")
+    assert json.loads(encode(event)) == {"report_id": "r-1"}

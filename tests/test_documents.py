@@ -1,0 +1,79 @@
+"""Documents: a report a client would accept, and untrusted data that stays data."""
+from __future__ import annotations
+
+import io
+from datetime import datetime, timezone
+
+import pytest
+from pypdf import PdfReader
+
+from shared.documents import AssetsOnlyFetcher, DocumentRenderer, FolderStorage, UnknownTemplate
+from shared.models import Report
+from tests.conftest import sample_request
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    return DocumentRenderer()
+
+
+def report(**overrides) -> Report:
+    request = sample_request(**overrides)
+    return Report(id="rpt-abc123", title=request["title"], template=request["template"], status="created",
+                  submitter=request["submitter"], client=request["client"], data=request["data"],
+                  created_at=datetime(2026, 11, 24, tzinfo=timezone.utc))
+
+
+def pages(pdf: bytes) -> list[str]:
+    return [p.extract_text() for p in PdfReader(io.BytesIO(pdf)).pages]
+
+
+def test_a_long_table_repeats_its_header_and_every_page_has_page_x_of_y_and_the_report_id(renderer):
+    data = sample_request()["data"]
+    data["table"]["rows"] = [[f"m{i}", "North", "Analytics", f"{i:,}", "1.0%"] for i in range(300)]
+    rendered = renderer.render(report(data=data))
+    text = pages(rendered.pdf)
+    assert rendered.pages == len(text) > 3
+    for number, page in enumerate(text, start=1):
+        assert f"Page {number} of {len(text)}" in page
+        assert "rpt-abc123" in page
+        assert "Revenue (EUR)" in page  # the header row, on every page of the table
+    assert "m299" in text[-1]
+
+
+def test_report_data_is_escaped_not_interpreted(renderer):
+    data = {"summary": '<img src="file:///etc/passwd"><b>bold</b>', "sections": [
+        {"heading": "{{ 7*7 }}", "body": "<script>alert(1)</script>"}]}
+    html = renderer.html(report(data=data))
+    assert "&lt;img src=&#34;file:///etc/passwd&#34;&gt;" in html
+    assert "<script>" not in html and "{{ 7*7 }}" in html
+    text = "\n".join(pages(renderer.pdf(html).pdf))
+    assert '<img src="file:///etc/passwd">' in text and "{{ 7*7 }}" in text
+
+
+def test_templates_come_from_a_known_set_by_name(renderer):
+    with pytest.raises(UnknownTemplate):
+        renderer.html(report(template="../../etc/passwd"))
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "http://127.0.0.1:1/x.css", "https://example.com/a.png",
+                                 "data:text/css,body{}"])
+def test_the_fetcher_serves_only_the_projects_assets(url):
+    with pytest.raises(ValueError):
+        AssetsOnlyFetcher().fetch(url)
+
+
+def test_the_fetcher_serves_the_projects_own_stylesheet():
+    fetcher = AssetsOnlyFetcher()
+    from shared.documents import ASSETS
+    response = fetcher.fetch((ASSETS / "report.css").as_uri())
+    assert b"@page" in response.read()
+    response.close()
+
+
+def test_storage_keys_cannot_leave_the_storage_folder(tmp_path):
+    storage = FolderStorage(tmp_path)
+    storage.put("reports/r/draft.pdf", b"%PDF")
+    assert storage.get("reports/r/draft.pdf") == b"%PDF"
+    with pytest.raises(ValueError):
+        storage.path("../outside.pdf")

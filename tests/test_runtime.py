@@ -1,0 +1,180 @@
+"""The consumer runtime against the real RabbitMQ (own vhost) and both databases."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+
+import pika
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from consumers.bootstrap import build_consumer, session_factory
+from consumers.runtime import Consumer
+from consumers.stage import Stage
+from producers import ReportflowClient, Unroutable
+from producers.client import InvalidEvent
+from shared.db import make_engine
+from shared.models import InboxRecord, OutboxMessage, Report
+from tests.conftest import TEST_AMQP_URL, sample_request, wait_until
+
+
+@contextmanager
+def running(consumer: Consumer):
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    assert consumer.ready.wait(15), "consumer did not start"
+    try:
+        yield consumer
+    finally:
+        consumer.stop()
+        thread.join(30)
+        assert not thread.is_alive(), "consumer did not stop"
+
+
+def settled(consumer: Consumer, count: int, timeout: float = 30):
+    wait_until(lambda: consumer.messages_settled >= count, timeout, what=f"{count} settled messages")
+
+
+def raw_publish(exchange: str, routing_key: str, body: bytes, **properties) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(**properties))
+    finally:
+        connection.close()
+
+
+def dead_letters(broker, exchange: str) -> list[tuple[dict, bytes]]:
+    channel = broker.channel()
+    found = []
+    while True:
+        method, properties, body = channel.basic_get(f"{exchange}.dead-letter", auto_ack=True)
+        if method is None:
+            return found
+        found.append((properties.headers, body))
+
+
+def count(database_url: str, model, *where) -> int:
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session:
+            return session.scalar(select(func.count()).select_from(model).where(*where))
+    finally:
+        engine.dispose()
+
+
+def test_a_request_is_stored_and_report_created_published_after_the_commit(settings_for, database_url, tap, exchange):
+    settings = settings_for(database_url)
+    with running(build_consumer("creation", settings)) as consumer:
+        with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            published = client.request_report(sample_request(report_id="r-rt-1"))
+        [(_, created, properties)] = tap.wait_for("report.created")
+        settled(consumer, 1)
+    assert created["report_id"] == "r-rt-1"
+    assert properties.delivery_mode == 2 and properties.content_type == "application/json"
+    assert properties.correlation_id == "r-rt-1" and properties.type == "report.created"
+    assert published.trace_id in properties.headers["traceparent"]
+    assert count(database_url, Report) == 1
+    assert count(database_url, OutboxMessage, OutboxMessage.published_at.is_(None)) == 0
+    assert count(database_url, InboxRecord, InboxRecord.consumer == "creation") == 1
+
+
+def test_a_duplicated_message_id_has_one_effect(settings_for, database_url, tap, exchange):
+    settings = settings_for(database_url)
+    with running(build_consumer("creation", settings)) as consumer:
+        with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            for _ in range(3):
+                client.request_report(sample_request(report_id="r-rt-2"), message_id="same-message")
+        settled(consumer, 3)
+    assert len([e for e in tap.drain() if e[0] == "report.created"]) == 1
+    assert not [e for e in tap.drain() if e[0] == "report.invalid"]
+    assert count(database_url, Report) == 1
+
+
+def test_malformed_requests_become_report_invalid_and_the_consumer_keeps_serving(settings_for, sqlite_url, tap,
+                                                                                 exchange):
+    with running(build_consumer("creation", settings_for(sqlite_url))) as consumer:
+        raw_publish(exchange, "report.requested", b"{definitely not json", content_type="application/json",
+                    message_id="bad-1", type="report.requested")
+        raw_publish(exchange, "report.requested", json.dumps({"title": "No submitter"}).encode(),
+                    content_type="application/json", message_id="bad-2", type="report.requested")
+        with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            client.request_report(sample_request(report_id="r-rt-3"))
+        invalid = tap.wait_for("report.invalid", 2)
+        tap.wait_for("report.created")
+        settled(consumer, 3)
+    reasons = {e[1]["request_message_id"]: e[1]["reasons"] for e in invalid}
+    assert "not UTF-8 JSON" in reasons["bad-1"][0]
+    assert any("'submitter' is a required property" in r for r in reasons["bad-2"])
+
+
+def test_what_no_handler_can_read_or_handle_is_dead_lettered_with_its_reason(settings_for, sqlite_url, broker,
+                                                                              exchange):
+    with running(build_consumer("generation", settings_for(sqlite_url))) as consumer:
+        raw_publish(exchange, "report.created", b"\x00garbage", content_type="application/json",
+                    message_id="poison-1", type="report.created")
+        raw_publish(exchange, "report.created", json.dumps(
+            {"report_id": "nobody", "title": "t", "template": "standard", "submitter": {"email": "a@example.com"},
+             "stages": ["s"]}).encode(), content_type="application/json", message_id="orphan-1",
+            type="report.created")
+        settled(consumer, 2)
+    letters = {h["x-reportflow-error"].split(":")[0]: h for h, _ in dead_letters(broker, exchange)}
+    assert set(letters) == {"body is not UTF-8 JSON", "ReportNotFound"}
+    for headers in letters.values():
+        assert headers["x-reportflow-stage"] == "generation"
+        assert headers["x-reportflow-queue"] == f"{exchange}.generation"
+
+
+def test_a_render_longer_than_the_heartbeat_keeps_the_connection(settings_for, sqlite_url, tap, exchange):
+    calls = []
+
+    def slow(event, uow):
+        calls.append(event.message_id)
+        time.sleep(7)  # > 2 heartbeat intervals of 2 s: the broker would drop a starved connection
+        uow.emit("report.created", {"report_id": "slow", "title": "t", "template": "standard",
+                                    "submitter": {"email": "a@example.com"}, "stages": ["s"]})
+
+    settings = settings_for(sqlite_url, heartbeat_seconds=2)
+    consumer = Consumer(Stage("creation", {"report.requested": slow}), settings, session_factory(settings), {})
+    with running(consumer):
+        with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            client.request_report(sample_request(report_id="r-rt-5"))
+        tap.wait_for("report.created", timeout=30)
+        settled(consumer, 1)
+        time.sleep(3)
+    assert consumer.connections_opened == 1
+    assert len(calls) == 1
+
+
+def test_stop_finishes_the_message_in_hand_and_leaves_the_rest_queued(settings_for, sqlite_url, broker, exchange):
+    started = threading.Event()
+
+    def slow(event, uow):
+        started.set()
+        time.sleep(2)
+
+    settings = settings_for(sqlite_url)
+    consumer = Consumer(Stage("creation", {"report.requested": slow}), settings, session_factory(settings), {})
+    with running(consumer):
+        with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            for n in range(3):
+                client.request_report(sample_request(report_id=f"r-rt-6-{n}"))
+        assert started.wait(10)
+        consumer.stop()
+    assert consumer.messages_settled == 1
+    assert count(sqlite_url, InboxRecord) == 1
+    left = broker.channel().queue_declare(f"{exchange}.creation", passive=True).method.message_count
+    assert left == 2
+
+
+def test_the_client_refuses_invalid_events_and_reports_unroutable_ones(exchange, broker):
+    with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+        with pytest.raises(InvalidEvent) as invalid:
+            client.request_report({"title": "no template"})
+        assert any("'template' is a required property" in r for r in invalid.value.reasons)
+        with pytest.raises(Unroutable):  # nothing is bound to this fresh exchange yet
+            client.request_report(sample_request())
