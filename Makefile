@@ -11,6 +11,7 @@ export REPORTFLOW_STORAGE_DIR ?= var/storage
 .PHONY: run demo test install services clean
 
 $(STAMP): pyproject.toml constraints.txt
+	infra/ensure-system-packages.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'

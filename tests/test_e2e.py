@@ -44,31 +44,34 @@ def pipeline(database_url, exchange, broker, smtp, otlp, tmp_path):
            "OTEL_BSP_SCHEDULE_DELAY": "200", "REPORTFLOW_ENV": "test"}
     env.pop("OTEL_SERVICE_NAME", None)
     processes = {}
-    for name, command in procfile_commands().items():
-        log = open(tmp_path / f"{name}.log", "wb")
-        processes[name] = subprocess.Popen(command.split(), env=env, cwd=tmp_path, stdout=log,
-                                           stderr=subprocess.STDOUT)
-    def consuming():
-        channel = broker.channel()  # a failed passive declare closes its channel: a new one per look
-        try:
-            return all(channel.queue_declare(f"{exchange}.{stage}", passive=True).method.consumer_count
-                       for stage in STAGES)
-        except pika.exceptions.ChannelClosedByBroker:
-            return False
-        finally:
-            if channel.is_open:
-                channel.close()
     try:
-        wait_until(lambda: consuming() or any(p.poll() is not None for p in processes.values()), 60,
-                   what="the four consumers")
-    except AssertionError:
-        pass
-    if any(p.poll() is not None for p in processes.values()):
-        pytest.fail("a consumer exited at start:\n" + logs(tmp_path))
-    yield processes
-    for process in processes.values():
-        if process.poll() is None:
-            process.kill()
+        for name, command in procfile_commands().items():
+            log = open(tmp_path / f"{name}.log", "wb")
+            # As honcho runs them: through the shell, so the Procfile's own words are what is tested.
+            processes[name] = subprocess.Popen(["/bin/sh", "-c", command], env=env, cwd=tmp_path, stdout=log,
+                                               stderr=subprocess.STDOUT)
+        wait_until(lambda: _consuming(broker, exchange) or any(p.poll() is not None for p in processes.values()),
+                   60, what="the four consumers")
+        if any(p.poll() is not None for p in processes.values()):
+            pytest.fail("a consumer exited at start:\n" + logs(tmp_path))
+        yield processes
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+
+def _consuming(broker, exchange: str) -> bool:
+    channel = broker.channel()  # a failed passive declare closes its channel: a new one per look
+    try:
+        return all(channel.queue_declare(f"{exchange}.{stage}", passive=True).method.consumer_count
+                   for stage in STAGES)
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+    finally:
+        if channel.is_open:
+            channel.close()
 
 
 def logs(folder: Path) -> str:
