@@ -38,3 +38,35 @@ def test_smtp_urls_are_read_for_tls_and_login():
     assert SmtpMailer("smtps://mail.example.com").port == 465
     with pytest.raises(ValueError):
         SmtpMailer("http://mail.example.com")
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_the_mailer_logs_in_when_the_url_has_credentials():
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult
+
+    from tests.conftest import free_port
+
+    logins, received = [], []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        logins.append((mechanism, auth_data.login.decode(), auth_data.password.decode()))
+        return AuthResult(success=auth_data.password == b"s3cret")
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            received.append(envelope.rcpt_tos)
+            return "250 OK"
+
+    port = free_port()
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port, authenticator=authenticator,
+                            auth_required=True, auth_require_tls=False)
+    controller.start()
+    try:
+        email = build_email(sender="rf@example.com", to=["a@example.com"], subject="s", text="t",
+                            message_id="<login@x>")
+        SmtpMailer(f"smtp://reportflow:s3cret@127.0.0.1:{port}").send(email)
+    finally:
+        controller.stop()
+    assert [login[1:] for login in logins] == [("reportflow", "s3cret")]
+    assert received == [["a@example.com"]]
