@@ -31,6 +31,7 @@ from opentelemetry.instrumentation.pika import PikaInstrumentor
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from sqlalchemy import select, update
 
+from consumers.retries import RetryPolicy
 from consumers.stage import Stage
 from shared.config import Settings
 from shared.db import UnitOfWork
@@ -77,19 +78,27 @@ class OutgoingMessage:
 
 @dataclass
 class Outcome:
-    """What the I/O thread must do for one delivery once its handler has committed."""
+    """What the I/O thread must do for one delivery once its handler has committed (or failed)."""
 
     context: context.Context
     publish: list[OutgoingMessage] = field(default_factory=list)
     dead_letter_reason: str | None = None
+    retry_after: int | None = None  # seconds; the delivery goes to that delay queue
+    failure: str | None = None
+
+
+ATTEMPT_HEADER = "x-reportflow-attempt"          # failures so far
+FIRST_FAILURE_HEADER = "x-reportflow-first-failure"
 
 
 class Consumer:
     def __init__(self, stage: Stage, settings: Settings, session_factory, dependencies: dict, *,
-                 tracer_provider=None, bindings: dict[str, list[str]] | None = None, concurrency: int = 1):
+                 tracer_provider=None, bindings: dict[str, list[str]] | None = None, concurrency: int = 1,
+                 retry_policy: RetryPolicy | None = None):
         self.stage = stage
         self.settings = settings
-        self.topology = Topology(settings.exchange)
+        self.retry_policy = retry_policy or RetryPolicy.from_env()
+        self.topology = Topology.from_env(settings.exchange, self.retry_policy.delays)
         self.queue = self.topology.queue(stage.name)
         self._bindings = bindings or {stage.name: stage.event_types}
         self._session_factory = session_factory
@@ -99,6 +108,8 @@ class Consumer:
                                 for h in [*stage.handlers.values(), *stage.on_invalid.values()]}
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"{stage.name}-worker")
         self._app_id = f"reportflow-{stage.name}"
+        broker = pika.URLParameters(settings.amqp_url)
+        self._broker_address = (broker.host, broker.port)
         self._stopping = threading.Event()
         self.ready = threading.Event()
         self._lock = threading.Lock()
@@ -192,7 +203,9 @@ class Consumer:
         try:
             for message in outcome.publish:
                 self._publish(message)
-            if outcome.dead_letter_reason is not None:
+            if outcome.retry_after is not None:
+                self._retry_later(delivery, outcome)
+            elif outcome.dead_letter_reason is not None:
                 self._dead_letter(delivery, outcome.dead_letter_reason)
             delivery.channel.basic_ack(delivery.delivery_tag)
         finally:
@@ -203,30 +216,53 @@ class Consumer:
         event = Event(message.event_type, message.payload, message.message_id)
         token = context.attach(context_from(message.headers))  # publish under the span that emitted it
         try:
+            # mandatory: with confirms on, a message no queue takes raises UnroutableError, never vanishes.
             self._publish_channel.basic_publish(
                 self.topology.exchange, event.type, encode(event),
-                pika.BasicProperties(**message_properties(event, app_id=self._app_id)))
+                pika.BasicProperties(**message_properties(event, app_id=self._app_id)), mandatory=True)
         finally:
             context.detach(token)
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        headers = self._failure_headers(delivery, reason)
+        headers.update({"x-reportflow-stage": self.stage.name, "x-reportflow-queue": self.queue,
+                        "x-reportflow-dead-lettered-at": utcnow().isoformat()})
+        with self._tracer.start_as_current_span(f"dead-letter {self.queue}", kind=SpanKind.INTERNAL, attributes={
+                "reportflow.dead_letter.reason": reason[:1000], "reportflow.attempts": headers[ATTEMPT_HEADER]}):
+            self._publish_channel.basic_publish(self.topology.dead_letter_exchange, delivery.routing_key,
+                                                delivery.body, self._kept_properties(delivery, headers),
+                                                mandatory=True)
+        log.error("%s: dead-lettered message %s (%s) after %d attempt(s): %s", self.stage.name,
+                  delivery.properties.message_id, delivery.properties.type, headers[ATTEMPT_HEADER], reason)
+
+    def _retry_later(self, delivery: Delivery, outcome: Outcome) -> None:
+        headers = self._failure_headers(delivery, outcome.failure or "")
+        queue = self.topology.retry_queue(self.stage.name, outcome.retry_after)
+        with self._tracer.start_as_current_span(f"retry {self.queue}", kind=SpanKind.INTERNAL, attributes={
+                "reportflow.retry.delay_seconds": outcome.retry_after, "reportflow.attempts": headers[ATTEMPT_HEADER],
+                "reportflow.retry.reason": (outcome.failure or "")[:1000]}):
+            self._publish_channel.basic_publish("", queue, delivery.body, self._kept_properties(delivery, headers),
+                                                mandatory=True)
+        log.warning("%s: message %s failed (attempt %d), retrying in %ss: %s", self.stage.name,
+                    delivery.properties.message_id, headers[ATTEMPT_HEADER], outcome.retry_after, outcome.failure)
+
+    def _failure_headers(self, delivery: Delivery, reason: str) -> dict:
+        headers = dict(delivery.properties.headers or {})
+        headers[ATTEMPT_HEADER] = _failures(delivery) + 1
+        headers.setdefault(FIRST_FAILURE_HEADER, utcnow().isoformat())
+        headers["x-reportflow-error"] = reason[:1000]
+        headers["x-reportflow-routing-key"] = delivery.properties.type or delivery.routing_key
+        return headers
+
+    @staticmethod
+    def _kept_properties(delivery: Delivery, headers: dict) -> pika.BasicProperties:
+        """The message as it came, with new headers; its trace context goes along, so a retry or a
+        replayed dead letter continues the report's trace."""
         props = delivery.properties
-        headers = dict(props.headers or {})
-        headers.update({
-            "x-reportflow-stage": self.stage.name,
-            "x-reportflow-error": reason[:1000],
-            "x-reportflow-queue": self.queue,
-            "x-reportflow-routing-key": delivery.routing_key,
-            "x-reportflow-dead-lettered-at": utcnow().isoformat(),
-        })
-        kept = pika.BasicProperties(
+        return pika.BasicProperties(
             content_type=props.content_type, content_encoding=props.content_encoding, delivery_mode=2,
             message_id=props.message_id, type=props.type or delivery.routing_key, timestamp=props.timestamp,
             app_id=props.app_id, correlation_id=props.correlation_id, headers=headers)
-        self._publish_channel.basic_publish(self.topology.dead_letter_exchange, delivery.routing_key,
-                                            delivery.body, kept)
-        log.error("%s: dead-lettered message %s (%s): %s", self.stage.name, props.message_id,
-                  delivery.routing_key, reason)
 
     def _call_on_io(self, fn) -> Future:
         """Run fn on the I/O thread; the returned future fails if the connection is lost first."""
@@ -282,22 +318,37 @@ class Consumer:
                 self._in_flight -= 1
 
     def _process(self, delivery: Delivery) -> Outcome:
+        """Handle one delivery; whatever happens, say what is to become of it."""
         props = delivery.properties
-        message = decode(props.type or delivery.routing_key, props.message_id, props.content_type,
-                         delivery.body, self.settings.max_message_bytes)
-        parent, links = self._processing_parent(props, message)
+        event_type = props.type or delivery.routing_key
+        message = decode(event_type, props.message_id, props.content_type, delivery.body,
+                         self.settings.max_message_bytes)
+        try:
+            parent, links = self._processing_parent(props, message)
+        except Exception:  # noqa: BLE001 - the database may be away; the handler's own try will tell
+            parent, links = context_from(props.headers), []
+        exchange = delivery.exchange or self.topology.exchange  # retries come back through the default exchange
         with self._tracer.start_as_current_span(
-                f"process {delivery.exchange}:{delivery.routing_key}:{self.queue}", context=parent,
-                kind=SpanKind.CONSUMER, links=links, attributes=self._span_attributes(delivery, message),
+                f"process {exchange}:{event_type}:{self.queue}", context=parent,
+                kind=SpanKind.CONSUMER, links=links, attributes=self._span_attributes(delivery, message, exchange),
                 record_exception=False, set_status_on_exception=False) as span:
             try:
                 return self._handle(message, span)
             except Exception as exc:  # noqa: BLE001 - any handler failure ends in a stated outcome
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-                span.set_attribute("error.type", type(exc).__qualname__)
-                log.exception("%s: handling %s %s failed", self.stage.name, message.type, message.message_id)
-                return Outcome(context.get_current(), dead_letter_reason=f"{type(exc).__name__}: {exc}")
+                return self._failed(delivery, message, span, exc)
+
+    def _failed(self, delivery: Delivery, message, span, exc: Exception) -> Outcome:
+        reason = f"{type(exc).__name__}: {exc}"
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, reason))
+        span.set_attribute("error.type", type(exc).__qualname__)
+        failures = _failures(delivery) + 1
+        delay = self.retry_policy.delay_after(failures) if self.retry_policy.is_transient(exc) else None
+        if delay is not None:
+            log.warning("%s: handling %s %s failed (%s)", self.stage.name, message.type, message.message_id, reason)
+            return Outcome(context.get_current(), retry_after=delay, failure=reason)
+        log.exception("%s: handling %s %s failed for good", self.stage.name, message.type, message.message_id)
+        return Outcome(context.get_current(), dead_letter_reason=reason)
 
     def _handle(self, message: Event | InvalidMessage, span) -> Outcome:
         if isinstance(message, InvalidMessage):
@@ -345,31 +396,29 @@ class Consumer:
             if incoming_span.is_valid else []
         return context_from(stored), links
 
-    def _span_attributes(self, delivery: Delivery, message) -> dict:
-        params = self._connection_params()
+    def _span_attributes(self, delivery: Delivery, message, exchange: str) -> dict:
+        host, port = self._broker_address
         attributes = {
             "messaging.system": "rabbitmq",
             "messaging.operation.type": "process",
             "messaging.operation.name": "process",
-            "messaging.destination.name": f"{delivery.exchange}:{delivery.routing_key}:{self.queue}",
+            "messaging.destination.name": f"{exchange}:{message.type}:{self.queue}",
             "messaging.consumer.group.name": self.queue,
-            "messaging.rabbitmq.destination.routing_key": delivery.routing_key,
+            "messaging.rabbitmq.destination.routing_key": message.type,
             "messaging.rabbitmq.message.delivery_tag": delivery.delivery_tag,
             "messaging.message.id": message.message_id,
             "messaging.message.body.size": len(delivery.body),
-            "server.address": params[0],
-            "server.port": params[1],
+            "server.address": host,
+            "server.port": port,
         }
         if message.report_id:
             attributes["messaging.message.conversation_id"] = message.report_id
             attributes["report.id"] = message.report_id
         if delivery.redelivered:
             attributes["reportflow.redelivered"] = True
+        if _failures(delivery):
+            attributes["reportflow.attempt"] = _failures(delivery) + 1
         return attributes
-
-    def _connection_params(self) -> tuple[str, int]:
-        params = pika.URLParameters(self.settings.amqp_url)
-        return params.host, params.port
 
     def _mark_published(self, outbox_ids: list[int]) -> None:
         if not outbox_ids:
@@ -394,6 +443,11 @@ class Consumer:
             self._mark_published(published)
         except Exception:  # noqa: BLE001 - the next round tries again
             log.exception("%s: outbox relay failed; will retry", self.stage.name)
+
+
+def _failures(delivery: Delivery) -> int:
+    value = (delivery.properties.headers or {}).get(ATTEMPT_HEADER, 0)
+    return value if isinstance(value, int) else 0
 
 
 def _timestamp(moment: datetime) -> float:

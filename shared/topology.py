@@ -1,16 +1,31 @@
-"""The broker's shape, in one place: the topic exchange, a durable queue per stage bound by event type,
-and the dead-letter route every work queue has."""
+"""The broker's shape, in one place: the topic exchange, a durable work queue per stage bound by event
+type, a delay queue per stage and retry tier, and the dead-letter route every work queue has."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+DEFAULT_DELIVERY_LIMIT = 20
 
 
 @dataclass(frozen=True)
 class Topology:
     exchange: str = "reportflow"
+    queue_type: str = "classic"  # or "quorum" (replicated; needs a delivery limit against poison loops)
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    retry_delays: tuple[int, ...] = ()
+
+    @classmethod
+    def from_env(cls, exchange: str, retry_delays: tuple[int, ...]) -> "Topology":
+        return cls(exchange=exchange, queue_type=os.environ.get("REPORTFLOW_QUEUE_TYPE", "classic"),
+                   delivery_limit=int(os.environ.get("REPORTFLOW_DELIVERY_LIMIT", DEFAULT_DELIVERY_LIMIT)),
+                   retry_delays=retry_delays)
 
     def queue(self, stage: str) -> str:
         return f"{self.exchange}.{stage}"
+
+    def retry_queue(self, stage: str, delay_seconds: int) -> str:
+        return f"{self.exchange}.{stage}.retry.{delay_seconds}s"
 
     @property
     def dead_letter_exchange(self) -> str:
@@ -20,16 +35,26 @@ class Topology:
     def dead_letter_queue(self) -> str:
         return f"{self.exchange}.dead-letter"
 
+    def work_queue_arguments(self) -> dict:
+        arguments = {"x-dead-letter-exchange": self.dead_letter_exchange}
+        if self.queue_type == "quorum":
+            arguments.update({"x-queue-type": "quorum", "x-delivery-limit": self.delivery_limit})
+        return arguments
+
 
 def declare(channel, topology: Topology, bindings: dict[str, list[str]]) -> None:
-    """Declare everything with a pika channel; idempotent, so every process may call it at start."""
+    """Declare everything with a pika channel. Idempotent, so every process declares at start; a queue
+    that exists with other arguments makes the broker refuse (PRECONDITION_FAILED), which is the check."""
     channel.exchange_declare(topology.exchange, exchange_type="topic", durable=True)
     channel.exchange_declare(topology.dead_letter_exchange, exchange_type="fanout", durable=True)
     channel.queue_declare(topology.dead_letter_queue, durable=True)
     channel.queue_bind(topology.dead_letter_queue, topology.dead_letter_exchange)
     for stage, event_types in bindings.items():
         queue = topology.queue(stage)
-        channel.queue_declare(queue, durable=True,
-                              arguments={"x-dead-letter-exchange": topology.dead_letter_exchange})
+        channel.queue_declare(queue, durable=True, arguments=topology.work_queue_arguments())
         for event_type in event_types:
             channel.queue_bind(queue, topology.exchange, routing_key=event_type)
+        for delay in topology.retry_delays:
+            # Expired messages go back to the work queue through the default exchange.
+            channel.queue_declare(topology.retry_queue(stage, delay), durable=True, arguments={
+                "x-message-ttl": delay * 1000, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue})
