@@ -1,6 +1,11 @@
 """notification: emails the approvers of an opened stage (approval.requested), the submitter of an
-invalid or rejected report (report.invalid, report.rejected), and the submitter and client of a
-finalized report with its PDF (report.finalized); records every email sent."""
+invalid or rejected report (report.invalid, report.rejected), the submitter and client of a
+finalized report with its PDF (report.finalized), and an approver whose decision was refused
+(approval.refused); records every email.
+
+Email cannot join a transaction, so each one is recorded (pending) and committed before it is
+sent, with a Message-ID derived from the event, and marked sent after. A crash between the send
+and the mark sends that one email once more, with the same Message-ID; nothing else repeats one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +13,8 @@ from dataclasses import dataclass
 from consumers.stage import Stage
 from shared.documents import FolderStorage
 from shared.events import Event
-from shared.mail import build_email, stable_message_id
-from shared.models import Notification
+from shared.mail import InvalidAddress, build_email, check_address, stable_message_id
+from shared.models import Notification, utcnow
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,21 @@ def on_report_finalized(event: Event, uow, postman: Postman, storage: FolderStor
     _send(uow, postman, event, recipients, f"Report approved: {finalized['title']}", text, attachments)
 
 
+def on_approval_refused(event: Event, uow, postman: Postman) -> None:
+    refused = event.payload
+    if not refused.get("approver"):
+        return  # no address to answer to; the refusal is recorded by approval
+    report = uow.report(refused.get("report_id"))
+    title = report.title if report else (refused.get("report_id") or "unknown report")
+    text = (f"Hello,\n\nYour decision ({refused.get('decision') or 'unreadable'}) on \"{title}\", stage "
+            f"\"{refused.get('stage') or '?'}\", was not applied: {refused['reason']}.\n")
+    try:
+        recipient = check_address(refused["approver"]["email"])
+    except InvalidAddress:
+        return
+    _send(uow, postman, event, [recipient], f"Decision not applied: {title}", text)
+
+
 def _pdf(storage: FolderStorage, document: dict | None, report_id: str, label: str) -> list[tuple[str, bytes, str]]:
     if not document:
         return []
@@ -74,13 +94,20 @@ def _pdf(storage: FolderStorage, document: dict | None, report_id: str, label: s
 def _send(uow, postman: Postman, event: Event, to: list[str], subject: str, text: str,
           attachments: list = (), key: str = "all") -> None:
     message_id = stable_message_id(f"{event.message_id}.{key}")
+    record = uow.session.query(Notification).filter_by(email_message_id=message_id).one_or_none()
+    if record is not None and record.status == "sent":
+        return  # sent before a crash that came before this event's inbox record
     email = build_email(sender=postman.sender, to=to, subject=subject, text=text,
                         message_id=message_id, attachments=attachments)
+    if record is None:
+        record = Notification(report_id=event.report_id, event_type=event.type, event_message_id=event.message_id,
+                              recipients=to, subject=email["Subject"], email_message_id=message_id,
+                              attachments=[a[0] for a in attachments], transport=postman.mailer.transport)
+        uow.add(record)
+        uow.checkpoint()
     postman.mailer.send(email)
-    uow.add(Notification(report_id=event.report_id, event_type=event.type, event_message_id=event.message_id,
-                         recipients=to, subject=email["Subject"], email_message_id=message_id,
-                         attachments=[a[0] for a in attachments], transport=postman.mailer.transport))
-
+    record.status, record.sent_at = "sent", utcnow()
+    uow.checkpoint()
 
 STAGE = Stage(
     name="notification",
@@ -89,5 +116,6 @@ STAGE = Stage(
         "report.invalid": on_report_invalid,
         "report.rejected": on_report_rejected,
         "report.finalized": on_report_finalized,
+        "approval.refused": on_approval_refused,
     },
 )

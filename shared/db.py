@@ -80,6 +80,11 @@ class UnitOfWork:
         self.emitted.append(emitted)
         return emitted
 
+    def checkpoint(self) -> None:
+        """Commit what the handler has done so far. Only for effects that cannot join the transaction
+        (an email): record the intent, commit, act, record the result, commit."""
+        self.session.commit()
+
     def refused(self, reason: str) -> None:
         """Say that the message was refused, so the runtime can show it on the trace."""
         self.refusal = reason

@@ -129,7 +129,10 @@ class Notification(Base):
     email_message_id: Mapped[str] = mapped_column(String(200), unique=True)
     attachments: Mapped[list] = mapped_column(JSON, default=list)
     transport: Mapped[str] = mapped_column(String(10))  # smtp | file
-    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # pending: recorded, about to be handed to the mail server; sent: the server took it.
+    status: Mapped[str] = mapped_column(String(10), default="pending")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class InboxRecord(Base):

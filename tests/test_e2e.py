@@ -149,7 +149,7 @@ def test_reports_go_from_request_to_approved_pdf_and_emails_in_one_trace_each(
     for report_id in ("rep-a", "rep-b"):
         wait_until(lambda: report_status(database_url, report_id) == "finalized", 90, what=f"{report_id} finalized")
     wait_until(lambda: report_status(database_url, "rep-c") == "rejected", 60, what="rep-c rejected")
-    wait_until(lambda: len(smtp.messages) >= 11, 60, what="all emails")
+    wait_until(lambda: len(smtp.messages) >= 12, 60, what="all emails")
     exit_codes = stop(pipeline)
     assert exit_codes == {name: 0 for name in exit_codes}, logs(tmp_path)
 
@@ -174,6 +174,7 @@ def test_reports_go_from_request_to_approved_pdf_and_emails_in_one_trace_each(
         ("ann@example.com", "Report approved: Q3 cost review"),
         ("ann@example.com", "Report rejected: Q3 forecast"),
         ("ann@example.com", "Report request not accepted: Q3 revenue review"),
+        ("mallory@example.com", "Decision not applied: Q3 revenue review"),
     ])
     [approved_a] = [m for m in smtp.messages if m["message"]["Subject"] == "Report approved: Q3 revenue review"]
     assert approved_a["envelope_to"] == ["ann@example.com", "cfo@client.example"]
