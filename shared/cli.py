@@ -52,10 +52,11 @@ def topology_declare() -> None:
     import pika
 
     import consumers
+    from consumers.retries import RetryPolicy
     from shared.topology import Topology, declare
 
     settings = Settings.from_env()
-    topo = Topology(settings.exchange)
+    topo = Topology.from_env(settings.exchange, RetryPolicy.from_env().delays)
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     try:
         declare(connection.channel(), topo, consumers.bindings())
@@ -81,6 +82,67 @@ def _publish_group():
 
 
 main.add_command(_publish_group(), "publish")
+
+
+@main.group()
+def dlq() -> None:
+    """The dead-letter queue: what failed for good, and why."""
+
+
+def _dead_letter_queue():
+    from consumers.retries import RetryPolicy
+    from shared.dead_letters import DeadLetterQueue
+    from shared.topology import Topology
+
+    settings = Settings.from_env()
+    return DeadLetterQueue(settings.amqp_url, Topology.from_env(settings.exchange, RetryPolicy.from_env().delays))
+
+
+@dlq.command("list")
+def dlq_list() -> None:
+    """One line per dead letter: message id, event, stage, attempts, error."""
+    letters = _dead_letter_queue().list()
+    for d in letters:
+        click.echo(f"{d.message_id}  {d.event_type}  stage={d.stage or '?'}  attempts={d.attempts}  "
+                   f"at={d.dead_lettered_at or '?'}  {d.error}")
+    click.echo(f"{len(letters)} dead letter(s)")
+
+
+@dlq.command("show")
+@click.argument("message_id")
+def dlq_show(message_id: str) -> None:
+    """Headers and body of one dead letter."""
+    letter = _dead_letter_queue().show(message_id)
+    if letter is None:
+        raise click.ClickException(f"no dead letter {message_id!r}")
+    click.echo(json.dumps({"message_id": letter.message_id, "event": letter.event_type, "stage": letter.stage,
+                           "queue": letter.queue, "error": letter.error, "attempts": letter.attempts,
+                           "first_failure": letter.first_failure, "dead_lettered_at": letter.dead_lettered_at,
+                           "headers": letter.headers}, indent=2, default=str))
+    click.echo(letter.body.decode("utf-8", errors="replace"))
+
+
+@dlq.command("replay")
+@click.argument("message_id", required=False)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
+def dlq_replay(message_id: str | None, replay_all: bool) -> None:
+    """Send a dead letter (or --all) back to the queue it died in, trace context and all."""
+    if bool(message_id) == replay_all:
+        raise click.UsageError("name one MESSAGE_ID or give --all")
+    replayed = _dead_letter_queue().replay(None if replay_all else message_id)
+    for d in replayed:
+        click.echo(f"replayed {d.message_id} ({d.event_type}) to {d.queue}")
+    if message_id and not replayed:
+        raise click.ClickException(f"no dead letter {message_id!r}")
+
+
+@dlq.command("purge")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+def dlq_purge(yes: bool) -> None:
+    """Delete every dead letter."""
+    if not yes:
+        click.confirm("Delete every dead letter?", abort=True)
+    click.echo(f"purged {_dead_letter_queue().purge()} dead letter(s)")
 
 
 @main.group()
