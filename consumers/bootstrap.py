@@ -12,7 +12,7 @@ from consumers.notification import Postman
 from consumers.runtime import Consumer
 from shared.config import Settings
 from shared.db import make_engine
-from shared.documents import DocumentRenderer, FolderStorage
+from shared.documents import FolderStorage, IsolatedRenderer
 from shared.mail import mailer_from_settings
 from shared.tracing import setup_logging, setup_tracing
 
@@ -25,7 +25,7 @@ def dependencies(stage, settings: Settings) -> dict:
               for name in list(inspect.signature(h).parameters)[2:]}
     factories = {
         "storage": lambda: FolderStorage(settings.storage_dir),
-        "renderer": DocumentRenderer,
+        "renderer": lambda: IsolatedRenderer(settings.render_time_limit_seconds),
         "postman": lambda: Postman(mailer_from_settings(settings.smtp_url, settings.storage_dir), settings.mail_from),
     }
     return {name: factories[name]() for name in wanted}

@@ -23,6 +23,8 @@ class Settings:
     prefetch: int = 4
     heartbeat_seconds: int = 30
     max_message_bytes: int = 1_048_576
+    # Well under RabbitMQ's 30-minute consumer timeout, past which the broker closes the channel.
+    render_time_limit_seconds: int = 300
     environment: str = "development"
 
     @classmethod
@@ -38,6 +40,7 @@ class Settings:
             prefetch=_int("REPORTFLOW_PREFETCH", cls.prefetch),
             heartbeat_seconds=_int("REPORTFLOW_HEARTBEAT_SECONDS", cls.heartbeat_seconds),
             max_message_bytes=_int("REPORTFLOW_MAX_MESSAGE_BYTES", cls.max_message_bytes),
+            render_time_limit_seconds=_int("REPORTFLOW_RENDER_TIME_LIMIT_SECONDS", cls.render_time_limit_seconds),
             environment=env("REPORTFLOW_ENV") or cls.environment,
         )
 
@@ -45,7 +48,7 @@ class Settings:
         """The settings as text, with passwords in URLs replaced, fit for logs."""
         shown = {}
         for name in ("amqp_url", "exchange", "database_url", "storage_dir", "smtp_url", "mail_from",
-                     "prefetch", "heartbeat_seconds", "max_message_bytes", "environment"):
+                     "prefetch", "heartbeat_seconds", "max_message_bytes", "render_time_limit_seconds", "environment"):
             value = str(getattr(self, name))
             shown[name] = mask_url(value) if "://" in value else value
         return shown

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +24,10 @@ _tracer = trace.get_tracer("reportflow.documents")
 
 class UnknownTemplate(ValueError):
     pass
+
+
+class RenderTimeout(TimeoutError):
+    """A render ran past its time limit and was stopped; worth another try, later."""
 
 
 class AssetsOnlyFetcher(URLFetcher):
@@ -78,15 +86,69 @@ class DocumentRenderer:
 
     def pdf(self, html: str) -> RenderedDocument:
         with _tracer.start_as_current_span("render pdf") as span:
-            document = HTML(string=html, base_url=self._base_url, url_fetcher=self._fetcher).render(
-                stylesheets=[self._stylesheet], font_config=self._fonts)
-            pdf = document.write_pdf()
-            span.set_attribute("document.pages", len(document.pages))
-            span.set_attribute("document.size_bytes", len(pdf))
-            return RenderedDocument(pdf=pdf, pages=len(document.pages))
+            rendered = self._layout_and_write(html)
+            span.set_attribute("document.pages", rendered.pages)
+            span.set_attribute("document.size_bytes", rendered.size_bytes)
+            return rendered
+
+    def _layout_and_write(self, html: str) -> RenderedDocument:
+        document = HTML(string=html, base_url=self._base_url, url_fetcher=self._fetcher).render(
+            stylesheets=[self._stylesheet], font_config=self._fonts)
+        return RenderedDocument(pdf=document.write_pdf(), pages=len(document.pages))
 
     def render(self, report, approval: list[dict] | None = None) -> RenderedDocument:
         return self.pdf(self.html(report, approval))
+
+
+class IsolatedRenderer(DocumentRenderer):
+    """Lays out PDFs in a child process, so a render can be bounded in time: past the limit the child
+    is killed and RenderTimeout raised. The child keeps fonts and stylesheet loaded between renders,
+    and the consumer's I/O thread never waits on WeasyPrint for the interpreter lock."""
+
+    def __init__(self, time_limit_seconds: float, assets: Path = ASSETS):
+        super().__init__(assets)
+        self.time_limit = time_limit_seconds
+        self._assets = assets
+        self._pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        # spawn, not fork: the parent has threads (pika I/O, workers) that a fork would copy mid-flight.
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start_child_renderer, initargs=(str(self._assets),))
+        pool.submit(int).result()  # start the child and load WeasyPrint now, not on the first report
+        return pool
+
+    def _layout_and_write(self, html: str) -> RenderedDocument:
+        future = self._pool.submit(_render_in_child, html)
+        try:
+            return future.result(timeout=self.time_limit)
+        except FutureTimeout:
+            self._restart()
+            raise RenderTimeout(f"render took longer than {self.time_limit:g}s and was stopped") from None
+        except BrokenProcessPool:
+            self._restart()
+            raise RenderTimeout("the render process died") from None
+
+    def _restart(self) -> None:
+        for process in list(getattr(self._pool, "_processes", {}).values()):
+            process.kill()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._start()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+_child_renderer: DocumentRenderer | None = None
+
+
+def _start_child_renderer(assets: str) -> None:
+    global _child_renderer
+    _child_renderer = DocumentRenderer(Path(assets))
+
+
+def _render_in_child(html: str) -> RenderedDocument:
+    return _child_renderer._layout_and_write(html)
 
 
 class FolderStorage:
