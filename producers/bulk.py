@@ -1,0 +1,125 @@
+"""Publishing many events at once, with publisher confirms pipelined: up to `window` messages are
+unconfirmed at a time, instead of waiting for each confirm in turn (which caps near 2,000 a second).
+
+Each message still gets its own producer span and trace context, so each report keeps its own trace."""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pika
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from shared.config import Settings
+from shared.events import Event, encode, message_properties
+from shared.tracing import carrier_of_current
+
+_tracer = trace.get_tracer("reportflow.producer")
+
+
+@dataclass
+class BulkResult:
+    confirmed: int = 0
+    nacked: list[str] = field(default_factory=list)      # message ids the broker refused
+    unroutable: list[str] = field(default_factory=list)  # message ids no queue took
+
+    @property
+    def ok(self) -> bool:
+        return not self.nacked and not self.unroutable
+
+
+class BulkPublisher:
+    def __init__(self, amqp_url: str | None = None, exchange: str | None = None, window: int = 1000,
+                 app_id: str = "upstream"):
+        settings = Settings.from_env()
+        self._url = amqp_url or settings.amqp_url
+        self._exchange = exchange or settings.exchange
+        self._window = window
+        self._app_id = app_id
+
+    def publish(self, events: Iterable[Event]) -> BulkResult:
+        """Publish every event; returns when the broker has confirmed (or refused) each one."""
+        run = _Run(iter(events), self._exchange, self._window, self._app_id)
+        connection = pika.SelectConnection(pika.URLParameters(self._url), on_open_callback=run.on_open,
+                                           on_open_error_callback=run.on_error,
+                                           on_close_callback=run.on_closed)
+        run.connection = connection
+        connection.ioloop.start()
+        if run.error:
+            raise run.error
+        return run.result
+
+    def requests(self, requests: Iterable[dict]) -> BulkResult:
+        return self.publish(Event("report.requested", {**r, "report_id": r.get("report_id") or
+                                                       f"rpt-{uuid.uuid4().hex[:16]}"}) for r in requests)
+
+
+class _Run:
+    """One bulk publish on an async connection: fill the window, refill on each confirm, close when done."""
+
+    def __init__(self, events, exchange: str, window: int, app_id: str):
+        self.events, self.exchange, self.window, self.app_id = events, exchange, window, app_id
+        self.connection = None
+        self.channel = None
+        self.result = BulkResult()
+        self.error: Exception | None = None
+        self.outstanding: dict[int, str] = {}  # delivery tag -> message id
+        self.next_tag = 1
+        self.exhausted = False
+
+    def on_open(self, connection) -> None:
+        connection.channel(on_open_callback=self.on_channel)
+
+    def on_error(self, _connection, error) -> None:
+        self.error = error if isinstance(error, Exception) else RuntimeError(str(error))
+        self.connection.ioloop.stop()
+
+    def on_closed(self, _connection, _reason) -> None:
+        self.connection.ioloop.stop()
+
+    def on_channel(self, channel) -> None:
+        self.channel = channel
+        channel.add_on_return_callback(self.on_return)
+        channel.confirm_delivery(self.on_confirm, callback=lambda _frame: self.fill())
+
+    def fill(self) -> None:
+        while not self.exhausted and len(self.outstanding) < self.window:
+            event = next(self.events, None)
+            if event is None:
+                self.exhausted = True
+                break
+            self.send(event)
+        self.finish_if_done()
+
+    def send(self, event: Event) -> None:
+        with _tracer.start_as_current_span(f"publish {self.exchange}:{event.type}", kind=SpanKind.PRODUCER, attributes={
+                "messaging.system": "rabbitmq", "messaging.operation.type": "send",
+                "messaging.destination.name": f"{self.exchange}:{event.type}",
+                "messaging.message.id": event.message_id}):
+            properties = pika.BasicProperties(**message_properties(event, carrier_of_current(), app_id=self.app_id))
+        self.channel.basic_publish(self.exchange, event.type, encode(event), properties, mandatory=True)
+        self.outstanding[self.next_tag] = event.message_id
+        self.next_tag += 1
+
+    def on_return(self, _channel, _method, properties, _body) -> None:
+        self.result.unroutable.append(properties.message_id)
+
+    def on_confirm(self, frame) -> None:
+        method = frame.method
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        tags = [t for t in self.outstanding if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
+        for tag in tags:
+            message_id = self.outstanding.pop(tag, None)
+            if message_id is None:
+                continue
+            if acked:
+                self.result.confirmed += 1
+            else:
+                self.result.nacked.append(message_id)
+        self.fill()
+
+    def finish_if_done(self) -> None:
+        if self.exhausted and not self.outstanding and self.connection.is_open:
+            self.connection.close()
