@@ -43,9 +43,6 @@ from shared.tracing import carrier_of_current, context_from
 log = logging.getLogger("reportflow.consumer")
 
 RECONNECT_BACKOFF_SECONDS = (1, 2, 5, 10, 30)
-OUTBOX_RELAY_INTERVAL_SECONDS = 30.0
-# Outbox rows younger than this may still be on their way out through the normal path.
-OUTBOX_RELAY_GRACE_SECONDS = 10.0
 
 
 class ConnectionLost(RuntimeError):
@@ -170,7 +167,7 @@ class Consumer:
                     if self._in_flight_count() == 0:
                         break
                 elif time.monotonic() >= next_relay:
-                    next_relay = time.monotonic() + OUTBOX_RELAY_INTERVAL_SECONDS
+                    next_relay = time.monotonic() + self.settings.outbox_relay_seconds
                     self._executor.submit(self._relay_outbox)
         finally:
             self.ready.clear()
@@ -246,6 +243,27 @@ class Consumer:
         log.warning("%s: message %s failed (attempt %d), retrying in %ss: %s", self.stage.name,
                     delivery.properties.message_id, headers[ATTEMPT_HEADER], outcome.retry_after, outcome.failure)
 
+    def _settle_failed(self, delivery: Delivery, error: Exception) -> None:
+        """Publishing what the handler emitted, or its retry, failed (an unroutable message: the topology
+        is not what this process declared). Left unacknowledged, the message would sit on this channel
+        for good; it goes to the dead-letter queue instead. Committed effects stay committed, and their
+        outbox rows are retried by the relay."""
+        reason = f"could not settle: {type(error).__name__}: {error}"
+
+        def dead_letter_or_reject() -> None:
+            try:
+                self._dead_letter(delivery, reason)
+                delivery.channel.basic_ack(delivery.delivery_tag)
+            except pika.exceptions.AMQPError:
+                if delivery.channel.is_open:
+                    delivery.channel.basic_nack(delivery.delivery_tag, requeue=False)  # the queue's DLX
+
+        try:
+            self._call_on_io(dead_letter_or_reject).result()
+        except Exception:  # noqa: BLE001 - the channel is gone: the broker redelivers
+            log.exception("%s: message %s is left to the broker to redeliver", self.stage.name,
+                          delivery.properties.message_id)
+
     def _failure_headers(self, delivery: Delivery, reason: str) -> dict:
         headers = dict(delivery.properties.headers or {})
         headers[ATTEMPT_HEADER] = _failures(delivery) + 1
@@ -310,9 +328,9 @@ class Consumer:
         except ConnectionLost as exc:
             log.warning("%s: %s; message %s will be redelivered", self.stage.name, exc,
                         delivery.properties.message_id)
-        except Exception:  # noqa: BLE001 - the worker must survive whatever settling throws
-            log.exception("%s: could not settle message %s; it will be redelivered", self.stage.name,
-                          delivery.properties.message_id)
+        except Exception as exc:  # noqa: BLE001 - the worker must survive whatever settling throws
+            log.exception("%s: could not settle message %s", self.stage.name, delivery.properties.message_id)
+            self._settle_failed(delivery, exc)
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -428,9 +446,10 @@ class Consumer:
                             .values(published_at=utcnow()))
 
     def _relay_outbox(self) -> None:
-        """Publish what a crash left in the outbox. Runs at start and every OUTBOX_RELAY_INTERVAL_SECONDS."""
+        """Publish what a crash left in the outbox. Runs at start and every outbox_relay_seconds; rows
+        younger than that may still be on their way out through the normal path, so they wait a round."""
         try:
-            cutoff = time.time() - OUTBOX_RELAY_GRACE_SECONDS
+            cutoff = time.time() - self.settings.outbox_relay_seconds
             with self._session_factory() as session:
                 rows = session.scalars(select(OutboxMessage).where(
                     OutboxMessage.source == self.stage.name, OutboxMessage.published_at.is_(None))

@@ -25,6 +25,7 @@ class Settings:
     max_message_bytes: int = 1_048_576
     # Well under RabbitMQ's 30-minute consumer timeout, past which the broker closes the channel.
     render_time_limit_seconds: int = 300
+    outbox_relay_seconds: int = 10
     environment: str = "development"
 
     @classmethod
@@ -41,6 +42,7 @@ class Settings:
             heartbeat_seconds=_int("REPORTFLOW_HEARTBEAT_SECONDS", cls.heartbeat_seconds),
             max_message_bytes=_int("REPORTFLOW_MAX_MESSAGE_BYTES", cls.max_message_bytes),
             render_time_limit_seconds=_int("REPORTFLOW_RENDER_TIME_LIMIT_SECONDS", cls.render_time_limit_seconds),
+            outbox_relay_seconds=_int("REPORTFLOW_OUTBOX_RELAY_SECONDS", cls.outbox_relay_seconds),
             environment=env("REPORTFLOW_ENV") or cls.environment,
         )
 
@@ -48,7 +50,7 @@ class Settings:
         """The settings as text, with passwords in URLs replaced, fit for logs."""
         shown = {}
         for name in ("amqp_url", "exchange", "database_url", "storage_dir", "smtp_url", "mail_from",
-                     "prefetch", "heartbeat_seconds", "max_message_bytes", "render_time_limit_seconds", "environment"):
+                     "prefetch", "heartbeat_seconds", "max_message_bytes", "render_time_limit_seconds", "outbox_relay_seconds", "environment"):
             value = str(getattr(self, name))
             shown[name] = mask_url(value) if "://" in value else value
         return shown

@@ -1,0 +1,235 @@
+"""Nothing lost, nothing twice, in the runtime: retries, dead letters, bad input, duplicates, replays,
+and a database that goes away. Real broker, real databases; consumers run in this process."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pika
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+
+from consumers.bootstrap import build_consumer, session_factory
+from consumers.retries import RetryPolicy, TransientError
+from consumers.runtime import Consumer
+from consumers.stage import Stage
+from producers import ReportflowClient
+from shared.dead_letters import DeadLetterQueue
+from shared.models import Decision, InboxRecord, Report
+from shared.topology import Topology
+from tests.conftest import TEST_AMQP_URL, TEST_PG_URL, sample_request, wait_until
+from tests.proxy import TcpProxy
+from tests.test_runtime import count, dead_letters, raw_publish, running, settled
+
+FAST = RetryPolicy(delays=(1, 1))
+
+
+def stage_consumer(settings, handler, retry_policy=FAST, event_type="report.requested") -> Consumer:
+    return Consumer(Stage("creation", {event_type: handler}), settings, session_factory(settings), {},
+                    retry_policy=retry_policy)
+
+
+def created_payload(report_id: str) -> dict:
+    return {"report_id": report_id, "title": "t", "template": "standard", "submitter": {"email": "a@example.com"},
+            "stages": ["s"]}
+
+
+def test_a_transient_failure_is_retried_with_backoff_and_applied_once(settings_for, sqlite_url, tap, exchange,
+                                                                       broker, finished_spans):
+    calls = []
+
+    def flaky(event, uow):
+        calls.append(event.message_id)
+        if len(calls) < 3:
+            raise TransientError("database restarting")
+        uow.emit("report.created", created_payload("r-flaky"))
+
+    with running(stage_consumer(settings_for(sqlite_url), flaky)) as consumer:
+        with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            published = client.request_report(sample_request(report_id="r-flaky"))
+        tap.wait_for("report.created", timeout=20)
+        settled(consumer, 3)
+    assert len(calls) == 3 and len(set(calls)) == 1
+    assert dead_letters(broker, exchange) == []
+    assert len([e for e in tap.drain() if e[0] == "report.created"]) == 1
+
+    spans = [s for s in finished_spans() if format(s.context.trace_id, "032x") == published.trace_id]
+    retries = [s for s in spans if s.name == f"retry {exchange}.creation"]
+    processes = [s for s in spans if s.name.startswith("process ")]
+    assert [r.attributes["reportflow.attempts"] for r in retries] == [1, 2]
+    assert len(processes) == 3  # every attempt is in the report's trace
+    assert [p.status.is_ok for p in processes] == [False, False, True]
+
+
+def test_what_keeps_failing_is_dead_lettered_after_its_attempts_and_the_consumer_keeps_serving(
+        settings_for, sqlite_url, tap, exchange, broker):
+    def always_down(event, uow):
+        if event.payload["report_id"] == "r-doomed":
+            raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+        uow.emit("report.created", created_payload(event.payload["report_id"]))
+
+    with running(stage_consumer(settings_for(sqlite_url), always_down)) as consumer:
+        with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            doomed = client.request_report(sample_request(report_id="r-doomed"))
+            client.request_report(sample_request(report_id="r-fine"))
+        tap.wait_for("report.created")
+        settled(consumer, 4)  # 3 attempts + the fine one
+    [(headers, _)] = dead_letters(broker, exchange)
+    assert headers["x-reportflow-attempt"] == FAST.max_attempts == 3
+    assert headers["x-reportflow-stage"] == "creation"
+    assert "OperationalError" in headers["x-reportflow-error"] and "connection refused" in headers["x-reportflow-error"]
+    assert headers["x-reportflow-first-failure"] < headers["x-reportflow-dead-lettered-at"]
+    assert doomed.trace_id in headers["traceparent"]  # kept, so a replay continues the trace
+
+
+def test_a_message_that_cannot_be_settled_is_dead_lettered_not_left_unacknowledged(settings_for, sqlite_url,
+                                                                                     exchange, broker):
+    def emits_unroutable(event, uow):
+        uow.emit("report.created", created_payload("r-unroutable"))
+
+    settings = settings_for(sqlite_url)
+    # Bound only to its own event: report.created has no queue, so publishing it is refused.
+    consumer = stage_consumer(settings, emits_unroutable)
+    with running(consumer):
+        with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            client.request_report(sample_request(report_id="r-unroutable"))
+        letters = wait_until(lambda: dead_letters(broker, exchange), 20, what="a dead letter")
+    [(headers, _)] = letters
+    assert "UnroutableError" in headers["x-reportflow-error"]
+    assert broker.channel().queue_declare(f"{exchange}.creation", passive=True).method.message_count == 0
+
+
+def test_a_permanent_failure_is_dead_lettered_at_once(settings_for, sqlite_url, exchange, broker):
+    def buggy(event, uow):
+        raise KeyError("no such field")
+
+    with running(stage_consumer(settings_for(sqlite_url), buggy)) as consumer:
+        with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            client.request_report(sample_request())
+        settled(consumer, 1)
+    [(headers, _)] = dead_letters(broker, exchange)
+    assert headers["x-reportflow-attempt"] == 1 and headers["x-reportflow-error"] == "KeyError: 'no such field'"
+
+
+def oversized_table_request() -> bytes:
+    request = sample_request()
+    request["data"]["table"]["rows"] = [["x"] * 5] * 5001
+    return json.dumps(request).encode()
+
+
+BAD_INPUTS = {
+    "not-json": (dict(content_type="application/json", type="report.requested"), b"{oops", "not UTF-8 JSON"),
+    "wrong-content-type": (dict(content_type="text/csv", type="report.requested"), b"a,b", "content type 'text/csv'"),
+    "schema-violation": (dict(content_type="application/json", type="report.requested"),
+                         json.dumps({"title": 1}).encode(), "is not of type 'string'"),
+    "over-size-limit": (dict(content_type="application/json", type="report.requested"), b" " * 70_000,
+                        "over the limit of 65536"),
+    "table-over-row-limit": (dict(content_type="application/json", type="report.requested"),
+                             oversized_table_request(), "data/table/rows"),
+}
+
+
+def test_every_bad_request_ends_in_report_invalid_with_its_reason(settings_for, sqlite_url, tap, exchange, broker):
+    settings = settings_for(sqlite_url, max_message_bytes=65536 * 8)
+    with running(build_consumer("creation", settings)) as consumer:
+        for name, (properties, body, _) in BAD_INPUTS.items():
+            limit_test = name == "over-size-limit"
+            raw_publish(exchange, "report.requested", body if not limit_test else b" " * (65536 * 8 + 1),
+                        message_id=name, **properties)
+        invalid = tap.wait_for("report.invalid", len(BAD_INPUTS))
+        settled(consumer, len(BAD_INPUTS))
+    reasons = {e[1]["request_message_id"]: " ".join(e[1]["reasons"]) for e in invalid}
+    for name, (_, _, expected) in BAD_INPUTS.items():
+        expected = "over the limit" if name == "over-size-limit" else expected
+        assert expected in reasons[name], (name, reasons[name])
+    assert dead_letters(broker, exchange) == []
+
+
+def test_unknown_event_types_are_dead_lettered_and_bad_trace_headers_do_not_matter(settings_for, sqlite_url, tap,
+                                                                                   exchange, broker):
+    body = json.dumps(sample_request(report_id="r-tp")).encode()
+    with running(build_consumer("creation", settings_for(sqlite_url))) as consumer:
+        raw_publish(exchange, "report.requested", b"{}", content_type="application/json", type="report.exploded",
+                    message_id="unknown-type")
+        raw_publish(exchange, "report.requested", body, content_type="application/json", type="report.requested",
+                    message_id="garbled", headers={"traceparent": "00-zzzz-not-a-trace-01", "uber-trace-id": "::"})
+        raw_publish(exchange, "report.requested", json.dumps(sample_request(report_id="r-none")).encode(),
+                    content_type="application/json", type="report.requested", message_id="no-headers")
+        created = tap.wait_for("report.created", 2)
+        settled(consumer, 3)
+    assert {e[1]["report_id"] for e in created} == {"r-tp", "r-none"}
+    assert all(e[2].headers["traceparent"].startswith("00-") for e in created)  # a new, valid trace each
+    [(headers, _)] = dead_letters(broker, exchange)
+    assert "unknown event type 'report.exploded'" in headers["x-reportflow-error"]
+
+
+def test_duplicates_and_a_replayed_dead_letter_apply_once(settings_for, database_url, tap, exchange, broker):
+    broken = threading.Event()
+    broken.set()
+
+    def sometimes_broken(event, uow):
+        if broken.is_set():
+            raise ValueError("bug in this version")
+        uow.add(Report(id=event.payload["report_id"], title="t", template="standard", status="created",
+                       submitter={}, client={}, data={}))
+        uow.emit("report.created", created_payload(event.payload["report_id"]))
+
+    settings = settings_for(database_url)
+    with running(stage_consumer(settings, sometimes_broken)) as consumer:
+        with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            client.request_report(sample_request(report_id="r-replay"), message_id="m-replay")
+        settled(consumer, 1)
+        broken.clear()  # the fix is deployed
+        dlq = DeadLetterQueue(TEST_AMQP_URL, Topology(exchange))
+        assert [d.message_id for d in dlq.list()] == ["m-replay"]
+        assert [d.message_id for d in dlq.replay("m-replay")] == ["m-replay"]
+        tap.wait_for("report.created")
+        settled(consumer, 2)
+        # The same message again, twice: published by a retrying upstream, and replayed by hand.
+        with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            client.request_report(sample_request(report_id="r-replay"), message_id="m-replay")
+        raw_publish("", f"{exchange}.creation", json.dumps(sample_request(report_id="r-replay")).encode(),
+                    content_type="application/json", type="report.requested", message_id="m-replay")
+        settled(consumer, 4)
+    assert len([e for e in tap.drain() if e[0] == "report.created"]) == 1
+    assert count(database_url, Report) == 1
+    assert count(database_url, InboxRecord) == 1
+    assert dlq.list() == []
+
+
+@pytest.fixture
+def postgres_behind_proxy():
+    from tests.conftest import _fresh_postgres, _postgres_available
+    from shared.migrate import upgrade
+
+    if not _postgres_available():
+        pytest.skip("PostgreSQL is not reachable")
+    _fresh_postgres(TEST_PG_URL)
+    upgrade(TEST_PG_URL)
+    proxy = TcpProxy(5432)
+    yield proxy, TEST_PG_URL.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    proxy.close()
+
+
+def test_a_database_outage_is_retried_through_and_nothing_reaches_the_dead_letter_queue(
+        settings_for, postgres_behind_proxy, tap, exchange, broker, monkeypatch):
+    import time
+
+    proxy, url = postgres_behind_proxy
+    monkeypatch.setenv("REPORTFLOW_RETRY_DELAYS", "1,2,4,8")
+    consumer = build_consumer("creation", settings_for(url))
+    with running(consumer):
+        with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            client.request_report(sample_request(report_id="r-before"))
+            tap.wait_for("report.created")
+            proxy.cut()
+            for n in range(5):
+                client.request_report(sample_request(report_id=f"r-outage-{n}"))
+            time.sleep(4)
+            proxy.restore()
+        created = tap.wait_for("report.created", 6, timeout=60)
+    assert {e[1]["report_id"] for e in created} == {"r-before", *{f"r-outage-{n}" for n in range(5)}}
+    assert dead_letters(broker, exchange) == []
+    assert consumer.connections_opened == 1
+    assert count(TEST_PG_URL, Report) == 6
