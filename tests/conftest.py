@@ -102,6 +102,18 @@ def database_url(request, tmp_path) -> str:
 
 
 @pytest.fixture
+def postgres_url() -> str:
+    """A migrated, empty PostgreSQL database, for what several processes write at once."""
+    if not _postgres_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is not reachable at {TEST_PG_URL}")
+        pytest.skip("PostgreSQL is not reachable")
+    _fresh_postgres(TEST_PG_URL)
+    upgrade(TEST_PG_URL)
+    return TEST_PG_URL
+
+
+@pytest.fixture
 def sqlite_url(tmp_path) -> str:
     url = f"sqlite:///{tmp_path / 'reportflow.db'}"
     upgrade(url)

@@ -5,11 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pika
 import pytest
@@ -21,68 +16,25 @@ from sqlalchemy.orm import Session
 from producers import ReportflowClient
 from shared.db import make_engine
 from shared.models import Report
-from tests.conftest import ROOT, TEST_AMQP_URL, sample_request, wait_until
+from tests.conftest import TEST_AMQP_URL, sample_request, wait_until
+from tests.pipeline import STAGES, Pipeline
 
 pytestmark = pytest.mark.e2e
-STAGES = ("creation", "generation", "approval", "notification")
-
-
-def procfile_commands() -> dict[str, str]:
-    lines = (ROOT / "Procfile").read_text().splitlines()
-    return dict(line.split(":", 1) for line in lines if line.strip() and not line.startswith("#"))
-
-
 @pytest.fixture
 def pipeline(database_url, exchange, broker, smtp, otlp, tmp_path):
     """The four processes of the Procfile, configured for this test's vhost, exchange, database and servers."""
-    env = {**os.environ,
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange,
-           "REPORTFLOW_DATABASE_URL": database_url, "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
-           "REPORTFLOW_SMTP_URL": smtp.url, "REPORTFLOW_MAIL_FROM": "reportflow <reportflow@example.com>",
-           "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-           "OTEL_BSP_SCHEDULE_DELAY": "200", "REPORTFLOW_ENV": "test"}
-    env.pop("OTEL_SERVICE_NAME", None)
-    processes = {}
+    pipeline = Pipeline(tmp_path, {
+        "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange,
+        "REPORTFLOW_DATABASE_URL": database_url, "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
+        "REPORTFLOW_SMTP_URL": smtp.url, "REPORTFLOW_MAIL_FROM": "reportflow <reportflow@example.com>",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": "200", "REPORTFLOW_ENV": "test"})
     try:
-        for name, command in procfile_commands().items():
-            log = open(tmp_path / f"{name}.log", "wb")
-            # As honcho runs them: through the shell, so the Procfile's own words are what is tested.
-            processes[name] = subprocess.Popen(["/bin/sh", "-c", command], env=env, cwd=tmp_path, stdout=log,
-                                               stderr=subprocess.STDOUT)
-        wait_until(lambda: _consuming(broker, exchange) or any(p.poll() is not None for p in processes.values()),
-                   60, what="the four consumers")
-        if any(p.poll() is not None for p in processes.values()):
-            pytest.fail("a consumer exited at start:\n" + logs(tmp_path))
-        yield processes
+        pipeline.start()
+        pipeline.wait_consuming(broker, exchange)
+        yield pipeline
     finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait(10)
-
-
-def _consuming(broker, exchange: str) -> bool:
-    channel = broker.channel()  # a failed passive declare closes its channel: a new one per look
-    try:
-        return all(channel.queue_declare(f"{exchange}.{stage}", passive=True).method.consumer_count
-                   for stage in STAGES)
-    except pika.exceptions.ChannelClosedByBroker:
-        return False
-    finally:
-        if channel.is_open:
-            channel.close()
-
-
-def logs(folder: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in folder.glob("*.log"))
-
-
-def stop(processes) -> dict[str, int]:
-    """SIGTERM, as honcho sends it: each process finishes, flushes its spans and exits."""
-    for process in processes.values():
-        process.send_signal(signal.SIGTERM)
-    return {name: process.wait(timeout=30) for name, process in processes.items()}
+        pipeline.close()
 
 
 def requested_for(tap, report_id: str, stage: str):
@@ -150,8 +102,8 @@ def test_reports_go_from_request_to_approved_pdf_and_emails_in_one_trace_each(
         wait_until(lambda: report_status(database_url, report_id) == "finalized", 90, what=f"{report_id} finalized")
     wait_until(lambda: report_status(database_url, "rep-c") == "rejected", 60, what="rep-c rejected")
     wait_until(lambda: len(smtp.messages) >= 12, 60, what="all emails")
-    exit_codes = stop(pipeline)
-    assert exit_codes == {name: 0 for name in exit_codes}, logs(tmp_path)
+    exit_codes = pipeline.stop()
+    assert exit_codes == {name: 0 for name in exit_codes}, pipeline.logs()
 
     # -- the approved PDF: valid, with its title and the approval page ---------------------------------
     final_a = tmp_path / "storage" / "reports" / "rep-a" / "final.pdf"

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import threading
 
-import pika
 import pytest
-from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from consumers.bootstrap import build_consumer, session_factory
@@ -16,9 +14,9 @@ from consumers.runtime import Consumer
 from consumers.stage import Stage
 from producers import ReportflowClient
 from shared.dead_letters import DeadLetterQueue
-from shared.models import Decision, InboxRecord, Report
+from shared.models import InboxRecord, Report
 from shared.topology import Topology
-from tests.conftest import TEST_AMQP_URL, TEST_PG_URL, sample_request, wait_until
+from tests.conftest import TEST_AMQP_URL, sample_request, wait_until
 from tests.proxy import TcpProxy
 from tests.test_runtime import count, dead_letters, raw_publish, running, settled
 
@@ -199,16 +197,9 @@ def test_duplicates_and_a_replayed_dead_letter_apply_once(settings_for, database
 
 
 @pytest.fixture
-def postgres_behind_proxy():
-    from tests.conftest import _fresh_postgres, _postgres_available
-    from shared.migrate import upgrade
-
-    if not _postgres_available():
-        pytest.skip("PostgreSQL is not reachable")
-    _fresh_postgres(TEST_PG_URL)
-    upgrade(TEST_PG_URL)
+def postgres_behind_proxy(postgres_url):
     proxy = TcpProxy(5432)
-    yield proxy, TEST_PG_URL.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    yield proxy, postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
     proxy.close()
 
 
@@ -232,4 +223,4 @@ def test_a_database_outage_is_retried_through_and_nothing_reaches_the_dead_lette
     assert {e[1]["report_id"] for e in created} == {"r-before", *{f"r-outage-{n}" for n in range(5)}}
     assert dead_letters(broker, exchange) == []
     assert consumer.connections_opened == 1
-    assert count(TEST_PG_URL, Report) == 6
+    assert count(url.replace(f'127.0.0.1:{proxy.port}', '127.0.0.1:5432'), Report) == 6

@@ -1,0 +1,139 @@
+"""The Procfile's processes under test control, and an upstream that approves as soon as it is asked."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pika
+
+from tests.conftest import ROOT, TEST_AMQP_URL, wait_until
+
+STAGES = ("creation", "generation", "approval", "notification")
+
+
+def procfile_commands() -> dict[str, str]:
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return {name.strip(): command.strip() for name, command in
+            (line.split(":", 1) for line in lines if line.strip() and not line.startswith("#"))}
+
+
+class Pipeline:
+    """Runs each Procfile line as honcho does (through the shell); processes can be killed and restarted."""
+
+    def __init__(self, folder: Path, env: dict):
+        self.folder = folder
+        self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env}
+        self.env.pop("OTEL_SERVICE_NAME", None)
+        self.commands = procfile_commands()
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.kills: dict[str, int] = {name: 0 for name in self.commands}
+
+    def start(self, name: str | None = None) -> None:
+        for each in [name] if name else self.commands:
+            log = open(self.folder / f"{each}.log", "ab")
+            self.processes[each] = subprocess.Popen(["/bin/sh", "-c", self.commands[each]], env=self.env,
+                                                    cwd=self.folder, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_consuming(self, broker, exchange: str, timeout: float = 60) -> None:
+        def consuming():
+            channel = broker.channel()  # a failed passive declare closes its channel: a new one per look
+            try:
+                return all(channel.queue_declare(f"{exchange}.{stage}", passive=True).method.consumer_count
+                           for stage in STAGES)
+            except pika.exceptions.ChannelClosedByBroker:
+                return False
+            finally:
+                if channel.is_open:
+                    channel.close()
+
+        wait_until(lambda: consuming() or self.exited(), timeout, what="the four consumers")
+        if self.exited():
+            raise AssertionError(f"{self.exited()} exited at start:\n{self.logs()}")
+
+    def exited(self) -> list[str]:
+        return [n for n, p in self.processes.items() if p.poll() is not None]
+
+    def kill(self, name: str) -> None:
+        self.processes[name].send_signal(signal.SIGKILL)
+        self.processes[name].wait(10)
+        self.kills[name] += 1
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM, as honcho sends it: each process finishes, flushes its spans and exits."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        return {name: process.wait(timeout=30) for name, process in self.processes.items()}
+
+    def close(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.folder.glob("*.log"))
+
+
+class AutoApprover(threading.Thread):
+    """An upstream system that decides as soon as approval.requested arrives: every approver of an
+    `all` stage, the first of an `any` stage. Its decision ids derive from the request's, so asking
+    twice never decides twice; it reconnects when the broker goes away."""
+
+    def __init__(self, exchange: str, reject: set[str] = frozenset()):
+        super().__init__(daemon=True)
+        self.exchange = exchange
+        self.queue = f"{exchange}.auto-approver"
+        self.reject = reject
+        self.decided: list[tuple[str, str, str]] = []
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._serve()
+            except (pika.exceptions.AMQPError, OSError):
+                time.sleep(1)
+
+    def _serve(self) -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL))
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.exchange_declare(self.exchange, exchange_type="topic", durable=True)
+            channel.queue_declare(self.queue, durable=True)
+            channel.queue_bind(self.queue, self.exchange, routing_key="approval.requested")
+            channel.basic_consume(self.queue, self._on_request)
+            while not self._stopping.is_set():
+                connection.process_data_events(time_limit=0.2)
+        finally:
+            if connection.is_open:
+                connection.close()
+
+    def _on_request(self, channel, method, properties, body) -> None:
+        requested = json.loads(body)
+        stage = requested["stage"]
+        approvers = requested["approvers"] if stage["rule"] == "all" else requested["approvers"][:1]
+        for approver in approvers:
+            report_id = requested["report_id"]
+            decision = "reject" if report_id in self.reject else "approve"
+            decided = {"report_id": report_id, "stage": stage["name"], "approver": {"email": approver},
+                       "decision": decision}
+            message_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{properties.message_id}/{approver}"))
+            channel.basic_publish(self.exchange, "approval.decided", json.dumps(decided).encode(),
+                                  pika.BasicProperties(content_type="application/json", delivery_mode=2,
+                                                       message_id=message_id, type="approval.decided",
+                                                       headers=properties.headers), mandatory=True)
+            self.decided.append((report_id, stage["name"], approver))
+        channel.basic_ack(method.delivery_tag)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(10)

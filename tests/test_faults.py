@@ -1,0 +1,130 @@
+"""Fault tests with real processes: kill -9 at random moments, a RabbitMQ restart. Every report still
+ends approved, with exactly the rows and emails it should have."""
+from __future__ import annotations
+
+import random
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from producers.bulk import BulkPublisher
+from shared.db import make_engine
+from shared.events import Event
+from shared.models import Decision, Document, Notification, Report
+from tests.conftest import TEST_AMQP_URL, sample_request, wait_until
+from tests.pipeline import STAGES, AutoApprover, Pipeline
+
+pytestmark = pytest.mark.fault
+
+
+def small_request(report_id: str) -> dict:
+    request = sample_request(report_id=report_id, title=f"Fault report {report_id}")
+    request["data"]["table"]["rows"] = request["data"]["table"]["rows"][:10]
+    request["approval_stages"] = [{"name": "review", "approvers": ["bob@example.com"], "rule": "all"},
+                                  {"name": "sign-off", "approvers": ["carol@example.com", "dan@example.com"],
+                                   "rule": "any"}]
+    return request
+
+
+@pytest.fixture
+def faulty_pipeline(postgres_url, exchange, broker, smtp, tmp_path):
+    pipeline = Pipeline(tmp_path, {
+        "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange,
+        "REPORTFLOW_DATABASE_URL": postgres_url, "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
+        "REPORTFLOW_SMTP_URL": smtp.url, "REPORTFLOW_OUTBOX_RELAY_SECONDS": "2",
+        "REPORTFLOW_RETRY_DELAYS": "1,2,4,8", "REPORTFLOW_HEARTBEAT_SECONDS": "10"})
+    approver = AutoApprover(exchange)
+    try:
+        pipeline.start()
+        pipeline.wait_consuming(broker, exchange)
+        approver.start()
+        yield pipeline, approver
+    finally:
+        approver.stop()
+        pipeline.close()
+
+
+def statuses(url: str) -> Counter:
+    engine = make_engine(url)
+    try:
+        with Session(engine) as session:
+            return Counter(session.scalars(select(Report.status)))
+    finally:
+        engine.dispose()
+
+
+def tally(url: str) -> dict:
+    engine = make_engine(url)
+    try:
+        with Session(engine) as session:
+            def per_report(model, *where):
+                return Counter(session.scalars(select(model.report_id).where(*where)))
+            return {"documents": per_report(Document), "drafts": per_report(Document, Document.kind == "draft"),
+                    "finals": per_report(Document, Document.kind == "final"), "decisions": per_report(Decision),
+                    "notifications": session.scalar(select(func.count()).select_from(Notification))}
+    finally:
+        engine.dispose()
+
+
+def check_everything_arrived_once(url: str, report_ids: list[str], smtp, notification_kills: int) -> dict:
+    counts = tally(url)
+    assert statuses(url) == Counter({"finalized": len(report_ids)})
+    for report_id in report_ids:
+        assert counts["drafts"][report_id] == 1 and counts["finals"][report_id] == 1, report_id
+        assert counts["decisions"][report_id] == 2, report_id  # bob for review, carol for sign-off
+    message_ids = Counter(m["message"]["Message-ID"] for m in smtp.messages)
+    # Per report: bob (review), carol and dan (sign-off), submitter and client (approved): 4 emails.
+    assert len(message_ids) == 4 * len(report_ids) == counts["notifications"]
+    resent = sum(n - 1 for n in message_ids.values())
+    assert resent <= notification_kills, f"{resent} emails sent twice with {notification_kills} kills"
+    return {"resent": resent, **{k: sum(v.values()) if isinstance(v, Counter) else v for k, v in counts.items()}}
+
+
+def test_kill_9_at_random_moments_loses_nothing_and_repeats_nothing(faulty_pipeline, postgres_url, exchange,
+                                                                    smtp, broker, record_property):
+    pipeline, _ = faulty_pipeline
+    report_ids = [f"rep-{n:02d}" for n in range(50)]
+    result = BulkPublisher(TEST_AMQP_URL, exchange).publish(
+        Event("report.requested", small_request(r)) for r in report_ids)
+    assert result.ok and result.confirmed == 50
+
+    # Four rounds; each round kills every stage once, in a random order, at random moments.
+    chaos = random.Random(20261124)
+    victims = [stage for _ in range(4) for stage in chaos.sample(STAGES, len(STAGES))]
+    for victim in victims:
+        if statuses(postgres_url)["finalized"] == 50:
+            break
+        time.sleep(chaos.uniform(0.3, 1.0))
+        pipeline.kill(victim)
+        time.sleep(chaos.uniform(0, 0.3))
+        pipeline.start(victim)
+    wait_until(lambda: statuses(postgres_url)["finalized"] == 50, 120, what="50 finalized reports")
+    wait_until(lambda: len({m["message"]["Message-ID"] for m in smtp.messages}) >= 200, 60, what="200 emails")
+    time.sleep(3)  # let any late duplicate arrive, so it is counted
+    figures = check_everything_arrived_once(postgres_url, report_ids, smtp, pipeline.kills["notification"])
+    record_property("fault_figures", {"kills": dict(pipeline.kills), **figures})
+    print(f"\nkill -9 run: kills={pipeline.kills} figures={figures}")
+    letters = broker.channel().queue_declare(f"{exchange}.dead-letter", passive=True).method.message_count
+    assert letters == 0
+
+
+def test_a_rabbitmq_restart_mid_run_loses_nothing(faulty_pipeline, postgres_url, exchange, smtp):
+    pipeline, _ = faulty_pipeline
+    report_ids = [f"rmq-{n:02d}" for n in range(12)]
+    assert BulkPublisher(TEST_AMQP_URL, exchange).publish(
+        Event("report.requested", small_request(r)) for r in report_ids).ok
+    wait_until(lambda: statuses(postgres_url)["finalized"] >= 2, 120, what="the run to be under way")
+    try:
+        subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=60)
+        time.sleep(3)
+    finally:
+        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
+        subprocess.run(["rabbitmqctl", "await_startup"], capture_output=True, timeout=120)
+    wait_until(lambda: statuses(postgres_url)["finalized"] == 12, 180, what="12 finalized reports")
+    wait_until(lambda: len({m["message"]["Message-ID"] for m in smtp.messages}) >= 48, 60, what="48 emails")
+    check_everything_arrived_once(postgres_url, report_ids, smtp, notification_kills=0)
+    assert not pipeline.exited(), "a consumer exited instead of reconnecting"
