@@ -148,8 +148,12 @@ def broker(exchange):
     try:
         channel = connection.channel() if connection.is_open else \
             pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL)).channel()
-        for stage in ("creation", "generation", "approval", "notification", "dead-letter", "tap"):
+        for stage in ("creation", "generation", "approval", "notification"):
             channel.queue_delete(f"{exchange}.{stage}")
+            for delay in (1, 2, 4, 5, 8, 30, 120):  # the retry tiers the tests use, and the defaults
+                channel.queue_delete(f"{exchange}.{stage}.retry.{delay}s")
+        for queue in ("dead-letter", "tap", "auto-approver"):
+            channel.queue_delete(f"{exchange}.{queue}")
         channel.exchange_delete(exchange)
         channel.exchange_delete(f"{exchange}.dead-letter")
         connection.close()

@@ -224,3 +224,38 @@ def test_a_database_outage_is_retried_through_and_nothing_reaches_the_dead_lette
     assert dead_letters(broker, exchange) == []
     assert consumer.connections_opened == 1
     assert count(url.replace(f'127.0.0.1:{proxy.port}', '127.0.0.1:5432'), Report) == 6
+
+
+def test_the_relay_publishes_what_a_crash_left_in_the_outbox(settings_for, sqlite_url, tap):
+    from datetime import datetime, timedelta, timezone
+
+    from shared.models import OutboxMessage
+
+    settings = settings_for(sqlite_url, outbox_relay_seconds=1)
+    factory = session_factory(settings)
+    with factory() as session, session.begin():  # committed, then the process died before publishing
+        session.add(OutboxMessage(message_id="left-behind", event_type="report.created",
+                                  payload=created_payload("r-orphan"), source="creation",
+                                  headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+                                  created_at=datetime.now(timezone.utc) - timedelta(minutes=5)))
+    with running(build_consumer("creation", settings)):
+        [(_, payload, properties)] = tap.wait_for("report.created", timeout=20)
+    assert payload["report_id"] == "r-orphan" and properties.message_id == "left-behind"
+    assert "4bf92f3577b34da6a3ce929d0e0e4736" in properties.headers["traceparent"]  # still the report's trace
+    with factory() as session:
+        assert session.get(OutboxMessage, 1).published_at is not None
+
+
+def test_quorum_work_queues_carry_a_delivery_limit_and_serve(settings_for, sqlite_url, tap, exchange, broker,
+                                                            monkeypatch):
+    monkeypatch.setenv("REPORTFLOW_QUEUE_TYPE", "quorum")
+    monkeypatch.setenv("REPORTFLOW_DELIVERY_LIMIT", "5")
+    with running(build_consumer("creation", settings_for(sqlite_url))):
+        with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            client.request_report(sample_request(report_id="r-quorum"))
+        tap.wait_for("report.created")
+    listing = __import__("subprocess").run(
+        ["rabbitmqctl", "list_queues", "-p", "reportflow-test", "name", "type", "arguments", "--no-table-headers"],
+        capture_output=True, text=True, timeout=60).stdout
+    [line] = [line for line in listing.splitlines() if line.startswith(f"{exchange}.creation\t")]
+    assert "quorum" in line and "x-delivery-limit" in line
