@@ -14,7 +14,10 @@ from shared.config import Settings
 from shared.db import make_engine
 from shared.documents import FolderStorage, IsolatedRenderer
 from shared.mail import mailer_from_settings
-from shared.tracing import setup_logging, setup_tracing
+from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+from shared.status import StatusFile
+from shared.tracing import log_span_stats_periodically, setup_logging, setup_tracing
 
 log = logging.getLogger("reportflow.consumer")
 
@@ -31,24 +34,33 @@ def dependencies(stage, settings: Settings) -> dict:
     return {name: factories[name]() for name in wanted}
 
 
-def session_factory(settings: Settings) -> sessionmaker:
+def session_factory(settings: Settings, tracer_provider=None) -> sessionmaker:
+    engine = make_engine(settings.database_url)
+    if tracer_provider is not None:
+        # Each SQL statement a handler runs becomes a span under the message's process span.
+        SQLAlchemyInstrumentor().instrument(engine=engine, tracer_provider=tracer_provider)
     # expire_on_commit=False: the runtime reads outbox rows after the commit that wrote them.
-    return sessionmaker(make_engine(settings.database_url), expire_on_commit=False)
+    return sessionmaker(engine, expire_on_commit=False)
 
 
 def build_consumer(stage_name: str, settings: Settings, tracer_provider=None) -> Consumer:
     stage = consumers.STAGES[stage_name]
-    return Consumer(stage, settings, session_factory(settings), dependencies(stage, settings),
+    return Consumer(stage, settings, session_factory(settings, tracer_provider), dependencies(stage, settings),
                     tracer_provider=tracer_provider, bindings=consumers.bindings(),
                     concurrency=int(os.environ.get("REPORTFLOW_CONCURRENCY", "1")))
 
 
 def run(stage_name: str) -> None:
     settings = Settings.from_env()
-    setup_logging()
-    provider = setup_tracing(f"reportflow-{stage_name}", settings.environment)
+    service = os.environ.get("OTEL_SERVICE_NAME") or f"reportflow-{stage_name}"
+    setup_logging(settings.log_level, settings.log_format, service)
+    provider = setup_tracing(f"reportflow-{stage_name}", settings.tracing, settings.environment)
     log.info("%s: starting with %s", stage_name, settings.masked())
+    consumer = build_consumer(stage_name, settings, provider)
+    log_span_stats_periodically(provider, settings.tracing.stats_interval_seconds)
+    StatusFile(settings.storage_dir, stage_name, consumer, provider).start()
     try:
-        build_consumer(stage_name, settings, provider).run()
+        consumer.run()
     finally:
-        provider.shutdown()  # flushes the spans still queued for export
+        if provider is not None:
+            provider.shutdown()  # flushes the spans still queued for export

@@ -28,6 +28,7 @@ import pika
 import pika.exceptions
 from opentelemetry import context, trace
 from opentelemetry.instrumentation.pika import PikaInstrumentor
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from sqlalchemy import select, update
 
@@ -35,7 +36,7 @@ from consumers.retries import RetryPolicy
 from consumers.stage import Stage
 from shared.config import Settings
 from shared.db import UnitOfWork
-from shared.events import Event, InvalidMessage, decode, encode, message_properties
+from shared.events import Event, InvalidMessage, encode, message_properties, parse, validate
 from shared.models import OutboxMessage, Report, utcnow
 from shared.topology import Topology, declare
 from shared.tracing import carrier_of_current, context_from
@@ -184,7 +185,7 @@ class Consumer:
         # Per channel, not global instrument(): only publishing is instrumented this way. Consuming is
         # traced below, because the process span must be able to join a report's stored trace.
         PikaInstrumentor.instrument_channel(channel, tracer_provider=self._tracer_provider,
-                                            publish_hook=_name_publish_span)
+                                            publish_hook=_publish_hook(*self._broker_address))
         return channel
 
     # -- I/O thread -------------------------------------------------------------
@@ -339,8 +340,8 @@ class Consumer:
         """Handle one delivery; whatever happens, say what is to become of it."""
         props = delivery.properties
         event_type = props.type or delivery.routing_key
-        message = decode(event_type, props.message_id, props.content_type, delivery.body,
-                         self.settings.max_message_bytes)
+        message = parse(event_type, props.message_id, props.content_type, delivery.body,
+                        self.settings.max_message_bytes)
         try:
             parent, links = self._processing_parent(props, message)
         except Exception:  # noqa: BLE001 - the database may be away; the handler's own try will tell
@@ -351,6 +352,9 @@ class Consumer:
                 kind=SpanKind.CONSUMER, links=links, attributes=self._span_attributes(delivery, message, exchange),
                 record_exception=False, set_status_on_exception=False) as span:
             try:
+                if isinstance(message, Event):
+                    with self._tracer.start_as_current_span("validate", attributes={"event.type": event_type}):
+                        message = validate(message)
                 return self._handle(message, span)
             except Exception as exc:  # noqa: BLE001 - any handler failure ends in a stated outcome
                 return self._failed(delivery, message, span, exc)
@@ -400,16 +404,19 @@ class Consumer:
 
     def _processing_parent(self, props, message) -> tuple[context.Context, list[Link]]:
         """The message's own context; or, for an upstream message about a report that lives in another
-        trace, the report's trace, with a link to the context the message came with."""
+        trace, the report's trace with a link to the message's ("continue", the default), or the
+        message's trace with a link to the report's ("link", for those who sample by trace)."""
         incoming = context_from(props.headers)
         incoming_span = trace.get_current_span(incoming).get_span_context()
         if (props.app_id or "").startswith("reportflow") or not message.report_id:
             return incoming, []
-        with self._session_factory() as session:
+        with suppress_instrumentation(), self._session_factory() as session:
             stored = session.scalar(select(Report.trace_context).where(Report.id == message.report_id))
         report_span = trace.get_current_span(context_from(stored)).get_span_context()
         if not report_span.is_valid or (incoming_span.is_valid and incoming_span.trace_id == report_span.trace_id):
             return incoming, []
+        if self.settings.tracing.late_messages == "link" and incoming_span.is_valid:
+            return incoming, [Link(report_span, {"reportflow.link.reason": "the report's trace"})]
         links = [Link(incoming_span, {"reportflow.link.reason": "message arrived in this trace"})] \
             if incoming_span.is_valid else []
         return context_from(stored), links
@@ -432,6 +439,7 @@ class Consumer:
         if message.report_id:
             attributes["messaging.message.conversation_id"] = message.report_id
             attributes["report.id"] = message.report_id
+        attributes.update(_event_attributes(message, self.settings.tracing.record_emails))
         if delivery.redelivered:
             attributes["reportflow.redelivered"] = True
         if _failures(delivery):
@@ -441,7 +449,7 @@ class Consumer:
     def _mark_published(self, outbox_ids: list[int]) -> None:
         if not outbox_ids:
             return
-        with self._session_factory() as session, session.begin():
+        with suppress_instrumentation(), self._session_factory() as session, session.begin():
             session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(outbox_ids))
                             .values(published_at=utcnow()))
 
@@ -450,7 +458,7 @@ class Consumer:
         younger than that may still be on their way out through the normal path, so they wait a round."""
         try:
             cutoff = time.time() - self.settings.outbox_relay_seconds
-            with self._session_factory() as session:
+            with suppress_instrumentation(), self._session_factory() as session:
                 rows = session.scalars(select(OutboxMessage).where(
                     OutboxMessage.source == self.stage.name, OutboxMessage.published_at.is_(None))
                     .order_by(OutboxMessage.id).limit(500)).all()
@@ -462,6 +470,29 @@ class Consumer:
             self._mark_published(published)
         except Exception:  # noqa: BLE001 - the next round tries again
             log.exception("%s: outbox relay failed; will retry", self.stage.name)
+
+
+def _event_attributes(message, record_emails: bool) -> dict:
+    """What operators filter on, read from the payload: template, stage, decision, and who acted."""
+    payload = (message.payload if isinstance(message.payload, dict) else None) or {}
+    attributes = {}
+    if isinstance(payload.get("template"), str):
+        attributes["report.template"] = payload["template"]
+    stage = payload.get("stage")
+    stage = stage.get("name") if isinstance(stage, dict) else stage
+    if isinstance(stage, str):
+        attributes["approval.stage"] = stage
+    if payload.get("decision") in ("approve", "reject"):
+        attributes["approval.decision"] = payload["decision"]
+    role, person = next(((r, payload[k]) for k, r in (("approver", "approver"), ("submitter", "submitter"))
+                         if isinstance(payload.get(k), dict)), (None, None))
+    if person:
+        attributes["enduser.role"] = person.get("role") if isinstance(person.get("role"), str) else role
+        if isinstance(person.get("id"), str):
+            attributes["enduser.id"] = person["id"]
+        if record_emails and isinstance(person.get("email"), str):
+            attributes["user.email"] = person["email"]
+    return attributes
 
 
 def _failures(delivery: Delivery) -> int:
@@ -485,16 +516,28 @@ def _injected(handler, dependencies: dict) -> dict:
     return {n: dependencies[n] for n in names}
 
 
+def _publish_hook(host: str, port: int):
+    """Brings the pika instrumentation's publish span to the current messaging conventions: its name,
+    operation, destination, server and conversation. (Its older attributes stay; these go beside them.)"""
+    def hook(span, body, properties) -> None:
+        _name_publish_span(span, body, properties)
+        span.set_attribute("server.address", host)
+        span.set_attribute("server.port", port)
+    return hook
+
+
 def _name_publish_span(span, body, properties) -> None:
-    """Bring the pika instrumentation's publish span to the current messaging conventions."""
     exchange = getattr(span, "name", "").removesuffix(" send")
     routing_key = properties.type or ""
-    destination = f"{exchange}:{routing_key}" if routing_key else exchange
+    destination = f"{exchange}:{routing_key}" if exchange and routing_key else (exchange or routing_key)
     span.update_name(f"publish {destination}")
     span.set_attribute("messaging.operation.type", "send")
     span.set_attribute("messaging.operation.name", "publish")
     span.set_attribute("messaging.destination.name", destination)
+    span.set_attribute("messaging.destination.temporary", False)
+    span.set_attribute("messaging.temp_destination", False)
     span.set_attribute("messaging.rabbitmq.destination.routing_key", routing_key)
+    span.set_attribute("messaging.message.body.size", len(body))
     if properties.correlation_id:
         span.set_attribute("messaging.message.conversation_id", properties.correlation_id)
         span.set_attribute("report.id", properties.correlation_id)

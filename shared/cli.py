@@ -70,8 +70,10 @@ def topology_declare() -> None:
 def _cli_tracing() -> None:
     from shared.tracing import setup_tracing
 
-    provider = setup_tracing("reportflow-cli", Settings.from_env().environment)
-    atexit.register(provider.shutdown)
+    settings = Settings.from_env()
+    provider = setup_tracing("reportflow-cli", settings.tracing, settings.environment)
+    if provider is not None:
+        atexit.register(provider.shutdown)
 
 
 def _publish_group():

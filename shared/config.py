@@ -1,15 +1,27 @@
-"""Settings from the environment, read once at start-up."""
+"""Settings, read once at start-up: built-in defaults, then config/app.yaml, then
+config/<environment>.yaml, then environment variables, each overriding the one before."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import yaml
 
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else default
+
+@dataclass(frozen=True)
+class TracingSettings:
+    enabled: bool = True
+    sampling_ratio: float = 1.0
+    exporter_endpoint: str = ""       # else OTEL_EXPORTER_OTLP_ENDPOINT, else no OTLP export
+    exporter_protocol: str = ""       # else OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf
+    batch_max_export_size: int = 0    # 0: the SDK's default (or OTEL_BSP_MAX_EXPORT_BATCH_SIZE)
+    batch_schedule_delay_ms: int = 0  # 0: the SDK's default (or OTEL_BSP_SCHEDULE_DELAY)
+    local_dir: str = ""               # with no collector, spans go here as OTLP JSON lines
+    record_emails: bool = False       # email addresses are PII: off unless asked for
+    late_messages: str = "continue"   # "continue" the report's trace, or "link": a new trace linking back
+    stats_interval_seconds: int = 60
 
 
 @dataclass(frozen=True)
@@ -27,33 +39,114 @@ class Settings:
     render_time_limit_seconds: int = 300
     outbox_relay_seconds: int = 10
     environment: str = "development"
+    log_level: str = "INFO"
+    log_format: str = "text"  # or "json", for log shippers
+    jaeger_ui_url: str = "http://localhost:16686"
+    jaeger_query_url: str = ""
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
     @classmethod
-    def from_env(cls) -> "Settings":
-        env = os.environ.get
-        return cls(
-            amqp_url=env("REPORTFLOW_AMQP_URL") or cls.amqp_url,
-            exchange=env("REPORTFLOW_EXCHANGE") or cls.exchange,
-            database_url=env("REPORTFLOW_DATABASE_URL") or cls.database_url,
-            storage_dir=Path(env("REPORTFLOW_STORAGE_DIR") or cls.storage_dir),
-            smtp_url=env("REPORTFLOW_SMTP_URL", ""),
-            mail_from=env("REPORTFLOW_MAIL_FROM") or cls.mail_from,
-            prefetch=_int("REPORTFLOW_PREFETCH", cls.prefetch),
-            heartbeat_seconds=_int("REPORTFLOW_HEARTBEAT_SECONDS", cls.heartbeat_seconds),
-            max_message_bytes=_int("REPORTFLOW_MAX_MESSAGE_BYTES", cls.max_message_bytes),
-            render_time_limit_seconds=_int("REPORTFLOW_RENDER_TIME_LIMIT_SECONDS", cls.render_time_limit_seconds),
-            outbox_relay_seconds=_int("REPORTFLOW_OUTBOX_RELAY_SECONDS", cls.outbox_relay_seconds),
-            environment=env("REPORTFLOW_ENV") or cls.environment,
-        )
+    def from_env(cls, environ: dict | None = None) -> "Settings":
+        """The effective settings of this process (the name is historical: files are read too)."""
+        environ = os.environ if environ is None else environ
+        environment = environ.get("REPORTFLOW_ENV") or cls.environment
+        folder = Path(environ.get("REPORTFLOW_CONFIG_DIR") or "config")
+        values: dict = {}
+        for name in ("app.yaml", f"{environment}.yaml"):
+            values.update(_flatten(_read_yaml(folder / name)))
+        for key, variables in ENVIRONMENT_VARIABLES.items():
+            for variable in variables:
+                if environ.get(variable, "").strip():
+                    values[key] = environ[variable].strip()
+                    break
+        values["environment"] = environment
+        return _build(cls(), values)
 
     def masked(self) -> dict[str, str]:
-        """The settings as text, with passwords in URLs replaced, fit for logs."""
+        """Every setting as text, passwords in URLs replaced: fit for logs and `reportflow config show`."""
         shown = {}
-        for name in ("amqp_url", "exchange", "database_url", "storage_dir", "smtp_url", "mail_from",
-                     "prefetch", "heartbeat_seconds", "max_message_bytes", "render_time_limit_seconds", "outbox_relay_seconds", "environment"):
-            value = str(getattr(self, name))
-            shown[name] = mask_url(value) if "://" in value else value
+        for key, value in _flatten(_as_dict(self)).items():
+            text = str(value)
+            shown[key] = mask_url(text) if "://" in text else text
         return shown
+
+
+# Setting -> environment variables that set it, first one present wins. YAML files use the same
+# keys, nested at the dots (tracing.enabled is `tracing: {enabled: ...}`).
+ENVIRONMENT_VARIABLES = {
+    "amqp_url": ["REPORTFLOW_AMQP_URL"],
+    "exchange": ["REPORTFLOW_EXCHANGE"],
+    "database_url": ["REPORTFLOW_DATABASE_URL"],
+    "storage_dir": ["REPORTFLOW_STORAGE_DIR"],
+    "smtp_url": ["REPORTFLOW_SMTP_URL"],
+    "mail_from": ["REPORTFLOW_MAIL_FROM"],
+    "prefetch": ["REPORTFLOW_PREFETCH"],
+    "heartbeat_seconds": ["REPORTFLOW_HEARTBEAT_SECONDS"],
+    "max_message_bytes": ["REPORTFLOW_MAX_MESSAGE_BYTES"],
+    "render_time_limit_seconds": ["REPORTFLOW_RENDER_TIME_LIMIT_SECONDS"],
+    "outbox_relay_seconds": ["REPORTFLOW_OUTBOX_RELAY_SECONDS"],
+    "log_level": ["REPORTFLOW_LOG_LEVEL"],
+    "log_format": ["REPORTFLOW_LOG_FORMAT"],
+    "jaeger_ui_url": ["JAEGER_UI_URL"],
+    "jaeger_query_url": ["JAEGER_QUERY_URL"],
+    "tracing.enabled": ["REPORTFLOW_TRACING_ENABLED", "TRACING_ENABLED"],
+    "tracing.sampling_ratio": ["REPORTFLOW_TRACING_SAMPLING_RATIO"],
+    "tracing.exporter_endpoint": ["REPORTFLOW_TRACING_EXPORTER_ENDPOINT"],
+    "tracing.exporter_protocol": ["REPORTFLOW_TRACING_EXPORTER_PROTOCOL"],
+    "tracing.batch_max_export_size": ["REPORTFLOW_TRACING_BATCH_MAX_EXPORT_SIZE"],
+    "tracing.batch_schedule_delay_ms": ["REPORTFLOW_TRACING_BATCH_SCHEDULE_DELAY_MS"],
+    "tracing.local_dir": ["REPORTFLOW_TRACE_DIR"],
+    "tracing.record_emails": ["REPORTFLOW_TRACING_RECORD_EMAILS"],
+    "tracing.late_messages": ["REPORTFLOW_TRACING_LATE_MESSAGES"],
+    "tracing.stats_interval_seconds": ["REPORTFLOW_TRACING_STATS_SECONDS"],
+}
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of settings")
+    return loaded
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _as_dict(settings) -> dict:
+    return {f.name: _as_dict(getattr(settings, f.name)) if f.name == "tracing" else getattr(settings, f.name)
+            for f in fields(settings)}
+
+
+def _build(defaults: Settings, values: dict) -> Settings:
+    known = set(ENVIRONMENT_VARIABLES) | {"environment"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(unknown)}")
+    top = {k: _coerce(getattr(defaults, k), v) for k, v in values.items() if "." not in k}
+    nested = {k.split(".", 1)[1]: _coerce(getattr(defaults.tracing, k.split(".", 1)[1]), v)
+              for k, v in values.items() if k.startswith("tracing.")}
+    return replace(defaults, **top, tracing=replace(defaults.tracing, **nested))
+
+
+def _coerce(default, value):
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, Path):
+        return Path(value)
+    return str(value)
 
 
 def mask_url(url: str) -> str:

@@ -23,7 +23,8 @@ class Event:
 
     @property
     def report_id(self) -> str | None:
-        return self.payload.get("report_id")
+        value = self.payload.get("report_id")
+        return value if isinstance(value, str) else None
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,13 @@ def message_properties(event: Event, headers: dict | None = None, app_id: str = 
 def decode(event_type: str | None, message_id: str | None, content_type: str | None, body: bytes,
            max_bytes: int) -> Event | InvalidMessage:
     """Read one delivery into an Event, or say exactly why it cannot be one."""
+    read = parse(event_type, message_id, content_type, body, max_bytes)
+    return read if isinstance(read, InvalidMessage) else validate(read)
+
+
+def parse(event_type: str | None, message_id: str | None, content_type: str | None, body: bytes,
+          max_bytes: int) -> InvalidMessage | Event:
+    """The cheap half of decode: size, content type, JSON. The payload is not yet checked."""
     event_type = event_type or "(unknown)"
     message_id = message_id or f"no-id:{uuid.uuid5(uuid.NAMESPACE_OID, body[:65536].hex())}"
     if len(body) > max_bytes:
@@ -75,9 +83,14 @@ def decode(event_type: str | None, message_id: str | None, content_type: str | N
         return InvalidMessage(event_type, message_id, [f"body is not UTF-8 JSON: {exc}"])
     if not isinstance(payload, dict):
         return InvalidMessage(event_type, message_id, ["body is not a JSON object"])
-    if event_type not in schemas.event_types():
-        return InvalidMessage(event_type, message_id, [f"unknown event type {event_type!r}"], payload)
-    reasons = schemas.errors(event_type, payload)
-    if reasons:
-        return InvalidMessage(event_type, message_id, reasons, payload)
     return Event(event_type, payload, message_id)
+
+
+def validate(parsed: Event) -> Event | InvalidMessage:
+    """The payload against its event type's schema."""
+    if parsed.type not in schemas.event_types():
+        return InvalidMessage(parsed.type, parsed.message_id, [f"unknown event type {parsed.type!r}"], parsed.payload)
+    reasons = schemas.errors(parsed.type, parsed.payload)
+    if reasons:
+        return InvalidMessage(parsed.type, parsed.message_id, reasons, parsed.payload)
+    return parsed

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import sessionmaker
 
-from shared.config import Settings
+from shared.config import Settings, TracingSettings
 from shared.db import UnitOfWork, make_engine
 from shared.migrate import upgrade
 
@@ -53,7 +53,7 @@ def tracer_provider():
     from shared.tracing import setup_tracing
 
     os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-    provider = setup_tracing("reportflow-tests")
+    provider = setup_tracing("reportflow-tests", TracingSettings())
     provider.memory = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(provider.memory))
     return provider

@@ -3,6 +3,7 @@ the spans they export over OTLP/HTTP, decoded from protobuf as a collector would
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import io
 import json
 
@@ -171,6 +172,13 @@ def test_reports_go_from_request_to_approved_pdf_and_emails_in_one_trace_each(
     assert process_span["resource"]["deployment.environment.name"] == "test"
     assert process_span["parent_id"] in upstream  # the upstream's publish span
 
-    print("\nSPANS", len(exported), "in A:", len(spans_a)); [print(" ", s["service"], "|", s["name"], "| links:", len(s["links"])) for s in spans_a]
+    sql = [s for s in spans_a if s["attributes"].get("db.system") or s["attributes"].get("db.system.name")]
+    assert sql and all(s["parent_id"] in known for s in sql)  # each statement, under its process span
+
+    publishes = Counter(s["attributes"].get("messaging.message.id") for s in exported if s["kind"] == 4)
+    assert publishes and max(publishes.values()) == 1  # SPAN_KIND_PRODUCER: one span per publish
+    instances = {s["resource"]["service.instance.id"] for s in exported}
+    assert len(instances) == 4 and all(s["resource"]["service.version"] for s in exported)
+
     spans_b = [s for s in exported if s["trace_id"] == trace_of["rep-b"]]
     assert {s["service"] for s in spans_b} == {f"reportflow-{stage}" for stage in STAGES}
