@@ -5,8 +5,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-export REPORTFLOW_DATABASE_URL ?= sqlite:///var/reportflow.db
-export REPORTFLOW_STORAGE_DIR ?= var/storage
 
 .PHONY: run demo test install services clean
 

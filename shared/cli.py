@@ -167,7 +167,7 @@ def report_show(report_id: str, as_json: bool) -> None:
 
 def _as_text(summary: dict) -> str:
     lines = [f"{summary['id']}  {summary['title']}", f"  status:   {summary['status']}",
-             f"  trace id: {summary['trace_id']}"]
+             f"  trace id: {summary['trace_id']}", f"  trace:    {summary['trace_url']}"]
     for stage in summary["stages"]:
         lines.append(f"  stage {stage['position']} {stage['name']} ({stage['rule']}): {stage['status']}")
         lines += [f"    {d['approver']} {d['decision']}d {d['decided_at']} {d['comment'] or ''}".rstrip()
@@ -178,6 +178,72 @@ def _as_text(summary: dict) -> str:
               for n in summary["notifications"]]
     lines += [f"  refused: {r['approver']} on {r['stage']}: {r['reason']}" for r in summary["refusals"]]
     return "\n".join(lines)
+
+
+@main.command("trace")
+@click.argument("report_id")
+def trace_command(report_id: str) -> None:
+    """Print REPORT_ID's trace as a waterfall: from Jaeger (JAEGER_QUERY_URL) or the local span files."""
+    from shared.inspect import report_summary
+    from shared.traces import load_from_files, load_from_jaeger, waterfall
+
+    settings = Settings.from_env()
+    summary = report_summary(settings, report_id)
+    if summary is None or not summary["trace_id"]:
+        raise click.ClickException(f"no trace stored for report {report_id!r}")
+    if settings.jaeger_query_url:
+        rows = load_from_jaeger(settings.jaeger_query_url, summary["trace_id"])
+    elif settings.tracing.local_dir:
+        rows = load_from_files(Path(settings.tracing.local_dir), summary["trace_id"])
+    else:
+        raise click.ClickException("set JAEGER_QUERY_URL, or tracing.local_dir (REPORTFLOW_TRACE_DIR) "
+                                   "where the consumers write spans when no collector is configured")
+    click.echo(waterfall(rows))
+
+
+@main.group()
+def config() -> None:
+    """Settings."""
+
+
+@config.command("show")
+def config_show() -> None:
+    """The effective settings (files, then environment), secrets masked."""
+    for key, value in Settings.from_env().masked().items():
+        click.echo(f"{key} = {value}")
+
+
+@main.command()
+def status() -> None:
+    """Queue depths, consumer processes and their span pipelines."""
+    import pika
+
+    import consumers
+    from consumers.retries import RetryPolicy
+    from shared.status import read_status_files
+    from shared.topology import Topology
+
+    settings = Settings.from_env()
+    topo = Topology.from_env(settings.exchange, RetryPolicy.from_env().delays)
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        click.echo(f"{'queue':<40} {'ready':>8} {'consumers':>9}")
+        for queue in [*(topo.queue(s) for s in consumers.STAGES), topo.dead_letter_queue]:
+            channel = connection.channel()
+            try:
+                declared = channel.queue_declare(queue, passive=True).method
+                click.echo(f"{queue:<40} {declared.message_count:>8} {declared.consumer_count:>9}")
+            except pika.exceptions.ChannelClosedByBroker:
+                click.echo(f"{queue:<40} {'(not declared)':>18}")
+    finally:
+        connection.close()
+    click.echo("")
+    for process in read_status_files(settings.storage_dir):
+        state = "stale" if process["stale"] else ("connected" if process["connected"] else "connecting")
+        spans = process.get("spans") or {}
+        click.echo(f"{process['stage']:<13} pid {process['pid']:<7} {state:<10} settled {process['messages_settled']:<7} "
+                   f"reconnects {process['connections_opened'] - 1:<3} spans: " +
+                   (", ".join(f"{k} {v}" for k, v in spans.items()) if spans else "tracing off"))
 
 
 @main.command()

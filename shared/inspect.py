@@ -23,6 +23,7 @@ def report_summary(settings: Settings, report_id: str) -> dict | None:
             refusals = session.scalars(select(Refusal).where(Refusal.report_id == report_id)).all()
             return {
                 "id": report.id, "title": report.title, "status": report.status, "trace_id": report.trace_id,
+                "trace_url": f"{settings.jaeger_ui_url.rstrip('/')}/trace/{report.trace_id}",
                 "stages": [{"position": s.position, "name": s.name, "rule": s.rule, "status": s.status,
                             "approvers": s.approvers,
                             "decisions": [{"approver": d.approver_email, "decision": d.decision,

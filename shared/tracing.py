@@ -254,7 +254,15 @@ def carrier_of_current() -> dict:
 
 
 def context_from(carrier: dict | None) -> context.Context:
-    return propagate.extract(carrier or {})
+    """The trace context in message headers. AMQP header tables are case-sensitive, but trace headers
+    come as HTTP taught their senders (X-B3-TraceId, Traceparent): they are read in any case."""
+    headers = {}
+    for key, value in (carrier or {}).items():
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", errors="replace")
+        if isinstance(key, str) and isinstance(value, str):
+            headers[key.lower()] = value
+    return propagate.extract(headers)
 
 
 # -- decorators -------------------------------------------------------------------------------------

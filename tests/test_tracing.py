@@ -1,0 +1,352 @@
+"""Tracing to the standard: checked on the OTLP wire (a receiver decoding protobuf) against consumer
+processes started as the Procfile starts them, and the pieces that make it up."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import StatusCode
+
+from consumers import creation
+from shared import tracing
+from shared.cli import main as cli
+from shared.config import Settings, TracingSettings
+from shared.events import Event
+from shared.traces import load_from_files, spans_from_otlp_json, waterfall
+from tests.conftest import TEST_AMQP_URL, free_port, sample_request, wait_until
+from tests.pipeline import Pipeline
+from tests.test_handlers import TWO_STAGES, handle, open_first_stage
+from tests.test_runtime import raw_publish
+
+DATA = Path(__file__).parent / "data"
+UPSTREAM_TRACE = "80f198ee56343ba864fe8b2a57d3eff7"
+UPSTREAM_SPAN = "e457b5a2e4d86bd1"
+
+
+@pytest.fixture
+def stage_process(tmp_path, exchange, broker, otlp):
+    """Start one stage as its Procfile line does, exporting to this test's OTLP receiver."""
+    pipelines = []
+
+    def start(stage: str, database_url: str, **env) -> Pipeline:
+        pipeline = Pipeline(tmp_path, {
+            "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange,
+            "REPORTFLOW_DATABASE_URL": database_url, "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100", **env})
+        pipeline.start(stage)
+        pipelines.append(pipeline)
+        wait_until(lambda: _consumers(broker, f"{exchange}.{stage}") or pipeline.exited(), 60, what=stage)
+        assert not pipeline.exited(), pipeline.logs()
+        return pipeline
+
+    yield start
+    for pipeline in pipelines:
+        pipeline.close()
+
+
+def _consumers(broker, queue: str) -> int:
+    channel = broker.channel()
+    try:
+        return channel.queue_declare(queue, passive=True).method.consumer_count
+    except Exception:  # noqa: BLE001 - not declared yet
+        return 0
+    finally:
+        if channel.is_open:
+            channel.close()
+
+
+def publish_request(exchange: str, report_id: str, headers: dict) -> None:
+    raw_publish(exchange, "report.requested", json.dumps(sample_request(report_id=report_id)).encode(),
+                content_type="application/json", type="report.requested", message_id=f"m-{report_id}",
+                headers=headers)
+
+
+def process_span(otlp, report_id: str) -> dict:
+    return wait_until(lambda: next((s for s in otlp.spans if s["name"].startswith("process ")
+                                    and s["attributes"].get("report.id") == report_id), None), 30,
+                      what=f"the process span of {report_id}")
+
+
+# -- propagation --------------------------------------------------------------------------------
+@pytest.mark.parametrize("headers", [
+    {"b3": f"{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-1"},
+    {"X-B3-TraceId": UPSTREAM_TRACE, "X-B3-SpanId": UPSTREAM_SPAN, "X-B3-Sampled": "1"},
+    {"uber-trace-id": f"{UPSTREAM_TRACE}:{UPSTREAM_SPAN}:0:1"},
+], ids=["b3-single", "b3-multi", "jaeger"])
+def test_b3_and_jaeger_upstreams_continue_into_one_w3c_trace(stage_process, sqlite_url, exchange, otlp, tap,
+                                                            headers):
+    stage_process("creation", sqlite_url)
+    publish_request(exchange, "r-prop", headers)
+    span = process_span(otlp, "r-prop")
+    assert (span["trace_id"], span["parent_id"]) == (UPSTREAM_TRACE, UPSTREAM_SPAN)
+    [(_, _, properties)] = tap.wait_for("report.created")
+    assert properties.headers["traceparent"].startswith(f"00-{UPSTREAM_TRACE}-")  # published as W3C
+    assert "b3" not in properties.headers and "uber-trace-id" not in properties.headers
+
+
+def test_an_unsampled_upstream_yields_no_spans_downstream(stage_process, sqlite_url, exchange, otlp, tap):
+    pipeline = stage_process("creation", sqlite_url)
+    publish_request(exchange, "r-unsampled", {"traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-00"})
+    publish_request(exchange, "r-sampled", {"traceparent": f"00-{'1' * 32}-{UPSTREAM_SPAN}-01"})
+    [(_, _, first), _] = tap.wait_for("report.created", 2)
+    process_span(otlp, "r-sampled")
+    assert pipeline.stop() == {"creation": 0}  # flushes
+    assert first.headers["traceparent"].endswith("-00") and UPSTREAM_TRACE in first.headers["traceparent"]
+    assert not [s for s in otlp.spans if s["trace_id"] == UPSTREAM_TRACE]
+
+
+def test_tracing_disabled_exports_nothing_and_installs_no_exporter(stage_process, sqlite_url, exchange, otlp, tap):
+    pipeline = stage_process("creation", sqlite_url, TRACING_ENABLED="false")
+    publish_request(exchange, "r-off", {"traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"})
+    [(_, _, properties)] = tap.wait_for("report.created")
+    assert pipeline.stop() == {"creation": 0}
+    assert otlp.spans == [] and otlp.requests == 0
+    assert "tracing is off: no tracer provider, no exporter" in pipeline.logs()
+    # The context still passes through, so the traces of upstream and downstream stay whole.
+    assert UPSTREAM_TRACE in properties.headers["traceparent"]
+    enabled = tracing._enabled
+    try:
+        assert tracing.setup_tracing("x", TracingSettings(enabled=False)) is None
+        assert tracing._enabled is False
+    finally:
+        tracing._enabled = enabled
+
+
+# -- late decisions -----------------------------------------------------------------------------------
+@pytest.fixture
+def report_in_approval(postgres_url, uow_on):
+    unit = uow_on(postgres_url)
+    handle(unit, creation.on_report_requested, Event("report.requested", sample_request(
+        report_id="r-late", approval_stages=TWO_STAGES), trace_context={
+        "traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"}))
+    with unit() as work:
+        work.report("r-late").status = "generated"
+        work.session.commit()
+    open_first_stage(unit, "r-late")
+    return postgres_url
+
+
+@pytest.fixture
+def uow_on():
+    from sqlalchemy.orm import sessionmaker
+
+    from shared.db import UnitOfWork, make_engine
+
+    engines = []
+
+    def make(url):
+        engines.append(make_engine(url))
+        factory = sessionmaker(engines[-1], expire_on_commit=False)
+        return lambda consumer="test": UnitOfWork(factory, consumer)
+    yield make
+    for engine in engines:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("mode", ["continue", "link"])
+def test_a_late_decision_in_another_trace_is_linked_both_ways(stage_process, report_in_approval, exchange, otlp,
+                                                              mode):
+    stage_process("approval", report_in_approval, REPORTFLOW_TRACING_LATE_MESSAGES=mode)
+    decision_trace, decision_span = "d" * 32, "c" * 16
+    raw_publish(exchange, "approval.decided", json.dumps({
+        "report_id": "r-late", "stage": "review", "approver": {"email": "bob@example.com", "id": "u-3"},
+        "decision": "approve"}).encode(), content_type="application/json", type="approval.decided",
+        message_id="late-1", headers={"traceparent": f"00-{decision_trace}-{decision_span}-01"})
+    span = process_span(otlp, "r-late")
+    [link] = span["links"]
+    if mode == "continue":
+        assert span["trace_id"] == UPSTREAM_TRACE and span["parent_id"] == UPSTREAM_SPAN
+        assert (link["trace_id"], link["span_id"]) == (decision_trace, decision_span)
+    else:
+        assert span["trace_id"] == decision_trace and span["parent_id"] == decision_span
+        assert (link["trace_id"], link["span_id"]) == (UPSTREAM_TRACE, UPSTREAM_SPAN)
+    assert span["attributes"]["approval.stage"] == "review" and span["attributes"]["approval.decision"] == "approve"
+    assert span["attributes"]["enduser.id"] == "u-3" and span["attributes"]["enduser.role"] == "approver"
+    assert "user.email" not in span["attributes"]  # PII stays out unless tracing.record_emails
+
+
+# -- errors and logs ----------------------------------------------------------------------------------------
+def test_errors_are_recorded_with_status_and_the_log_lines_carry_the_ids(stage_process, sqlite_url, exchange, otlp):
+    pipeline = stage_process("generation", sqlite_url, REPORTFLOW_LOG_FORMAT="json")
+    raw_publish(exchange, "report.created", json.dumps({
+        "report_id": "r-ghost", "title": "t", "template": "standard", "submitter": {"email": "a@example.com"},
+        "stages": ["s"]}).encode(), content_type="application/json", type="report.created", message_id="ghost",
+        headers={"traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"})
+    span = process_span(otlp, "r-ghost")
+    pipeline.stop()
+    assert span["status"] == StatusCode.ERROR.value
+    assert span["attributes"]["error.type"] == "ReportNotFound"
+    assert "exception" in span["events"]
+    dead_letter = next(s for s in otlp.spans if s["name"] == f"dead-letter {exchange}.generation")
+    assert dead_letter["parent_id"] == span["span_id"]
+    lines = [json.loads(line) for line in (pipeline.folder / "generation.log").read_text().splitlines()
+             if line.startswith("{")]
+    failed = [line for line in lines if "failed for good" in line["message"]]
+    assert failed and failed[0]["trace_id"] == UPSTREAM_TRACE and failed[0]["span_id"] == span["span_id"]
+    assert failed[0]["service"] == "reportflow-generation" and "ReportNotFound" in failed[0]["exception"]
+
+
+def test_an_unreachable_collector_costs_spans_not_service(stage_process, sqlite_url, exchange, tap, tmp_path):
+    pipeline = stage_process("creation", sqlite_url, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+                             OTEL_EXPORTER_OTLP_TIMEOUT="1")
+    for n in range(20):
+        publish_request(exchange, f"r-nocollector-{n}", {})
+    tap.wait_for("report.created", 20, timeout=60)
+
+    def failures():
+        files = list((tmp_path / "storage" / "status").glob("creation-*.json"))
+        status = json.loads(files[0].read_text()) if files else {}
+        return (status.get("spans") or {}).get("export_failures")
+    wait_until(failures, 30, what="export failures in the status file")
+    assert pipeline.stop() == {"creation": 0}
+
+
+# -- the pieces ---------------------------------------------------------------------------------------------
+def test_resource_attributes_follow_the_standard_variables(monkeypatch):
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=staging,team=reports")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "reports-generation")
+    enabled = tracing._enabled
+    try:
+        provider = tracing.setup_tracing("reportflow-generation", TracingSettings(sampling_ratio=0.5), "test")
+    finally:
+        tracing._enabled = enabled
+    attributes = provider.resource.attributes
+    assert attributes["service.name"] == "reports-generation"
+    assert attributes["deployment.environment.name"] == "staging" and attributes["team"] == "reports"
+    assert attributes["service.namespace"] == "reportflow" and attributes["service.version"]
+    assert "0.5" in provider.sampler.get_description() and "ParentBased" in provider.sampler.get_description()
+
+
+def test_decorators_record_errors_and_cost_nothing_when_tracing_is_off(finished_spans):
+    @tracing.trace_external_call("smtp", "send")
+    def send(fail: bool):
+        if fail:
+            raise ConnectionError("refused")
+        return "ok"
+
+    @tracing.trace_function
+    def plain():
+        return 1
+
+    assert send(False) == "ok" and plain() == 1
+    with pytest.raises(ConnectionError):
+        send(True)
+    spans = {s.name: s for s in finished_spans()}
+    assert spans["smtp send"].kind == trace.SpanKind.CLIENT
+    assert spans["smtp send"].status.status_code == StatusCode.ERROR
+    assert spans["smtp send"].events[0].name == "exception"
+    assert "plain" in next(n for n in spans if n.endswith("plain"))
+    enabled, tracing._enabled = tracing._enabled, False
+    try:
+        before = len(finished_spans())
+        assert send(False) == "ok"
+        assert len(finished_spans()) == before
+    finally:
+        tracing._enabled = enabled
+
+
+def test_settings_layer_files_then_environment_and_mask_secrets(tmp_path):
+    (tmp_path / "app.yaml").write_text("prefetch: 2\ntracing:\n  sampling_ratio: 0.5\n  late_messages: link\n")
+    (tmp_path / "staging.yaml").write_text("prefetch: 3\namqp_url: amqp://svc:hunter2@mq:5672/prod\n")
+    settings = Settings.from_env({"REPORTFLOW_CONFIG_DIR": str(tmp_path), "REPORTFLOW_ENV": "staging",
+                                  "TRACING_ENABLED": "false", "REPORTFLOW_TRACING_SAMPLING_RATIO": "0.1"})
+    assert settings.prefetch == 3 and settings.environment == "staging"
+    assert settings.tracing.enabled is False and settings.tracing.sampling_ratio == 0.1
+    assert settings.tracing.late_messages == "link"
+    shown = settings.masked()
+    assert shown["amqp_url"] == "amqp://svc:***@mq:5672/prod" and "hunter2" not in json.dumps(shown)
+    (tmp_path / "app.yaml").write_text("prefetchh: 2\n")
+    with pytest.raises(ValueError, match="unknown settings: prefetchh"):
+        Settings.from_env({"REPORTFLOW_CONFIG_DIR": str(tmp_path)})
+
+
+def test_config_show_prints_the_effective_settings_masked(tmp_path):
+    result = CliRunner().invoke(cli, ["config", "show"], env={
+        "REPORTFLOW_CONFIG_DIR": str(tmp_path), "REPORTFLOW_SMTP_URL": "smtp://mailer:s3cret@mail:587"})
+    assert result.exit_code == 0, result.output
+    assert "smtp_url = smtp://mailer:***@mail:587" in result.output and "s3cret" not in result.output
+    assert "tracing.enabled = True" in result.output
+
+
+# -- from a report to its trace -------------------------------------------------------------------------------
+def test_the_waterfall_renders_from_a_local_trace_file(tmp_path):
+    provider = TracerProvider(resource=Resource({"service.name": "reportflow-test"}))
+    provider.add_span_processor(SimpleSpanProcessor(tracing.JsonLinesExporter(tmp_path, "reportflow-test")))
+    tracer = provider.get_tracer("t")
+    with tracer.start_as_current_span("process reportflow:report.created:reportflow.generation") as root:
+        with tracer.start_as_current_span("render pdf"):
+            time.sleep(0.01)
+        try:
+            with tracer.start_as_current_span("store document"):
+                raise OSError("disk full")
+        except OSError:
+            pass
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    rows = load_from_files(tmp_path, trace_id)
+    text = waterfall(rows)
+    lines = text.splitlines()
+    assert lines[0].startswith(f"trace {trace_id}: 3 spans")
+    assert lines[2].endswith("reportflow-test  process reportflow:report.created:reportflow.generation")
+    assert lines[3].endswith("reportflow-test    render pdf")  # indented under its parent
+    assert "store document  [error: OSError: disk full]" in lines[4]
+
+
+class _RecordedJaeger:
+    def __init__(self, document: dict, trace_id: str):
+        self.paths = []
+        recorded = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                recorded.paths.append(self.path)
+                ok = self.path == f"/api/v3/traces/{trace_id}"
+                body = json.dumps(document if ok else {"error": {"message": "trace not found"}}).encode()
+                self.send_response(200 if ok else 404)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_reportflow_trace_renders_a_recorded_jaeger_api_v3_response(sqlite_url, tmp_path):
+    document = json.loads((DATA / "jaeger-api-v3-trace.json").read_text())
+    trace_id = "5b8efff798038103d269b633813fc60c"
+    jaeger = _RecordedJaeger(document, trace_id)
+    from sqlalchemy.orm import sessionmaker
+
+    from shared.db import UnitOfWork, make_engine
+    engine = make_engine(sqlite_url)
+    unit = lambda consumer="t": UnitOfWork(sessionmaker(engine, expire_on_commit=False), consumer)  # noqa: E731
+    handle(unit, creation.on_report_requested, Event("report.requested", sample_request(report_id="r-jaeger"),
+                                                     trace_context={"traceparent": f"00-{trace_id}-{'1' * 16}-01"}))
+    engine.dispose()
+    try:
+        result = CliRunner().invoke(cli, ["trace", "r-jaeger"], env={
+            "REPORTFLOW_DATABASE_URL": sqlite_url, "JAEGER_QUERY_URL": jaeger.url,
+            "REPORTFLOW_CONFIG_DIR": str(tmp_path)})
+    finally:
+        jaeger.server.shutdown()
+    assert result.exit_code == 0, result.output
+    assert jaeger.paths == [f"/api/v3/traces/{trace_id}"]
+    lines = result.output.splitlines()
+    assert lines[0] == f"trace {trace_id}: 5 spans over 0.910 s"
+    assert "upstream-crm" in lines[2] and lines[2].endswith("publish reportflow:report.requested")
+    assert lines[3].endswith("  process reportflow:report.requested:reportflow.creation")
+    assert lines[5].endswith("      render pdf  [error: RenderTimeout: render took longer than 300s]")
+    assert lines[6].endswith("  process reportflow:approval.decided:reportflow.approval  [1 link(s)]")
+    assert len(spans_from_otlp_json(document)) == 5
