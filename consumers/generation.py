@@ -14,14 +14,18 @@ class ReportNotFound(LookupError):
 
 def on_report_created(event: Event, uow, renderer: DocumentRenderer, storage: FolderStorage) -> None:
     report = _report(uow, event.report_id)
-    document = _store(uow, report, "draft", renderer, storage, approval=None)
+    document = _store(uow, report, "draft", renderer.render(report), storage)
     report.status = "generated"
     uow.emit("report.generated", {"report_id": report.id, "document": document.as_event()})
 
 
 def on_report_approved(event: Event, uow, renderer: DocumentRenderer, storage: FolderStorage) -> None:
     report = _report(uow, event.report_id)
-    document = _store(uow, report, "final", renderer, storage, approval=approval_record(report))
+    draft = report.document("draft")
+    if draft is None:
+        raise ReportNotFound(f"report {report.id!r} has no draft to approve")
+    approved = renderer.approved_version(report, storage.get(draft.storage_key), draft.pages, approval_record(report))
+    document = _store(uow, report, "final", approved, storage)
     report.status = "finalized"
     uow.emit("report.finalized", {"report_id": report.id, "title": report.title, "document": document.as_event()})
 
@@ -43,8 +47,7 @@ def _report(uow, report_id: str) -> Report:
     return report
 
 
-def _store(uow, report: Report, kind: str, renderer, storage, approval) -> Document:
-    rendered = renderer.render(report, approval=approval)
+def _store(uow, report: Report, kind: str, rendered, storage) -> Document:
     key = document_key(report.id, kind)
     storage.put(key, rendered.pdf)
     document = report.document(kind)

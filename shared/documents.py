@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import multiprocessing
 import os
 import tempfile
@@ -75,14 +76,27 @@ class DocumentRenderer:
         self._stylesheet = CSS(filename=str(assets / "report.css"), font_config=self._fonts,
                                url_fetcher=self._fetcher)
 
-    def html(self, report, approval: list[dict] | None = None) -> str:
+    def html(self, report) -> str:
         name = TEMPLATES.get(report.template)
         if name is None:
             raise UnknownTemplate(f"unknown template {report.template!r}; known: {', '.join(sorted(TEMPLATES))}")
         with _tracer.start_as_current_span("render template") as span:
             span.set_attribute("report.id", report.id)
             span.set_attribute("report.template", report.template)
-            return self._jinja.get_template(name).render(report=report, data=report.data, approval=approval)
+            return self._jinja.get_template(name).render(report=report, data=report.data)
+
+    def approved_version(self, report, draft_pdf: bytes, draft_pages: int, approval: list[dict]) -> RenderedDocument:
+        """The approved version: the draft's pages, unchanged, and an approval record after them.
+        Only the record is rendered; the client receives exactly the pages the approvers approved."""
+        with _tracer.start_as_current_span("render template") as span:
+            span.set_attribute("report.id", report.id)
+            html = self._jinja.get_template("approval.html").render(report=report, approval=approval,
+                                                                    pages=draft_pages)
+        record = self.pdf(html)
+        with _tracer.start_as_current_span("append approval record") as span:
+            combined = append_pdf(draft_pdf, record.pdf)
+            span.set_attribute("document.size_bytes", len(combined))
+        return RenderedDocument(pdf=combined, pages=draft_pages + record.pages)
 
     def pdf(self, html: str) -> RenderedDocument:
         with _tracer.start_as_current_span("render pdf") as span:
@@ -96,8 +110,8 @@ class DocumentRenderer:
             stylesheets=[self._stylesheet], font_config=self._fonts)
         return RenderedDocument(pdf=document.write_pdf(), pages=len(document.pages))
 
-    def render(self, report, approval: list[dict] | None = None) -> RenderedDocument:
-        return self.pdf(self.html(report, approval))
+    def render(self, report) -> RenderedDocument:
+        return self.pdf(self.html(report))
 
 
 class IsolatedRenderer(DocumentRenderer):
@@ -149,6 +163,16 @@ def _start_child_renderer(assets: str) -> None:
 
 def _render_in_child(html: str) -> RenderedDocument:
     return _child_renderer._layout_and_write(html)
+
+
+def append_pdf(first: bytes, second: bytes) -> bytes:
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(first)))
+    writer.append(PdfReader(io.BytesIO(second)))
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
 
 
 class FolderStorage:

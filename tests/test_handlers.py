@@ -211,20 +211,25 @@ def test_generation_renders_stores_and_describes_the_draft(uow, tmp_path, render
         assert unit.report("r-5").status == "generated"
 
 
-def test_the_approved_version_carries_the_approval_page(uow, tmp_path, renderer):
+def test_the_approved_version_is_the_approved_pages_and_an_approval_record(uow, tmp_path, renderer):
     handle(uow, creation.on_report_requested, request_event(
         report_id="r-6", approval_stages=[{"name": "review", "approvers": ["bob@example.com"]}]))
-    with uow() as unit:
-        unit.report("r-6").status = "generated"
-        unit.session.commit()
+    storage = FolderStorage(tmp_path)
+    [generated] = handle(uow, generation.on_report_created, Event("report.created", {"report_id": "r-6"}),
+                         renderer=renderer, storage=storage)
     open_first_stage(uow, "r-6")
     handle(uow, approval.on_approval_decided, decide("r-6", "review", "bob@example.com", comment="Good work"))
-    storage = FolderStorage(tmp_path)
     emitted = handle(uow, generation.on_report_approved, Event("report.approved", {"report_id": "r-6", "stages": []}),
                      renderer=renderer, storage=storage)
     assert emitted[0].type == "report.finalized"
-    text = pdf_text(storage.get(emitted[0].payload["document"]["storage_key"]))
-    assert "Approval" in text and "bob@example.com" in text and "Good work" in text
+    draft = PdfReader(io.BytesIO(storage.get(generated.payload["document"]["storage_key"])))
+    final = PdfReader(io.BytesIO(storage.get(emitted[0].payload["document"]["storage_key"])))
+    assert emitted[0].payload["document"]["pages"] == len(final.pages) == len(draft.pages) + 1
+    for approved, delivered in zip(draft.pages, final.pages):
+        assert approved.extract_text() == delivered.extract_text()  # the client gets what was approved
+    record = final.pages[-1].extract_text()
+    assert "Approval record" in record and "Q3 revenue review" in record
+    assert "bob@example.com" in record and "Good work" in record and "approved" in record
     with uow() as unit:
         assert unit.report("r-6").status == "finalized"
 
