@@ -26,6 +26,9 @@ TRANSIENT = (
     sa.InterfaceError,
     sa.DisconnectionError,
     sa.TimeoutError,       # connection pool exhausted
+    # A unique constraint lost to another worker handling a copy of the same message (a redelivery and
+    # a relayed duplicate at once): on the next attempt the inbox sees the copy that won, and acks.
+    sa.IntegrityError,
     smtplib.SMTPServerDisconnected,
     smtplib.SMTPConnectError,
     ConnectionError,
