@@ -47,7 +47,7 @@ def build_consumer(stage_name: str, settings: Settings, tracer_provider=None) ->
     stage = consumers.STAGES[stage_name]
     return Consumer(stage, settings, session_factory(settings, tracer_provider), dependencies(stage, settings),
                     tracer_provider=tracer_provider, bindings=consumers.bindings(),
-                    concurrency=int(os.environ.get("REPORTFLOW_CONCURRENCY", "1")))
+                    concurrency=settings.worker_threads)
 
 
 def run(stage_name: str) -> None:

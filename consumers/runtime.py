@@ -36,7 +36,7 @@ from consumers.retries import RetryPolicy
 from consumers.stage import Stage
 from shared.config import Settings
 from shared.db import UnitOfWork
-from shared.events import Event, InvalidMessage, encode, message_properties, parse, validate
+from shared.events import FOLLOW_UP_EVENTS, Event, InvalidMessage, encode, message_properties, parse, validate
 from shared.models import OutboxMessage, Report, utcnow
 from shared.topology import Topology, declare
 from shared.tracing import carrier_of_current, context_from
@@ -44,6 +44,7 @@ from shared.tracing import carrier_of_current, context_from
 log = logging.getLogger("reportflow.consumer")
 
 RECONNECT_BACKOFF_SECONDS = (1, 2, 5, 10, 30)
+MARK_PUBLISHED_EVERY_SECONDS = 0.2
 
 
 class ConnectionLost(RuntimeError):
@@ -117,6 +118,10 @@ class Consumer:
         self._publish_channel = None
         self.connections_opened = 0  # more than one means the broker connection was re-established
         self.messages_settled = 0
+        # Outbox rows published and confirmed but not yet marked so in the database: marked in batches,
+        # because a mark costs a commit. One left unmarked by a crash is republished by the relay, and the
+        # consumer's inbox absorbs the duplicate.
+        self._published_unmarked: list[int] = []
 
     # -- lifecycle ------------------------------------------------------------
     def run(self) -> None:
@@ -137,6 +142,7 @@ class Consumer:
                 log.warning("%s: broker connection lost (%r); reconnecting in %ss", self.stage.name, exc, delay)
                 self._stopping.wait(delay)
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._mark_published_batch()
         log.info("%s: stopped", self.stage.name)
 
     def stop(self) -> None:
@@ -154,11 +160,12 @@ class Consumer:
             consume_channel = connection.channel()
             self._publish_channel = self._open_publish_channel(connection)
             declare(consume_channel, self.topology, self._bindings)
-            consume_channel.basic_qos(prefetch_count=self.settings.prefetch)
+            consume_channel.basic_qos(prefetch_count=self.settings.effective_prefetch)
             consumer_tag = consume_channel.basic_consume(self.queue, on_message_callback=self._on_message)
-            log.info("%s: consuming %s (prefetch %d)", self.stage.name, self.queue, self.settings.prefetch)
+            log.info("%s: consuming %s (prefetch %d, %d worker threads)", self.stage.name, self.queue,
+                     self.settings.effective_prefetch, self._executor._max_workers)
             self.ready.set()
-            next_relay = 0.0
+            next_relay = next_mark = 0.0
             while True:
                 connection.process_data_events(time_limit=0.25)
                 if self._stopping.is_set():
@@ -170,6 +177,9 @@ class Consumer:
                 elif time.monotonic() >= next_relay:
                     next_relay = time.monotonic() + self.settings.outbox_relay_seconds
                     self._executor.submit(self._relay_outbox)
+                if self._published_unmarked and time.monotonic() >= next_mark:
+                    next_mark = time.monotonic() + MARK_PUBLISHED_EVERY_SECONDS
+                    self._executor.submit(self._mark_published_batch)
         finally:
             self.ready.clear()
             self._fail_pending_io()
@@ -244,25 +254,20 @@ class Consumer:
         log.warning("%s: message %s failed (attempt %d), retrying in %ss: %s", self.stage.name,
                     delivery.properties.message_id, headers[ATTEMPT_HEADER], outcome.retry_after, outcome.failure)
 
-    def _settle_failed(self, delivery: Delivery, error: Exception) -> None:
+    def _settle_failed(self, delivery: Delivery, error: BaseException) -> None:
         """Publishing what the handler emitted, or its retry, failed (an unroutable message: the topology
         is not what this process declared). Left unacknowledged, the message would sit on this channel
         for good; it goes to the dead-letter queue instead. Committed effects stay committed, and their
-        outbox rows are retried by the relay."""
+        outbox rows are retried by the relay. Runs on the I/O thread."""
         reason = f"could not settle: {type(error).__name__}: {error}"
-
-        def dead_letter_or_reject() -> None:
-            try:
-                self._dead_letter(delivery, reason)
-                delivery.channel.basic_ack(delivery.delivery_tag)
-            except pika.exceptions.AMQPError:
-                if delivery.channel.is_open:
-                    delivery.channel.basic_nack(delivery.delivery_tag, requeue=False)  # the queue's DLX
-
         try:
-            self._call_on_io(dead_letter_or_reject).result()
-        except Exception:  # noqa: BLE001 - the channel is gone: the broker redelivers
-            log.exception("%s: message %s is left to the broker to redeliver", self.stage.name,
+            self._dead_letter(delivery, reason)
+            delivery.channel.basic_ack(delivery.delivery_tag)
+        except pika.exceptions.AMQPError:
+            if delivery.channel.is_open:
+                delivery.channel.basic_nack(delivery.delivery_tag, requeue=False)  # the queue's own DLX
+            else:
+                log.error("%s: message %s is left to the broker to redeliver", self.stage.name,
                           delivery.properties.message_id)
 
     def _failure_headers(self, delivery: Delivery, reason: str) -> dict:
@@ -318,23 +323,43 @@ class Consumer:
 
     # -- worker threads -----------------------------------------------------------
     def _work(self, delivery: Delivery) -> None:
+        """Handle one delivery, then hand its settling to the I/O thread and move on to the next."""
         try:
             if self._stopping.is_set():
-                return  # not started: left unacked, so the broker gives it to another consumer
+                self._done(delivery)  # not started: left unacked, so the broker gives it to another consumer
+                return
             outcome = self._process(delivery)
-            published = self._call_on_io(lambda: self._settle(delivery, outcome)).result()
-            self._mark_published(published)
-            with self._lock:
-                self.messages_settled += 1
+            future = self._call_on_io(lambda: self._settle(delivery, outcome))
         except ConnectionLost as exc:
-            log.warning("%s: %s; message %s will be redelivered", self.stage.name, exc,
-                        delivery.properties.message_id)
-        except Exception as exc:  # noqa: BLE001 - the worker must survive whatever settling throws
-            log.exception("%s: could not settle message %s", self.stage.name, delivery.properties.message_id)
-            self._settle_failed(delivery, exc)
+            log.warning("%s: %s; message %s will be redelivered", self.stage.name, exc, delivery.properties.message_id)
+            self._done(delivery)
+            return
+        except Exception:  # noqa: BLE001 - the worker must survive anything
+            log.exception("%s: message %s could not be handled", self.stage.name, delivery.properties.message_id)
+            self._done(delivery)
+            return
+        future.add_done_callback(lambda f: self._settled(delivery, f))
+
+    def _settled(self, delivery: Delivery, future: Future) -> None:
+        """Runs where the settle finished: on the I/O thread, or where a lost connection failed it."""
+        try:
+            error = future.exception()
+            if error is None:
+                with self._lock:
+                    self._published_unmarked.extend(future.result())
+                    self.messages_settled += 1
+            elif isinstance(error, ConnectionLost):
+                log.warning("%s: %s; message %s will be redelivered", self.stage.name, error,
+                            delivery.properties.message_id)
+            else:
+                log.error("%s: could not settle message %s: %r", self.stage.name, delivery.properties.message_id, error)
+                self._settle_failed(delivery, error)
         finally:
-            with self._lock:
-                self._in_flight -= 1
+            self._done(delivery)
+
+    def _done(self, delivery: Delivery) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     def _process(self, delivery: Delivery) -> Outcome:
         """Handle one delivery; whatever happens, say what is to become of it."""
@@ -408,7 +433,7 @@ class Consumer:
         message's trace with a link to the report's ("link", for those who sample by trace)."""
         incoming = context_from(props.headers)
         incoming_span = trace.get_current_span(incoming).get_span_context()
-        if (props.app_id or "").startswith("reportflow") or not message.report_id:
+        if message.type not in FOLLOW_UP_EVENTS or not message.report_id:
             return incoming, []
         with suppress_instrumentation(), self._session_factory() as session:
             stored = session.scalar(select(Report.trace_context).where(Report.id == message.report_id))
@@ -445,6 +470,15 @@ class Consumer:
         if _failures(delivery):
             attributes["reportflow.attempt"] = _failures(delivery) + 1
         return attributes
+
+    def _mark_published_batch(self) -> None:
+        with self._lock:
+            batch, self._published_unmarked = self._published_unmarked, []
+        try:
+            self._mark_published(batch)
+        except Exception:  # noqa: BLE001 - unmarked rows are only republished by the relay, harmlessly
+            log.warning("%s: could not mark %d outbox rows published; the relay will resend them",
+                        self.stage.name, len(batch), exc_info=True)
 
     def _mark_published(self, outbox_ids: list[int]) -> None:
         if not outbox_ids:

@@ -32,7 +32,8 @@ class Settings:
     storage_dir: Path = Path("var/storage")
     smtp_url: str = ""
     mail_from: str = "reportflow <reportflow@localhost>"
-    prefetch: int = 4
+    prefetch: int = 0       # 0: twice the worker threads, at least 4
+    concurrency: int = 0    # worker threads per process; 0: 4 on PostgreSQL, 1 on SQLite (one writer)
     heartbeat_seconds: int = 30
     max_message_bytes: int = 1_048_576
     # Well under RabbitMQ's 30-minute consumer timeout, past which the broker closes the channel.
@@ -44,6 +45,16 @@ class Settings:
     jaeger_ui_url: str = "http://localhost:16686"
     jaeger_query_url: str = ""
     tracing: TracingSettings = field(default_factory=TracingSettings)
+
+    @property
+    def worker_threads(self) -> int:
+        if self.concurrency:
+            return self.concurrency
+        return 1 if self.database_url.startswith("sqlite") else 4
+
+    @property
+    def effective_prefetch(self) -> int:
+        return self.prefetch or max(4, 2 * self.worker_threads)
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> "Settings":
@@ -81,6 +92,7 @@ ENVIRONMENT_VARIABLES = {
     "smtp_url": ["REPORTFLOW_SMTP_URL"],
     "mail_from": ["REPORTFLOW_MAIL_FROM"],
     "prefetch": ["REPORTFLOW_PREFETCH"],
+    "concurrency": ["REPORTFLOW_CONCURRENCY"],
     "heartbeat_seconds": ["REPORTFLOW_HEARTBEAT_SECONDS"],
     "max_message_bytes": ["REPORTFLOW_MAX_MESSAGE_BYTES"],
     "render_time_limit_seconds": ["REPORTFLOW_RENDER_TIME_LIMIT_SECONDS"],

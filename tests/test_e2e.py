@@ -88,6 +88,7 @@ def test_reports_go_from_request_to_approved_pdf_and_emails_in_one_trace_each(
             context.detach(token)
         requested_for(tap, "rep-a", "sign-off")
         mallory = client.decide("rep-a", "sign-off", "mallory@example.com", approve=True)
+        tap.wait_for("approval.refused")  # before carol completes the stage, so the reason is about mallory
         # Stage 2 of A arrives later, from another system in another trace.
         late = client.decide("rep-a", "sign-off", "carol@example.com", approve=True, comment="Signed")
 
