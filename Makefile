@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 
-.PHONY: run demo test install services clean
+.PHONY: run demo test bench bench-quick install services clean
 
 $(STAMP): pyproject.toml constraints.txt
 	infra/ensure-system-packages.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,bench]'
 	$(BIN)/pip check
 	touch $@
 
@@ -32,6 +32,14 @@ demo: install services
 test: install
 	infra/ensure-test-services.sh
 	$(BIN)/python -m pytest
+
+bench: install
+	infra/ensure-test-services.sh
+	$(BIN)/python -m bench.run
+
+bench-quick: install
+	infra/ensure-test-services.sh
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf var .pytest_cache

@@ -1,0 +1,53 @@
+"""A pass-through stage on reportflow's runtime, for measuring what a hop costs: it consumes one event
+type and emits the next, with the inbox, outbox, confirms and tracing of a real stage.
+
+    python -m bench.passthrough STAGE_NAME CONSUMED_EVENT_TYPE"""
+from __future__ import annotations
+
+import sys
+
+from consumers.bootstrap import session_factory
+from consumers.runtime import Consumer
+from consumers.stage import Stage
+from shared.config import Settings
+from shared.tracing import setup_logging, setup_tracing
+
+DOCUMENT = {"id": 1, "kind": "draft", "storage_key": "bench", "size_bytes": 1, "sha256": "0" * 64, "pages": 1}
+# A four-hop chain of real event types, so every payload is checked against its schema as in production.
+NEXT = {
+    "report.created": ("report.generated", lambda rid: {"report_id": rid, "document": DOCUMENT}),
+    "report.generated": ("report.approved", lambda rid: {"report_id": rid, "stages": []}),
+    "report.approved": ("report.finalized", lambda rid: {"report_id": rid, "title": "t", "document": DOCUMENT}),
+    "report.finalized": ("report.invalid", lambda rid: {"report_id": rid, "submitter": None, "reasons": ["end"]}),
+}
+
+
+def first_event(report_id: str) -> dict:
+    return {"report_id": report_id, "title": "t", "template": "standard",
+            "submitter": {"email": "a@example.com"}, "stages": ["s"]}
+
+
+def pass_through(consumed: str):
+    emitted, payload = NEXT[consumed]
+
+    def handler(event, uow) -> None:
+        uow.emit(emitted, payload(event.report_id))
+    return handler
+
+
+def main(stage_name: str, consumed: str) -> None:
+    settings = Settings.from_env()
+    setup_logging("WARNING")
+    provider = setup_tracing(f"bench-{stage_name}", settings.tracing, "bench")
+    consumer = Consumer(Stage(stage_name, {consumed: pass_through(consumed)}), settings,
+                        session_factory(settings, provider), {}, tracer_provider=provider,
+                        bindings={stage_name: [consumed]}, concurrency=settings.worker_threads)
+    try:
+        consumer.run()
+    finally:
+        if provider is not None:
+            provider.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

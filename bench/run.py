@@ -1,0 +1,651 @@
+"""`make bench`: what the pipeline costs. These machines are shared and noisy, so every figure is a
+ratio against a baseline measured in the same run, never an absolute time on its own.
+
+    python -m bench.run [--quick]
+
+Writes bench/results/<date>.json and latest.json (one object per figure: name, value, unit,
+baseline, ratio, target, met), a Markdown table and a PNG chart beside them."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pika
+from sqlalchemy import text
+
+from bench.passthrough import first_event
+from producers.bulk import BulkPublisher
+from shared.db import make_engine
+from shared.events import Event
+from shared.migrate import upgrade
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/reportflow-test")
+DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/reportflow_test")
+PYTHON = sys.executable
+BIN = Path(sys.executable).parent
+
+
+# -- plumbing --------------------------------------------------------------------------------------------
+class Figures(list):
+    def add(self, name, value, unit, baseline, ratio=None, target=None, met=None, **extra):
+        figure = {"name": name, "value": round(value, 3), "unit": unit, "baseline": baseline,
+                  "ratio": None if ratio is None else round(ratio, 3), "target": target, "met": met, **extra}
+        self.append(figure)
+        print(f"  {name}: {figure['value']} {unit}" + (f"  (ratio {figure['ratio']} vs {baseline})" if ratio else "")
+              + (f"  target {target}: {'met' if met else 'MISSED'}" if target else ""), flush=True)
+        return figure
+
+
+class Sink:
+    """Counts what arrives on a queue bound to one routing key, with the arrival time per report id."""
+
+    def __init__(self, exchange: str, routing_key: str, exchange_type: str = "topic", parse=None):
+        self.arrivals: dict[str, float] = {}
+        self._parse = parse or (lambda body: json.loads(body)["report_id"])
+        self._connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        channel = self._connection.channel()
+        self.queue = f"{exchange}.sink" if exchange else routing_key
+        if exchange:
+            channel.exchange_declare(exchange, exchange_type=exchange_type, durable=True)
+            channel.queue_declare(self.queue)
+            channel.queue_bind(self.queue, exchange, routing_key=routing_key)
+        else:
+            channel.queue_declare(self.queue, durable=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._consume, args=(channel,), daemon=True)
+        self._thread.start()
+
+    def _consume(self, channel) -> None:
+        channel.basic_consume(self.queue, lambda ch, m, p, body: self.arrivals.setdefault(self._parse(body), time.perf_counter()),
+                              auto_ack=True)
+        while not self._stop.is_set():
+            self._connection.process_data_events(time_limit=0.05)
+
+    def wait(self, count: int, timeout: float = 600) -> float:
+        deadline = time.monotonic() + timeout
+        while len(self.arrivals) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.arrivals)} of {count} arrived at {self.queue}")
+            time.sleep(0.01)
+        return max(self.arrivals.values())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        channel = self._connection.channel()
+        channel.queue_delete(self.queue)
+        self._connection.close()
+
+
+def spawn(args: list[str], env: dict | None = None, name: str = "process") -> subprocess.Popen:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log = open(RESULTS / f"{name}.log", "ab")
+    return subprocess.Popen(args, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+                                       **(env or {})},
+                            cwd=RESULTS, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop(*processes: subprocess.Popen) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def consumers_on(queue: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.consumer_count
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def wait_consuming(queues: list[str], processes: list[subprocess.Popen], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(consumers_on(q) for q in queues):
+        if any(p.poll() is not None for p in processes) or time.monotonic() > deadline:
+            raise RuntimeError(f"consumers did not start on {queues}; see {RESULTS}/*.log")
+        time.sleep(0.2)
+
+
+def delete_broker_objects(exchange: str, queues: list[str]) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = connection.channel()
+    for queue in queues:
+        channel.queue_delete(queue)
+    for name in (exchange, f"{exchange}.dead-letter"):
+        channel.exchange_delete(name)
+    connection.close()
+
+
+def fresh_database() -> None:
+    engine = make_engine(DATABASE_URL)
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    upgrade(DATABASE_URL)
+
+
+def stage_env(exchange: str, tracing: bool, otlp_port: int, **extra) -> dict:
+    return {"REPORTFLOW_AMQP_URL": AMQP_URL, "REPORTFLOW_EXCHANGE": exchange, "REPORTFLOW_DATABASE_URL": DATABASE_URL,
+            "REPORTFLOW_STORAGE_DIR": str(RESULTS / "storage"), "TRACING_ENABLED": str(tracing).lower(),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}", "REPORTFLOW_CONFIG_DIR": str(RESULTS),
+            "REPORTFLOW_TRACING_STATS_SECONDS": "0", **extra}
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of a process and its children (the render process), in MB."""
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found + [g for c in found for g in _children(c)]
+
+
+# -- 1. hop cost ---------------------------------------------------------------------------------------------
+def hop(n: int, mode: str, otlp_port: int) -> float:
+    """Messages per second through one hop: 'raw' pika, or the runtime with tracing 'on' or 'off'."""
+    exchange = f"bench-{uuid.uuid4().hex[:8]}"
+    queue = f"{exchange}.hop"
+    sink = Sink(exchange, "report.generated")
+    if mode == "raw":
+        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        channel = connection.channel()
+        channel.queue_declare(queue, durable=True)
+        channel.queue_bind(queue, exchange, routing_key="report.created")
+        connection.close()
+        process = spawn([PYTHON, "-m", "bench.raw_hop", AMQP_URL, exchange, queue, "4"], name="hop-raw")
+    else:
+        fresh_database()
+        process = spawn([PYTHON, "-m", "bench.passthrough", "hop", "report.created"],
+                        stage_env(exchange, mode == "on", otlp_port), name=f"hop-{mode}")
+    try:
+        wait_consuming([queue], [process])
+        publisher = BulkPublisher(AMQP_URL, exchange)
+        publisher.publish(Event("report.created", first_event(f"warm-{i}")) for i in range(100))
+        sink.wait(100)
+        started = time.perf_counter()
+        publisher.publish(Event("report.created", first_event(f"r-{i}")) for i in range(n))
+        finished = sink.wait(100 + n)
+        return n / (finished - started)
+    finally:
+        stop(process)
+        sink.close()
+        delete_broker_objects(exchange, [queue, *(f"{queue}.retry.{d}s" for d in (1, 5, 30, 120)), f"{exchange}.dead-letter"])
+
+
+# -- 2. four-stage chain: reportflow vs Celery ----------------------------------------------------------------
+CHAIN = [("stage1", "report.created"), ("stage2", "report.generated"), ("stage3", "report.approved"),
+         ("stage4", "report.finalized")]
+
+
+def chain_reportflow(n_burst: int, rate: int, seconds: float, otlp_port: int) -> tuple[float, list[float]]:
+    fresh_database()
+    exchange = f"bench-{uuid.uuid4().hex[:8]}"
+    sink = Sink(exchange, "report.invalid")
+    processes = [spawn([PYTHON, "-m", "bench.passthrough", name, consumed], stage_env(exchange, True, otlp_port),
+                       name=f"chain-{name}") for name, consumed in CHAIN]
+    queues = [f"{exchange}.{name}" for name, _ in CHAIN]
+    try:
+        wait_consuming(queues, processes)
+        publisher = BulkPublisher(AMQP_URL, exchange)
+        publisher.publish(Event("report.created", first_event(f"warm-{i}")) for i in range(100))
+        sink.wait(100)
+        started = time.perf_counter()
+        publisher.publish(Event("report.created", first_event(f"burst-{i}")) for i in range(n_burst))
+        throughput = n_burst / (sink.wait(100 + n_burst) - started)
+        latencies = _paced(lambda rid: _publish_one(exchange, rid), sink, rate, seconds, 100 + n_burst)
+        return throughput, latencies
+    finally:
+        stop(*processes)
+        sink.close()
+        delete_broker_objects(exchange, [*queues, *(f"{q}.retry.{d}s" for q in queues for d in (1, 5, 30, 120)),
+                                         f"{exchange}.dead-letter"])
+
+
+_channels: dict[str, object] = {}
+
+
+def _publish_one(exchange: str, report_id: str) -> None:
+    """One upstream publish with a confirm, as the paced load does."""
+    if exchange not in _channels:
+        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        channel = connection.channel()
+        channel.confirm_delivery()
+        _channels[exchange] = channel
+    event = Event("report.created", first_event(report_id))
+    from shared.events import encode, message_properties
+    _channels[exchange].basic_publish(exchange, event.type, encode(event),
+                                      pika.BasicProperties(**message_properties(event)))
+
+
+def _paced(publish, sink: Sink, rate: int, seconds: float, already: int) -> list[float]:
+    """Publish at `rate` per second for `seconds`; the latency of each, from publish to the sink."""
+    sent: dict[str, float] = {}
+    count = int(rate * seconds)
+    start = time.perf_counter()
+    for i in range(count):
+        due = start + i / rate
+        while (now := time.perf_counter()) < due:
+            time.sleep(min(0.001, due - now))
+        report_id = f"paced-{i}"
+        sent[report_id] = time.perf_counter()
+        publish(report_id)
+    sink.wait(already + count)
+    return [(sink.arrivals[r] - t) * 1000 for r, t in sent.items()]
+
+
+def chain_celery(n_burst: int, rate: int, seconds: float) -> tuple[float, list[float]]:
+    from bench import celery_chain
+
+    env = {"BENCH_CELERY_BROKER": AMQP_URL}
+    workers = [spawn([str(BIN / "celery"), "-A", "bench.celery_chain", "worker", "-Q", f"bench.{name}",
+                      "-n", f"{name}@%h", "--loglevel=WARNING"], env, name=f"celery-{name}")
+               for name, _ in CHAIN]
+    parse = lambda body: json.loads(body)[0][0]  # noqa: E731 - Celery protocol 2: [args, kwargs, embed]
+    sink = Sink("", "bench.sink", parse=parse)
+    try:
+        wait_consuming([f"bench.{name}" for name, _ in CHAIN], workers)
+        for i in range(100):
+            celery_chain.stage1.apply_async((f"warm-{i}",), queue="bench.stage1")
+        sink.wait(100)
+        started = time.perf_counter()
+        for i in range(n_burst):
+            celery_chain.stage1.apply_async((f"burst-{i}",), queue="bench.stage1")
+        throughput = n_burst / (sink.wait(100 + n_burst) - started)
+        latencies = _paced(lambda rid: celery_chain.stage1.apply_async((rid,), queue="bench.stage1"), sink, rate,
+                           seconds, 100 + n_burst)
+        return throughput, latencies
+    finally:
+        stop(*workers)
+        sink.close()
+        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        channel = connection.channel()
+        for name, _ in CHAIN:
+            channel.queue_delete(f"bench.{name}")
+        connection.close()
+
+
+# -- 3 and 4. generation ------------------------------------------------------------------------------------
+def report_request(report_id: str, rows: int) -> dict:
+    request = json.loads((ROOT / "producers" / "examples" / "q3-revenue.json").read_text())
+    request["report_id"] = report_id
+    request["data"]["table"]["rows"] = [[f"m{i}", "North", "Analytics", f"{i * 1000:,}", "1.0%"] for i in range(rows)]
+    return request
+
+
+def store_reports(report_ids: list[str], rows: int) -> None:
+    """Reports as creation leaves them, written straight to the database."""
+    from sqlalchemy.orm import sessionmaker
+
+    from consumers.creation import on_report_requested
+    from shared.db import UnitOfWork
+
+    engine = make_engine(DATABASE_URL)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    for report_id in report_ids:
+        with UnitOfWork(factory, "bench") as uow:
+            on_report_requested(Event("report.requested", report_request(report_id, rows)), uow)
+            uow.commit("report.requested", str(uuid.uuid4()), {})
+    engine.dispose()
+
+
+def bare_render_seconds(rows: int, repeat: int) -> tuple[float, int]:
+    """A bare HTML(...).write_pdf() of the same HTML the stage renders, in this process."""
+    from weasyprint import HTML
+
+    from shared.documents import DocumentRenderer
+    from shared.models import Report
+
+    request = report_request("bare", rows)
+    report = Report(id="bare", title=request["title"], template="standard", status="created",
+                    submitter=request["submitter"], client=request["client"], data=request["data"],
+                    created_at=datetime.datetime.now(datetime.timezone.utc))
+    html = DocumentRenderer().html(report)
+    css = (ROOT / "shared" / "templates" / "report.css").read_text()
+    document = html.replace("</head>", f"<style>{css}</style></head>")
+    HTML(string=document).write_pdf()  # warm: fonts, first layout
+    started = time.perf_counter()
+    for _ in range(repeat):
+        pdf = HTML(string=document).write_pdf()
+    return (time.perf_counter() - started) / repeat, len(pdf)
+
+
+def generation_run(n: int, rows: int, processes: int, otlp_port: int) -> tuple[float, float]:
+    """Seconds per report through the generation stage (backlog drained by `processes` consumers), and
+    the peak memory of one generation consumer with its render process."""
+    fresh_database()
+    exchange = f"bench-{uuid.uuid4().hex[:8]}"
+    sink = Sink(exchange, "report.generated")
+    env = stage_env(exchange, True, otlp_port)
+    consumers = [spawn([str(BIN / "reportflow"), "consume", "generation"], env, name=f"generation-{i}")
+                 for i in range(processes)]
+    try:
+        wait_consuming([f"{exchange}.generation"], consumers)
+        while consumers_on(f"{exchange}.generation") < processes:
+            time.sleep(0.2)
+        ids = [f"g-{i}" for i in range(n + 2 * processes)]
+        store_reports(ids, rows)
+        publisher = BulkPublisher(AMQP_URL, exchange)
+        created = lambda r: Event("report.created", {k: v for k, v in first_event(r).items()})  # noqa: E731
+        publisher.publish(created(r) for r in ids[:2 * processes])  # warm each render process
+        sink.wait(2 * processes)
+        started = time.perf_counter()
+        publisher.publish(created(r) for r in ids[2 * processes:])
+        elapsed = sink.wait(n + 2 * processes) - started
+        peak = max(rss_mb(c.pid, "VmHWM") for c in consumers)
+        return elapsed / n, peak
+    finally:
+        stop(*consumers)
+        sink.close()
+        delete_broker_objects(exchange, [f"{exchange}.{s}" for s in ("generation", "creation", "approval", "notification")]
+                              + [f"{exchange}.{s}.retry.{d}s" for s in ("generation", "creation", "approval", "notification")
+                                 for d in (1, 5, 30, 120)] + [f"{exchange}.dead-letter"])
+
+
+# -- 5. end to end ------------------------------------------------------------------------------------------------
+def end_to_end(n: int) -> tuple[float, list[float]]:
+    from aiosmtpd.controller import Controller
+
+    from producers import ReportflowClient
+    from tests.conftest import free_port
+    from tests.pipeline import AutoApprover
+
+    fresh_database()
+    exchange = f"bench-{uuid.uuid4().hex[:8]}"
+    arrivals: dict[str, float] = {}
+
+    class Mail:
+        async def handle_DATA(self, server, session, envelope):
+            subject = next((line for line in envelope.content.decode(errors="replace").splitlines()
+                            if line.startswith("Subject: Report approved: ")), None)
+            if subject:
+                arrivals.setdefault(subject.rsplit(" ", 1)[-1], time.perf_counter())
+            return "250 OK"
+
+    port = free_port()
+    smtp = Controller(Mail(), hostname="127.0.0.1", port=port)
+    smtp.start()
+    env = stage_env(exchange, True, OTLP_PORT, REPORTFLOW_SMTP_URL=f"smtp://127.0.0.1:{port}")
+    commands = dict(line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line.strip())
+    processes = [spawn(["/bin/sh", "-c", command.strip()], env, name=f"e2e-{name}") for name, command in commands.items()]
+    approver = AutoApprover(exchange)
+    approver.queue = f"{exchange}.auto-approver"
+    try:
+        wait_consuming([f"{exchange}.{s}" for s in commands], processes)
+        approver.start()
+        sent = {}
+        with ReportflowClient(AMQP_URL, exchange) as client:
+            for i in range(n):
+                request = report_request(f"e{i}", 20)
+                request["title"] = f"Bench e{i}"
+                sent[f"e{i}"] = time.perf_counter()
+                client.request_report(request)
+        deadline = time.monotonic() + 600
+        while len(arrivals) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        latencies = [(arrivals[r] - t) * 1000 for r, t in sent.items() if r in arrivals]
+        per_minute = len(latencies) / ((max(arrivals.values()) - min(sent.values())) / 60)
+        return per_minute, latencies
+    finally:
+        approver.stop()
+        stop(*processes)
+        smtp.stop()
+        delete_broker_objects(exchange, [f"{exchange}.{s}" for s in (*commands, "auto-approver")]
+                              + [f"{exchange}.{s}.retry.{d}s" for s in commands for d in (1, 5, 30, 120)]
+                              + [f"{exchange}.dead-letter"])
+
+
+# -- 6. bulk publishing -----------------------------------------------------------------------------------------
+def bulk(n: int) -> tuple[float, float]:
+    exchange = f"bench-{uuid.uuid4().hex[:8]}"
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = connection.channel()
+    channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+    channel.queue_declare(f"{exchange}.bulk", durable=True)
+    channel.queue_bind(f"{exchange}.bulk", exchange, routing_key="#")
+    try:
+        events = [Event("report.requested", {"report_id": f"b{i}", "title": "t"}) for i in range(n)]
+        started = time.perf_counter()
+        result = BulkPublisher(AMQP_URL, exchange).publish(events)
+        confirmed = n / (time.perf_counter() - started)
+        assert result.ok and result.confirmed == n
+        from shared.events import encode, message_properties
+        started = time.perf_counter()
+        for event in events:  # the baseline: raw pika, no confirms, no spans
+            channel.basic_publish(exchange, event.type, encode(event), pika.BasicProperties(**message_properties(event)))
+        raw = n / (time.perf_counter() - started)
+        return confirmed, raw
+    finally:
+        channel.queue_delete(f"{exchange}.bulk")
+        channel.exchange_delete(exchange)
+        connection.close()
+
+
+# -- 7. memory under a backlog ------------------------------------------------------------------------------------
+def memory_under_backlog(n: int, otlp_port: int) -> tuple[float, float]:
+    """RSS of a consumer draining an n-message backlog: at the start of the drain and at its end (MB)."""
+    fresh_database()
+    exchange = f"bench-{uuid.uuid4().hex[:8]}"
+    queue = f"{exchange}.hop"
+    sink = Sink(exchange, "report.generated")
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = connection.channel()
+    channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+    channel.queue_declare(queue, durable=True, arguments={"x-dead-letter-exchange": f"{exchange}.dead-letter"})
+    channel.queue_bind(queue, exchange, routing_key="report.created")
+    connection.close()
+    BulkPublisher(AMQP_URL, exchange).publish(Event("report.created", first_event(f"m-{i}")) for i in range(n))
+    process = spawn([PYTHON, "-m", "bench.passthrough", "hop", "report.created"], stage_env(exchange, True, otlp_port),
+                    name="memory")
+    samples = []
+    try:
+        while len(sink.arrivals) < n:
+            if process.poll() is not None:
+                raise RuntimeError("the consumer exited")
+            if len(sink.arrivals) > n * 0.05:
+                samples.append(rss_mb(process.pid))
+            time.sleep(0.25)
+        return samples[0], max(samples)
+    finally:
+        stop(process)
+        sink.close()
+        delete_broker_objects(exchange, [queue, *(f"{queue}.retry.{d}s" for d in (1, 5, 30, 120)), f"{exchange}.dead-letter"])
+
+
+# -- the run --------------------------------------------------------------------------------------------------
+OTLP_PORT = 0
+
+
+def main() -> None:
+    global OTLP_PORT
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke check, not figures to quote")
+    args = parser.parse_args()
+    q = args.quick
+    from tests.conftest import free_port
+    OTLP_PORT = free_port()
+    collector = spawn([PYTHON, "-m", "bench.otlp_sink", str(OTLP_PORT)], name="otlp-sink")
+    from shared.config import TracingSettings
+    from shared.tracing import setup_tracing
+    setup_tracing("bench-producer", TracingSettings())  # the producer side traces, as an upstream would
+    figures = Figures()
+    try:
+        print("1. hop cost", flush=True)
+        n = 300 if q else 3000
+        raw, on, off = hop(n, "raw", OTLP_PORT), hop(n, "on", OTLP_PORT), hop(n, "off", OTLP_PORT)
+        figures.add("hop throughput, raw pika", raw, "msg/s", "itself")
+        figures.add("hop throughput, runtime, tracing on", on, "msg/s", "raw pika hop", on / raw)
+        figures.add("hop throughput, runtime, tracing off", off, "msg/s", "raw pika hop", off / raw)
+        tracing_us = (1 / on - 1 / off) * 1e6
+        figures.add("tracing cost per message per hop", tracing_us, "µs", "same hop, tracing off",
+                    on / off, "<= 50 µs", tracing_us <= 50)
+
+        print("2. four-stage chain vs Celery", flush=True)
+        burst, rate, seconds = (200, 200, 3) if q else (2000, 200, 15)
+        ours, ours_lat = chain_reportflow(burst, rate, seconds, OTLP_PORT)
+        theirs, theirs_lat = chain_celery(burst, rate, seconds)
+        figures.add("chain burst throughput, reportflow", ours, "msg/s", "Celery chain", ours / theirs, ">= 1.5x",
+                    ours / theirs >= 1.5)
+        figures.add("chain burst throughput, Celery", theirs, "msg/s", "itself")
+        for label, latencies, baseline in (("reportflow", ours_lat, theirs_lat), ("Celery", theirs_lat, None)):
+            p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+            figures.add(f"chain paced {rate}/s p50 per hop, {label}", p50 / 4, "ms",
+                        "Celery" if baseline else "itself", (p50 / percentile(baseline, 50)) if baseline else None)
+            per_hop_p99 = p99 / 4
+            figures.add(f"chain paced {rate}/s p99 per hop, {label}", per_hop_p99, "ms",
+                        "Celery" if baseline else "itself", (p99 / percentile(baseline, 99)) if baseline else None,
+                        "<= 8 ms" if baseline else None, (per_hop_p99 <= 8) if baseline else None,
+                        samples=latencies if not q else None)
+
+        print("3. generation vs a bare render", flush=True)
+        for label, rows, count in (("1-page", 5, 6 if q else 30), ("5-page 200-row", 200, 3 if q else 15)):
+            bare, _ = bare_render_seconds(rows, 3 if q else 10)
+            stage, peak = generation_run(count, rows, 1, OTLP_PORT)
+            figures.add(f"generation per report, {label}", stage * 1000, "ms", "bare write_pdf of the same HTML",
+                        stage / bare, "<= 1.10x", stage / bare <= 1.10)
+            figures.add(f"bare write_pdf, {label}", bare * 1000, "ms", "itself")
+        figures.add("generation consumer peak RSS (with its render process)", peak, "MB", "itself")
+        approved = approved_version_ratio(3 if q else 10)
+        figures.add("approved version vs a draft render, 5-page 200-row", approved, "x", "draft render", approved,
+                    "<= 0.25x", approved <= 0.25)
+
+        print("4. scaling generation", flush=True)
+        count = 8 if q else 40
+        one, _ = generation_run(count, 200, 1, OTLP_PORT)
+        two, _ = generation_run(count, 200, 2, OTLP_PORT)
+        figures.add("generation, 1 process", 60 / one, "reports/min", "itself")
+        figures.add("generation, 2 processes", 60 / two, "reports/min", "1 process", one / two, ">= 1.8x",
+                    one / two >= 1.8)
+
+        print("5. end to end", flush=True)
+        per_minute, latencies = end_to_end(5 if q else 40)
+        figures.add("end to end, two approval stages", per_minute, "reports/min", "itself")
+        for p in (50, 95, 99):
+            figures.add(f"end to end p{p}, request to final email", percentile(latencies, p), "ms", "itself",
+                        samples=latencies if p == 50 and not q else None)
+
+        print("6. bulk publishing", flush=True)
+        confirmed, raw_rate = bulk(2000 if q else 20000)
+        figures.add("bulk publish with confirms (producer client)", confirmed, "msg/s", "raw pika, no confirms",
+                    confirmed / raw_rate, ">= 10,000 msg/s", confirmed >= 10000)
+        figures.add("raw pika publish, no confirms", raw_rate, "msg/s", "itself")
+
+        print("7. memory under a backlog", flush=True)
+        first, peak = memory_under_backlog(1000 if q else 10000, OTLP_PORT)
+        figures.add("consumer RSS growth over a backlog drain", peak - first, "MB", f"RSS early in the drain ({first:.0f} MB)",
+                    peak / first, "flat (< 10 MB)", peak - first < 10)
+    finally:
+        stop(collector)
+    write(figures, q)
+
+
+def approved_version_ratio(repeat: int) -> float:
+    from shared.documents import DocumentRenderer
+    from shared.models import Report
+
+    request = report_request("ratio", 200)
+    report = Report(id="ratio", title=request["title"], template="standard", status="created",
+                    submitter=request["submitter"], client=request["client"], data=request["data"],
+                    created_at=datetime.datetime.now(datetime.timezone.utc))
+    renderer = DocumentRenderer()
+    draft = renderer.render(report)
+    approval = [{"name": "review", "rule": "all", "decisions": [
+        {"approver": "bob@example.com", "decision": "approve", "comment": "ok", "decided_at": "2026-11-24 10:00"}]}]
+    started = time.perf_counter()
+    for _ in range(repeat):
+        renderer.render(report)
+    draft_seconds = (time.perf_counter() - started) / repeat
+    started = time.perf_counter()
+    for _ in range(repeat):
+        renderer.approved_version(report, draft.pdf, draft.pages, approval)
+    return (time.perf_counter() - started) / repeat / draft_seconds
+
+
+def write(figures: Figures, quick: bool) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    suffix = "-quick" if quick else ""
+    samples = {f["name"]: f.pop("samples") for f in figures if f.get("samples")}
+    for f in figures:
+        f.pop("samples", None)
+    for name in (f"{stamp}{suffix}.json", "latest.json"):
+        (RESULTS / name).write_text(json.dumps(list(figures), indent=2, ensure_ascii=False) + "\n")
+    table = ["| figure | value | baseline | ratio | target | met |", "| --- | ---: | --- | ---: | --- | --- |"]
+    for f in figures:
+        met = "" if f["met"] is None else ("yes" if f["met"] else "**no**")
+        table.append(f"| {f['name']} | {f['value']:,} {f['unit']} | {f['baseline']} | "
+                     f"{'' if f['ratio'] is None else f['ratio']} | {f['target'] or ''} | {met} |")
+    markdown = "\n".join(table) + "\n"
+    for name in (f"{stamp}{suffix}.md", "latest.md"):
+        (RESULTS / name).write_text(markdown)
+    chart(figures, samples, RESULTS / f"{stamp}{suffix}.png")
+    print(f"\nwrote {RESULTS}/latest.json, latest.md and {stamp}{suffix}.png\n\n{markdown}")
+
+
+def chart(figures: list[dict], samples: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for name, values in samples.items():
+        ordered = sorted(values)
+        left.plot(ordered, [i / len(ordered) for i in range(1, len(ordered) + 1)], label=name)
+    left.set_xscale("log")
+    left.set_xlabel("latency (ms, log scale)")
+    left.set_ylabel("fraction of messages")
+    left.set_title("Latency distributions")
+    if samples:
+        left.legend(fontsize=7)
+    bars = [f for f in figures if f["unit"] in ("msg/s",)]
+    right.barh([f["name"] for f in bars], [f["value"] for f in bars], color="#4b6387")
+    right.set_xscale("log")
+    right.set_xlabel("messages per second (log scale)")
+    right.set_title("Throughput")
+    right.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.savefig(path.parent / "latest.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
