@@ -96,23 +96,25 @@ def _send(uow, postman: Postman, event: Event, to: list[str], subject: str, text
     message_id = stable_message_id(f"{event.message_id}.{key}")
     email = build_email(sender=postman.sender, to=to, subject=subject, text=text,
                         message_id=message_id, attachments=attachments)
-    if _locked_record(uow, message_id) is None:
-        uow.add(Notification(report_id=event.report_id, event_type=event.type, event_message_id=event.message_id,
-                             recipients=to, subject=email["Subject"], email_message_id=message_id,
-                             attachments=[a[0] for a in attachments], transport=postman.mailer.transport))
-        uow.checkpoint()
-    # Held until the mark below commits: a copy of this event handled at the same time waits here and
-    # then finds the email sent. Only a crash (its lock gone with its connection) leaves one pending.
-    record = _locked_record(uow, message_id)
-    if record.status == "sent":
-        return
-    postman.mailer.send(email)
-    record.status, record.sent_at = "sent", utcnow()
-    uow.checkpoint()
+    with uow.separately() as session:
+        if _locked_record(session, message_id) is None:
+            session.add(Notification(report_id=event.report_id, event_type=event.type,
+                                     event_message_id=event.message_id, recipients=to, subject=email["Subject"],
+                                     email_message_id=message_id, attachments=[a[0] for a in attachments],
+                                     transport=postman.mailer.transport))
+    with uow.separately() as session:
+        # Locked until this block commits the mark: a copy of this event handled at the same time waits
+        # here and then finds the email sent. Only a crash (its lock gone with its connection) leaves one
+        # pending, to be sent again with the same Message-ID.
+        record = _locked_record(session, message_id)
+        if record.status == "sent":
+            return
+        postman.mailer.send(email)
+        record.status, record.sent_at = "sent", utcnow()
 
 
-def _locked_record(uow, message_id: str) -> Notification | None:
-    return (uow.session.query(Notification).filter_by(email_message_id=message_id)
+def _locked_record(session, message_id: str) -> Notification | None:
+    return (session.query(Notification).filter_by(email_message_id=message_id)
             .with_for_update().populate_existing().one_or_none())
 
 STAGE = Stage(

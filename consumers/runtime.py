@@ -413,7 +413,7 @@ class Consumer:
             message = replace(message, trace_context=carrier_of_current())
 
         with UnitOfWork(self._session_factory, self.stage.name) as uow:
-            if uow.already_processed(message.message_id):
+            if not uow.claim(message.message_id, message.type):
                 span.set_attribute("reportflow.duplicate", True)
                 log.info("%s: %s %s was processed before; acknowledged without effect",
                          self.stage.name, message.type, message.message_id)
@@ -424,8 +424,9 @@ class Consumer:
                 span.add_event("refused", {"reason": uow.refusal})
                 log.warning("%s: refused %s %s: %s", self.stage.name, message.type, message.message_id,
                             uow.refusal)
-            rows = uow.commit(message.type, message.message_id, carrier_of_current())
-            return Outcome(context.get_current(), publish=[OutgoingMessage.of(r) for r in rows])
+            carrier = carrier_of_current()
+            return Outcome(context.get_current(), publish=[
+                OutgoingMessage(outbox_id, e.message_id, e.type, e.payload, carrier) for outbox_id, e in uow.commit(carrier)])
 
     def _processing_parent(self, props, message) -> tuple[context.Context, list[Link]]:
         """The message's own context; or, for an upstream message about a report that lives in another

@@ -11,8 +11,10 @@ SCHEMA_DIR = Path(__file__).resolve().parent
 SCHEMA_VERSION = "1"
 
 
-def event_types() -> list[str]:
-    return sorted(p.name.removesuffix(".json") for p in SCHEMA_DIR.glob("*.json"))
+@lru_cache(maxsize=1)
+def event_types() -> frozenset[str]:
+    """Read once: every message asks."""
+    return frozenset(p.name.removesuffix(".json") for p in SCHEMA_DIR.glob("*.json"))
 
 
 @lru_cache(maxsize=None)

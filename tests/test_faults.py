@@ -70,6 +70,27 @@ def tally(url: str) -> dict:
         engine.dispose()
 
 
+def missing_emails(url: str, report_ids: list[str], smtp) -> str:
+    """Which emails did not arrive, and what the database says of them: for a failure worth reading."""
+    received = {(m["envelope_to"][0], str(m["message"]["Subject"])) for m in smtp.messages}
+    engine = make_engine(url)
+    lines = []
+    with Session(engine) as session:
+        for report_id in report_ids:
+            title = f"Fault report {report_id}"
+            expected = [("bob@example.com", f"Approval needed: {title} (stage 1 of 2: review)"),
+                        ("carol@example.com", f"Approval needed: {title} (stage 2 of 2: sign-off)"),
+                        ("dan@example.com", f"Approval needed: {title} (stage 2 of 2: sign-off)"),
+                        ("ann@example.com", f"Report approved: {title}")]
+            for to, subject in expected:
+                if (to, subject) not in received:
+                    rows = session.execute(select(Notification.status, Notification.recipients).where(
+                        Notification.report_id == report_id, Notification.subject == subject)).all()
+                    lines.append(f"missing {to}: {subject}; notifications rows: {rows}")
+    engine.dispose()
+    return "\n".join(lines)
+
+
 def check_everything_arrived_once(url: str, report_ids: list[str], smtp, notification_kills: int) -> dict:
     counts = tally(url)
     assert statuses(url) == Counter({"finalized": len(report_ids)})
@@ -103,7 +124,10 @@ def test_kill_9_at_random_moments_loses_nothing_and_repeats_nothing(faulty_pipel
         time.sleep(chaos.uniform(0, 0.3))
         pipeline.start(victim)
     wait_until(lambda: statuses(postgres_url)["finalized"] == 50, 120, what="50 finalized reports")
-    wait_until(lambda: len({m["message"]["Message-ID"] for m in smtp.messages}) >= 200, 60, what="200 emails")
+    try:
+        wait_until(lambda: len({m["message"]["Message-ID"] for m in smtp.messages}) >= 200, 60, what="200 emails")
+    except AssertionError:
+        raise AssertionError(missing_emails(postgres_url, report_ids, smtp) + "\n" + pipeline.logs()) from None
     time.sleep(3)  # let any late duplicate arrive, so it is counted
     figures = check_everything_arrived_once(postgres_url, report_ids, smtp, pipeline.kills["notification"])
     record_property("fault_figures", {"kills": dict(pipeline.kills), **figures})

@@ -24,8 +24,9 @@ TWO_STAGES = [
 def handle(uow, handler, message, **deps) -> list[Event]:
     """Run one handler the way the runtime does: one transaction, emitted events returned."""
     with uow(handler.__module__) as unit:
+        assert unit.claim(message.message_id, message.type)
         handler(message, unit, **deps)
-        unit.commit(message.type, message.message_id, {})
+        unit.commit({})
         return unit.emitted
 
 
