@@ -354,3 +354,6 @@ def setup_logging(level: str = "INFO", log_format: str = "text", service: str = 
     root.setLevel(level)
     for noisy in ("pika", "fontTools", "weasyprint", "kombu", "amqp"):
         logging.getLogger(noisy).setLevel(logging.WARNING if noisy != "weasyprint" else logging.ERROR)
+    # The SDK logs every span it drops when its queue is full: thousands of lines under load. The span
+    # pipeline's own stats count drops and warn once per interval instead.
+    logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
