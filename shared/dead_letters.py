@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pika
 
 from shared.topology import Topology
+from shared.tracing import trace_business_operation
 
 FAILURE_HEADERS = ("x-reportflow-attempt", "x-reportflow-first-failure", "x-reportflow-error",
                    "x-reportflow-dead-lettered-at", "x-death", "x-first-death-exchange", "x-first-death-queue",
@@ -69,6 +70,7 @@ class DeadLetterQueue:
     def show(self, message_id: str) -> DeadLetter | None:
         return next((d for d in self.list() if d.message_id == message_id), None)
 
+    @trace_business_operation("dead letters replay")
     def replay(self, message_id: str | None = None) -> list[DeadLetter]:
         """Send one dead letter (by message id), or all when message_id is None, back to its work queue."""
         replayed = []

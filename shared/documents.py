@@ -18,6 +18,8 @@ from weasyprint import CSS, HTML
 from weasyprint.text.fonts import FontConfiguration
 from weasyprint.urls import URLFetcher
 
+from shared.tracing import trace_external_call
+
 ASSETS = Path(__file__).resolve().parent / "templates"
 TEMPLATES = {"standard": "standard.html"}
 _tracer = trace.get_tracer("reportflow.documents")
@@ -192,6 +194,7 @@ class FolderStorage:
                 out.write(content)
             os.replace(tmp, path)
 
+    @trace_external_call("storage", "get")
     def get(self, key: str) -> bytes:
         return self.path(key).read_bytes()
 

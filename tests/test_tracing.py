@@ -3,6 +3,7 @@ processes started as the Procfile starts them, and the pieces that make it up.""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -117,7 +118,10 @@ def test_tracing_disabled_exports_nothing_and_installs_no_exporter(stage_process
     try:
         assert tracing.setup_tracing("x", TracingSettings(enabled=False)) is None
         assert tracing._enabled is False
+        os.environ["OTEL_SDK_DISABLED"] = "true"
+        assert tracing.setup_tracing("x", TracingSettings(enabled=True)) is None
     finally:
+        os.environ.pop("OTEL_SDK_DISABLED", None)
         tracing._enabled = enabled
 
 
@@ -208,6 +212,33 @@ def test_an_unreachable_collector_costs_spans_not_service(stage_process, sqlite_
         return (status.get("spans") or {}).get("export_failures")
     wait_until(failures, 30, what="export failures in the status file")
     assert pipeline.stop() == {"creation": 0}
+
+
+def test_spans_also_travel_over_otlp_grpc(stage_process, sqlite_url, exchange, tap):
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):  # noqa: N802 - the service's naming
+            received.extend(span.name for rs in request.resource_spans for ss in rs.scope_spans for span in ss.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        stage_process("creation", sqlite_url, OTEL_EXPORTER_OTLP_PROTOCOL="grpc", OTEL_EXPORTER_OTLP_INSECURE="true",
+                      OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}")
+        publish_request(exchange, "r-grpc", {})
+        tap.wait_for("report.created")
+        wait_until(lambda: any(n.startswith("process ") for n in received), 30, what="spans over gRPC")
+    finally:
+        server.stop(None)
 
 
 # -- the pieces ---------------------------------------------------------------------------------------------
