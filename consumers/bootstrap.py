@@ -29,9 +29,18 @@ def dependencies(stage, settings: Settings) -> dict:
     factories = {
         "storage": lambda: FolderStorage(settings.storage_dir),
         "renderer": lambda: IsolatedRenderer(settings.render_time_limit_seconds),
-        "postman": lambda: Postman(mailer_from_settings(settings.smtp_url, settings.storage_dir), settings.mail_from),
+        "postman": lambda: Postman(mailer_from_settings(settings.smtp_url, settings.storage_dir), settings.mail_from,
+                                   _approval_links(settings)),
     }
     return {name: factories[name]() for name in wanted}
+
+
+def _approval_links(settings: Settings):
+    """Approval emails carry personal links when links can be signed: with a secret key, or in development."""
+    if settings.secret_key or settings.environment == "development":
+        return settings.approval_links()
+    log.warning("no REPORTFLOW_SECRET_KEY: approval emails will not carry links to the gateway")
+    return None
 
 
 def session_factory(settings: Settings, tracer_provider=None) -> sessionmaker:

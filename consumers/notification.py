@@ -19,10 +19,12 @@ from shared.models import Notification, utcnow
 
 @dataclass(frozen=True)
 class Postman:
-    """How notification sends: a mailer (SMTP or folder) and the From address."""
+    """How notification sends: a mailer (SMTP or folder), the From address, and the signer of approval
+    links (None where no gateway is configured)."""
 
     mailer: object
     sender: str
+    links: object = None
 
 
 def on_approval_requested(event: Event, uow, postman: Postman, storage: FolderStorage) -> None:
@@ -31,11 +33,12 @@ def on_approval_requested(event: Event, uow, postman: Postman, storage: FolderSt
     subject = f"Approval needed: {requested['title']} (stage {stage['position']} of {stage['of']}: {stage['name']})"
     rule = "every approver must approve" if stage["rule"] == "all" else "one approval is enough"
     for approver in requested["approvers"]:
+        how = (f"Decide here (this link is yours, and works once):\n  "
+               f"{postman.links.url(requested['report_id'], stage['name'], approver)}\n" if postman.links else
+               f"Decide with:\n  reportflow publish decision {requested['report_id']} --stage \"{stage['name']}\" "
+               f"--approver {approver} --approve|--reject --comment \"...\"\n")
         text = (f"Hello,\n\nThe report \"{requested['title']}\" ({requested['report_id']}) is waiting for your "
-                f"decision at stage \"{stage['name']}\" ({rule}).\n\n"
-                f"Decide with:\n  reportflow publish decision {requested['report_id']} --stage \"{stage['name']}\" "
-                f"--approver {approver} --approve|--reject --comment \"...\"\n\n"
-                "The draft is attached.\n")
+                f"decision at stage \"{stage['name']}\" ({rule}).\n\n{how}\nThe draft is attached.\n")
         attachments = _pdf(storage, requested.get("document"), requested["report_id"], "draft")
         _send(uow, postman, event, [approver], subject, text, attachments, key=approver)
 

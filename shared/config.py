@@ -44,6 +44,12 @@ class Settings:
     log_format: str = "text"  # or "json", for log shippers
     jaeger_ui_url: str = "http://localhost:16686"
     jaeger_query_url: str = ""
+    gateway_url: str = "http://127.0.0.1:8080"   # the public base URL used in emails
+    gateway_bind: str = "127.0.0.1"
+    gateway_port: int = 8080
+    secret_key: str = ""                           # signs approval links; required outside development
+    api_token: str = ""                            # Bearer token for POST /reports and the JSON endpoints
+    link_max_age_seconds: int = 7 * 24 * 3600
     tracing: TracingSettings = field(default_factory=TracingSettings)
 
     @property
@@ -74,12 +80,19 @@ class Settings:
         return _build(cls(), values)
 
     def masked(self) -> dict[str, str]:
-        """Every setting as text, passwords in URLs replaced: fit for logs and `reportflow config show`."""
+        """Every setting as text, secrets and passwords in URLs replaced: fit for logs and `config show`."""
         shown = {}
         for key, value in _flatten(_as_dict(self)).items():
             text = str(value)
-            shown[key] = mask_url(text) if "://" in text else text
+            shown[key] = ("***" if text else "") if key in SECRETS else (mask_url(text) if "://" in text else text)
         return shown
+
+    def approval_links(self):
+        from shared.links import DEVELOPMENT_SECRET, ApprovalLinks
+
+        if not self.secret_key and self.environment != "development":
+            raise ValueError("REPORTFLOW_SECRET_KEY is required outside development: it signs approval links")
+        return ApprovalLinks(self.secret_key or DEVELOPMENT_SECRET, self.gateway_url, self.link_max_age_seconds)
 
 
 # Setting -> environment variables that set it, first one present wins. YAML files use the same
@@ -101,6 +114,12 @@ ENVIRONMENT_VARIABLES = {
     "log_format": ["REPORTFLOW_LOG_FORMAT"],
     "jaeger_ui_url": ["JAEGER_UI_URL"],
     "jaeger_query_url": ["JAEGER_QUERY_URL"],
+    "gateway_url": ["REPORTFLOW_GATEWAY_URL"],
+    "gateway_bind": ["REPORTFLOW_GATEWAY_BIND"],
+    "gateway_port": ["REPORTFLOW_GATEWAY_PORT"],
+    "secret_key": ["REPORTFLOW_SECRET_KEY"],
+    "api_token": ["REPORTFLOW_API_TOKEN"],
+    "link_max_age_seconds": ["REPORTFLOW_LINK_MAX_AGE_SECONDS"],
     "tracing.enabled": ["REPORTFLOW_TRACING_ENABLED", "TRACING_ENABLED"],
     "tracing.sampling_ratio": ["REPORTFLOW_TRACING_SAMPLING_RATIO"],
     "tracing.exporter_endpoint": ["REPORTFLOW_TRACING_EXPORTER_ENDPOINT"],
@@ -112,6 +131,9 @@ ENVIRONMENT_VARIABLES = {
     "tracing.late_messages": ["REPORTFLOW_TRACING_LATE_MESSAGES"],
     "tracing.stats_interval_seconds": ["REPORTFLOW_TRACING_STATS_SECONDS"],
 }
+
+
+SECRETS = {"secret_key", "api_token"}
 
 
 def _read_yaml(path: Path) -> dict:

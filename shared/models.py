@@ -135,6 +135,19 @@ class Notification(Base):
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class UsedLink(Base):
+    """An approval link that was used: each works once."""
+
+    __tablename__ = "used_links"
+
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    report_id: Mapped[str] = mapped_column(String(100))
+    stage_name: Mapped[str] = mapped_column(String(100))
+    approver_email: Mapped[str] = mapped_column(String(254))
+    decision: Mapped[str] = mapped_column(String(10))
+    used_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class InboxRecord(Base):
     """A message a consumer has processed: redeliveries and duplicates are acknowledged, not repeated."""
 
