@@ -25,6 +25,14 @@ def consume(stage: str) -> None:
     run(stage)
 
 
+@main.command()
+def gateway() -> None:
+    """Run the HTTP gateway: POST /reports, report status, and approvers' decision pages."""
+    from producers.gateway import serve
+
+    serve()
+
+
 @main.group()
 def db() -> None:
     """Database schema."""
