@@ -418,7 +418,8 @@ def end_to_end(n: int) -> tuple[float, list[float]]:
     smtp = Controller(Mail(), hostname="127.0.0.1", port=port)
     smtp.start()
     env = stage_env(exchange, True, OTLP_PORT, REPORTFLOW_SMTP_URL=f"smtp://127.0.0.1:{port}")
-    commands = dict(line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line.strip())
+    from tests.pipeline import STAGES, procfile_commands
+    commands = {name: command for name, command in procfile_commands().items() if name in STAGES}
     processes = [spawn(["/bin/sh", "-c", command.strip()], env, name=f"e2e-{name}") for name, command in commands.items()]
     approver = AutoApprover(exchange)
     approver.queue = f"{exchange}.auto-approver"

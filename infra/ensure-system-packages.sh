@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# WeasyPrint's system libraries (Pango, HarfBuzz and its subsetter) and the DejaVu fonts the
-# template uses. Installed from Debian's packages when missing and running as root.
+# WeasyPrint's system libraries (Pango, HarfBuzz and its subsetter), the DejaVu fonts the template
+# uses, and Chromium for the gateway's browser test (Playwright drives Debian's build; it downloads
+# none). Installed from Debian's packages when missing and running as root.
 set -euo pipefail
 
 missing=()
@@ -8,6 +9,7 @@ have_lib() { ldconfig -p 2>/dev/null | grep -q "$1"; }
 have_lib 'libpango-1.0.so' || missing+=(libpango-1.0-0 libpangoft2-1.0-0)
 have_lib 'libharfbuzz-subset.so' || missing+=(libharfbuzz-subset0)
 fc-list 2>/dev/null | grep -qi 'DejaVuSans' || missing+=(fonts-dejavu-core fontconfig)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then

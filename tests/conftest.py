@@ -133,6 +133,20 @@ def uow(session_factory):
     return lambda consumer="test": UnitOfWork(session_factory, consumer)
 
 
+@pytest.fixture
+def uow_on():
+    """Units of work on a database the test names (for tests that prepare state in PostgreSQL)."""
+    engines = []
+
+    def make(url):
+        engines.append(make_engine(url))
+        factory = sessionmaker(engines[-1], expire_on_commit=False)
+        return lambda consumer="test": UnitOfWork(factory, consumer)
+    yield make
+    for engine in engines:
+        engine.dispose()
+
+
 # -- RabbitMQ -------------------------------------------------------------------------
 @pytest.fixture
 def exchange() -> str:

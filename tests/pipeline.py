@@ -27,11 +27,11 @@ def procfile_commands() -> dict[str, str]:
 class Pipeline:
     """Runs each Procfile line as honcho does (through the shell); processes can be killed and restarted."""
 
-    def __init__(self, folder: Path, env: dict):
+    def __init__(self, folder: Path, env: dict, names: tuple[str, ...] = STAGES):
         self.folder = folder
         self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env}
         self.env.pop("OTEL_SERVICE_NAME", None)
-        self.commands = procfile_commands()
+        self.commands = {name: command for name, command in procfile_commands().items() if name in names}
         self.processes: dict[str, subprocess.Popen] = {}
         self.kills: dict[str, int] = {name: 0 for name in self.commands}
 

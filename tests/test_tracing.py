@@ -139,23 +139,6 @@ def report_in_approval(postgres_url, uow_on):
     return postgres_url
 
 
-@pytest.fixture
-def uow_on():
-    from sqlalchemy.orm import sessionmaker
-
-    from shared.db import UnitOfWork, make_engine
-
-    engines = []
-
-    def make(url):
-        engines.append(make_engine(url))
-        factory = sessionmaker(engines[-1], expire_on_commit=False)
-        return lambda consumer="test": UnitOfWork(factory, consumer)
-    yield make
-    for engine in engines:
-        engine.dispose()
-
-
 @pytest.mark.parametrize("mode", ["continue", "link"])
 def test_a_late_decision_in_another_trace_is_linked_both_ways(stage_process, report_in_approval, exchange, otlp,
                                                               mode):

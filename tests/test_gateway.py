@@ -1,0 +1,264 @@
+"""The HTTP gateway, running as its Procfile line runs it, against the real broker and database; and an
+approver deciding from the link in their email, in a real browser (Debian's Chromium, driven by
+Playwright)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from http.cookiejar import CookieJar
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from pypdf import PdfReader
+
+from consumers import creation, generation
+from shared.config import Settings
+from shared.documents import DocumentRenderer, FolderStorage
+from shared.events import Event
+from shared.topology import Topology, declare
+from tests.conftest import ROOT, TEST_AMQP_URL, free_port, sample_request, wait_until
+from tests.pipeline import Pipeline
+from tests.test_handlers import TWO_STAGES, handle, open_first_stage
+
+SECRET, TOKEN = "test-secret-key-for-links", "test-api-token"
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def gateway(tmp_path, exchange, broker, postgres_url, otlp):
+    port = free_port()
+    pipeline = Pipeline(tmp_path, {
+        "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange, "REPORTFLOW_DATABASE_URL": postgres_url,
+        "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"), "REPORTFLOW_ENV": "test",
+        "REPORTFLOW_SECRET_KEY": SECRET, "REPORTFLOW_API_TOKEN": TOKEN, "REPORTFLOW_GATEWAY_PORT": str(port),
+        "REPORTFLOW_GATEWAY_URL": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "100"}, names=("gateway",))
+    pipeline.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(base) or pipeline.exited(), 30, what="the gateway")
+        assert not pipeline.exited(), pipeline.logs()
+        channel = broker.channel()
+        import consumers
+        declare(channel, Topology(exchange), consumers.bindings())
+        yield base, pipeline
+    finally:
+        pipeline.close()
+
+
+def _answers(base: str) -> bool:
+    try:
+        return urllib.request.urlopen(f"{base}/healthz", timeout=1).status == 200
+    except OSError:
+        return False
+
+
+def call(method: str, url: str, body=None, token: str | None = TOKEN, opener=None, form: dict | None = None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None
+    if body is not None:
+        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    if form is not None:
+        from urllib.parse import urlencode
+        data, headers["Content-Type"] = urlencode(form).encode(), "application/x-www-form-urlencoded"
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        response = (opener or urllib.request.build_opener()).open(request, timeout=10)
+        return response.status, response.read(), response.headers
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), error.headers
+
+
+def links_for(base: str):
+    return Settings(secret_key=SECRET, gateway_url=base, environment="test").approval_links()
+
+
+# -- the JSON API ---------------------------------------------------------------------------------
+def test_post_reports_publishes_with_confirms_and_answers_202_with_the_ids(gateway, tap, otlp):
+    base, _ = gateway
+    status, body, _ = call("POST", f"{base}/reports", sample_request(report_id="r-http"))
+    assert status == 202, body
+    answer = json.loads(body)
+    assert answer["report_id"] == "r-http" and len(answer["trace_id"]) == 32
+    [(_, payload, properties)] = tap.wait_for("report.requested")
+    assert payload["title"] == "Q3 revenue review" and properties.message_id == answer["message_id"]
+    assert answer["trace_id"] in properties.headers["traceparent"]
+    server = wait_until(lambda: next((s for s in otlp.spans if s["kind"] == 2 and s["name"] == "POST /reports"), None),
+                        10, what="the HTTP span")
+    assert server["trace_id"] == answer["trace_id"] and server["parent_id"] is None  # the root of the report's trace
+    assert server["service"] == "reportflow-gateway"
+
+
+def test_post_reports_refuses_bad_bodies_and_callers_without_the_token(gateway, tap):
+    base, _ = gateway
+    assert call("POST", f"{base}/reports", sample_request(), token=None)[0] == 401
+    assert call("POST", f"{base}/reports", sample_request(), token="wrong")[0] == 401
+    status, body, _ = call("POST", f"{base}/reports", {"title": "no template"})
+    assert status == 422 and any("'template' is a required property" in r for r in json.loads(body)["reasons"])
+    assert not [e for e in tap.drain() if e[0] == "report.requested"]
+
+
+def test_an_unavailable_broker_is_a_503_and_nothing_is_accepted(tmp_path, postgres_url):
+    from producers.gateway import create_app
+
+    settings = Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F", database_url=postgres_url,
+                        secret_key=SECRET, api_token=TOKEN, environment="test", storage_dir=tmp_path)
+    client = create_app(settings).test_client()
+    response = client.post("/reports", json=sample_request(), headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 503 and "unavailable" in response.json["error"]
+
+
+def test_outside_development_the_gateway_refuses_to_start_without_a_secret(postgres_url):
+    from producers.gateway import create_app
+
+    with pytest.raises(ValueError, match="REPORTFLOW_SECRET_KEY"):
+        create_app(Settings(database_url=postgres_url, environment="production"))
+
+
+@pytest.fixture
+def report_in_approval(postgres_url, uow_on, tmp_path):
+    unit = uow_on(postgres_url)
+    handle(unit, creation.on_report_requested, Event("report.requested", sample_request(
+        report_id="r-gw", approval_stages=TWO_STAGES)))
+    handle(unit, generation.on_report_created, Event("report.created", {"report_id": "r-gw"}),
+           renderer=DocumentRenderer(), storage=FolderStorage(tmp_path / "storage"))
+    open_first_stage(unit, "r-gw")
+    return "r-gw"
+
+
+def test_report_status_and_document_for_callers_with_the_token(gateway, report_in_approval):
+    base, _ = gateway
+    assert call("GET", f"{base}/reports/r-gw", token=None)[0] == 401
+    status, body, _ = call("GET", f"{base}/reports/r-gw")
+    report = json.loads(body)
+    assert status == 200 and report["status"] == "in_approval"
+    assert [(s["name"], s["status"]) for s in report["stages"]] == [("review", "open"), ("sign-off", "pending")]
+    status, pdf, headers = call("GET", report["documents"][0]["url"])
+    assert status == 200 and headers["Content-Type"] == "application/pdf"
+    assert "Q3 revenue review" in PdfReader(io.BytesIO(pdf)).pages[0].extract_text()
+    assert call("GET", f"{base}/reports/nope")[0] == 404
+
+
+# -- signed links ---------------------------------------------------------------------------------------
+def open_link(url: str):
+    """GET an approval page as a browser would, keeping its cookie; returns the opener and the form token."""
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+    status, page, _ = call("GET", url, token=None, opener=opener)
+    match = re.search(rb'name="form_token" value="([^"]+)"', page)
+    return status, page, opener, match.group(1).decode() if match else None
+
+
+def test_a_valid_link_opens_the_page_publishes_the_decision_once_and_then_is_used(gateway, report_in_approval, tap):
+    base, _ = gateway
+    links = links_for(base)
+    url = links.url("r-gw", "review", "bob@example.com")
+    status, page, opener, form_token = open_link(url)
+    assert status == 200 and b"Q3 revenue review" in page and b"Approve" in page and b"Reject" in page
+    status, page, _ = call("POST", url, token=None, opener=opener,
+                           form={"form_token": form_token, "decision": "approve", "comment": "Fine by me"})
+    assert status == 200 and b"Thank you" in page
+    [(_, decided, properties)] = tap.wait_for("approval.decided")
+    assert decided == {"report_id": "r-gw", "stage": "review", "approver": {"email": "bob@example.com"},
+                       "decision": "approve", "comment": "Fine by me"}
+    assert properties.message_id == links.claim(url.rsplit("/", 1)[1]).decision_message_id
+    status, page, _ = call("GET", url, token=None)
+    assert status == 409 and b"already used" in page
+    status, page, _ = call("POST", url, token=None, opener=opener, form={"form_token": form_token, "decision": "reject"})
+    assert status == 409
+    time.sleep(0.5)
+    assert len([e for e in tap.drain() if e[0] == "approval.decided"]) == 1
+
+
+def test_forged_expired_closed_stage_outsider_and_cross_site_posts_publish_nothing(gateway, report_in_approval, tap):
+    base, _ = gateway
+    links = links_for(base)
+    good = links.url("r-gw", "review", "bob@example.com")
+    forged = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
+    with mock.patch("itsdangerous.timed.time.time", return_value=time.time() - 8 * 24 * 3600):
+        expired = links.url("r-gw", "review", "bob@example.com")
+    pages = {
+        "forged": (forged, 403, b"not valid"),
+        "expired": (expired, 403, b"expired"),
+        "closed stage": (links.url("r-gw", "sign-off", "carol@example.com"), 409, b"not open yet"),
+        "outsider": (links.url("r-gw", "review", "mallory@example.com"), 403, b"not for an approver"),
+        "other secret": (links_for(base).__class__("another-secret", base, 3600).url("r-gw", "review", "bob@example.com"),
+                         403, b"not valid"),
+    }
+    for name, (url, expected_status, words) in pages.items():
+        status, page, _ = call("GET", url, token=None)
+        assert (status, words in page) == (expected_status, True), name
+        status, _, _ = call("POST", url, token=None, form={"form_token": "x", "decision": "approve"})
+        assert status in (403, 409), name
+    # The right link, but a form that did not come from its page (no cookie, forged or missing token).
+    _, _, _, form_token = open_link(good)
+    for form in ({"decision": "approve"}, {"decision": "approve", "form_token": form_token},
+                 {"decision": "approve", "form_token": "forged"}):
+        status, page, _ = call("POST", good, token=None, form=form)
+        assert status == 403 and b"did not come from the approval page" in page
+    time.sleep(0.5)
+    assert not [e for e in tap.drain() if e[0] == "approval.decided"]
+
+
+# -- in a real browser -------------------------------------------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+def test_an_approver_decides_from_the_email_in_a_browser_and_the_report_is_finalized(
+        tmp_path, exchange, broker, postgres_url, smtp, otlp):
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    pipeline = Pipeline(tmp_path, {
+        "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange, "REPORTFLOW_DATABASE_URL": postgres_url,
+        "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"), "REPORTFLOW_ENV": "test", "REPORTFLOW_SMTP_URL": smtp.url,
+        "REPORTFLOW_SECRET_KEY": SECRET, "REPORTFLOW_API_TOKEN": TOKEN, "REPORTFLOW_GATEWAY_PORT": str(port),
+        "REPORTFLOW_GATEWAY_URL": base, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint},
+        names=("creation", "generation", "approval", "notification", "gateway"))
+    try:
+        pipeline.start()
+        pipeline.wait_consuming(broker, exchange)
+        wait_until(lambda: _answers(base), 30, what="the gateway")
+        request = sample_request(report_id="r-browser", approval_stages=[
+            {"name": "review", "approvers": ["bob@example.com"]}])
+        assert call("POST", f"{base}/reports", request)[0] == 202
+
+        def link_in_email():
+            emails = [m["message"] for m in smtp.messages if "bob@example.com" in m["envelope_to"]]
+            found = emails and re.search(r"http://127\.0\.0\.1:\d+/approve/\S+", emails[0].get_body().get_content())
+            return found.group(0) if found else None
+        url = wait_until(link_in_email, 60, what="bob's approval email with his link")
+
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 900, "height": 760})
+            page.goto(url)
+            assert page.locator("h1").inner_text() == "Q3 revenue review"
+            page.fill("#comment", "Approved from the email.")
+            screenshot = tmp_path / "approval-page.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            if os.environ.get("REPORTFLOW_UPDATE_SCREENSHOTS"):
+                (ROOT / "docs" / "approval-page.png").write_bytes(screenshot.read_bytes())
+            page.click("button.approve")
+            page.wait_for_selector("text=Thank you")
+            browser.close()
+
+        def finalized():
+            status, body, _ = call("GET", f"{base}/reports/r-browser")
+            return status == 200 and json.loads(body)["status"] == "finalized" and json.loads(body)
+        report = wait_until(finalized, 60, what="the report finalized")
+        [decision] = report["stages"][0]["decisions"]
+        assert (decision["approver"], decision["comment"]) == ("bob@example.com", "Approved from the email.")
+        wait_until(lambda: any(m["message"]["Subject"] == "Report approved: Q3 revenue review" for m in smtp.messages),
+                   30, what="the final email")
+    finally:
+        pipeline.close()
