@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import signal
 
 import kombu.exceptions
 from flask import Flask, Response, abort, jsonify, render_template, request, send_file, url_for
@@ -206,8 +207,19 @@ def serve(settings: Settings | None = None) -> None:
         FlaskInstrumentor().instrument_app(app, tracer_provider=provider)
     log.info("gateway listening on http://%s:%d (public URL %s)", settings.gateway_bind, settings.gateway_port,
              settings.gateway_url)
+    server = waitress.create_server(app, host=settings.gateway_bind, port=settings.gateway_port, threads=8)
+
+    def stop(*_):
+        raise SystemExit(0)  # out of the server loop, so the spans still queued are flushed below
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
-        waitress.serve(app, host=settings.gateway_bind, port=settings.gateway_port, threads=8, _quiet=True)
+        server.run()
+    except SystemExit:
+        pass
     finally:
+        server.close()
         if provider is not None:
             provider.shutdown()
+        log.info("gateway stopped")

@@ -260,5 +260,13 @@ def test_an_approver_decides_from_the_email_in_a_browser_and_the_report_is_final
         assert (decision["approver"], decision["comment"]) == ("bob@example.com", "Approved from the email.")
         wait_until(lambda: any(m["message"]["Subject"] == "Report approved: Q3 revenue review" for m in smtp.messages),
                    30, what="the final email")
+        assert pipeline.stop()["gateway"] == 0  # flushes spans
     finally:
         pipeline.close()
+    # The click is a trace of its own; the report's trace links to it at the decision.
+    [click] = [s for s in otlp.spans if s["name"].startswith("POST /approve/")]
+    [request_span] = [s for s in otlp.spans if s["name"] == "POST /reports"]
+    [decided] = [s for s in otlp.spans if s["name"].startswith("process ") and "approval.decided" in s["name"]]
+    assert click["trace_id"] != request_span["trace_id"] and click["service"] == "reportflow-gateway"
+    assert decided["trace_id"] == request_span["trace_id"]
+    assert [link["trace_id"] for link in decided["links"]] == [click["trace_id"]]
