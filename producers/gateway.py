@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 import signal
+from contextlib import contextmanager
 
 import kombu.exceptions
 from flask import Flask, Response, abort, jsonify, render_template, request, send_file, url_for
@@ -97,42 +98,45 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
             return send_file(storage.path(document.storage_key), mimetype="application/pdf",
                              download_name=f"{report_id}-{document.kind}.pdf")
 
+    class Refused(Exception):
+        """A link that cannot be used now: answered with a page that says why, and nothing published."""
+
+        def __init__(self, message: str, status: int):
+            super().__init__(message)
+            self.status = status
+
+    @app.errorhandler(Refused)
+    def refusal_page(refused: Refused):
+        return render_template("refused.html", message=str(refused)), refused.status
+
+    @contextmanager
     def open_stage(token: str):
-        """The claim in a link, the report and its stage, or a page saying why not."""
+        """The claim in a link, its report and its open stage, in a session closed afterwards."""
         try:
             claim = links.claim(token)
         except LinkRefused as refused:
-            return None, None, refusal_page(str(refused), 403)
-        session = Session(engine)
-        report = session.get(Report, claim.report_id)
-        stage = report and next((s for s in report.stages if s.name == claim.stage), None)
-        if stage is None:
-            return None, None, refusal_page("This approval link names a report or stage that does not exist.", 404)
-        if session.get(UsedLink, claim.nonce) is not None:
-            return None, None, refusal_page("This approval link was already used. Each link works once.", 409)
-        if report.status == "rejected" or stage.status != "open":
-            state = "was rejected" if report.status == "rejected" else \
-                ("is not open yet" if stage.status == "pending" else "is closed")
-            return None, None, refusal_page(f"This stage ({stage.name}) {state}; nothing can be decided here now.", 409)
-        if claim.approver not in stage.approvers:
-            return None, None, refusal_page("This link is not for an approver of this stage.", 403)
-        return claim, (session, report, stage), None
-
-    def refusal_page(message: str, status: int):
-        return render_template("refused.html", message=message), status
+            raise Refused(str(refused), 403) from None
+        with Session(engine) as session:
+            report = session.get(Report, claim.report_id)
+            stage = report and next((s for s in report.stages if s.name == claim.stage), None)
+            if stage is None:
+                raise Refused("This approval link names a report or stage that does not exist.", 404)
+            if session.get(UsedLink, claim.nonce) is not None:
+                raise Refused("This approval link was already used. Each link works once.", 409)
+            if report.status == "rejected" or stage.status != "open":
+                state = "was rejected" if report.status == "rejected" else \
+                    ("is not open yet" if stage.status == "pending" else "is closed")
+                raise Refused(f"This stage ({stage.name}) {state}; nothing can be decided here now.", 409)
+            if claim.approver not in stage.approvers:
+                raise Refused("This link is not for an approver of this stage.", 403)
+            yield claim, session, report, stage
 
     @app.get("/approve/<token>")
     def approval_page(token: str):
-        claim, found, refused = open_stage(token)
-        if refused:
-            return refused
-        session, report, stage = found
-        try:
+        with open_stage(token) as (claim, _, report, stage):
             form_token = links.form_token(token)
             page = render_template("approve.html", report=report, stage=stage, approver=claim.approver,
                                    form_token=form_token, document_url=url_for("approval_document", token=token))
-        finally:
-            session.close()
         response = Response(page)
         # Double submit: the form's token must match this cookie, which another site can neither read
         # nor set for this one.
@@ -142,47 +146,36 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
 
     @app.get("/approve/<token>/document")
     def approval_document(token: str):
-        claim, found, refused = open_stage(token)
-        if refused:
-            return refused
-        session, report, _ = found
-        try:
+        with open_stage(token) as (_, _, report, _):
             draft = report.document("draft")
             if draft is None:
-                return refusal_page("The draft is not ready yet.", 404)
+                raise Refused("The draft is not ready yet.", 404)
             return send_file(storage.path(draft.storage_key), mimetype="application/pdf",
                              download_name=f"{report.id}-draft.pdf")
-        finally:
-            session.close()
 
     @app.post("/approve/<token>")
     def decide(token: str):
         form_token = request.form.get("form_token")
         if not links.check_form_token(token, form_token) or request.cookies.get("reportflow_form") != form_token:
-            return refusal_page("This form did not come from the approval page; nothing was sent.", 403)
+            raise Refused("This form did not come from the approval page; nothing was sent.", 403)
         decision = request.form.get("decision")
         if decision not in ("approve", "reject"):
-            return refusal_page("Choose Approve or Reject.", 400)
-        claim, found, refused = open_stage(token)
-        if refused:
-            return refused
-        session, report, stage = found
-        title, stage_name = report.title, stage.name  # the session expires them at commit
+            raise Refused("Choose Approve or Reject.", 400)
         comment = (request.form.get("comment") or "").strip()[:5000] or None
-        try:
-            with client_factory() as client:
-                client.decide(report.id, stage.name, claim.approver, approve=decision == "approve", comment=comment,
-                              message_id=claim.decision_message_id)
-            session.add(UsedLink(nonce=claim.nonce, report_id=report.id, stage_name=stage.name,
-                                 approver_email=claim.approver, decision=decision))
-            session.commit()
-        except BROKER_DOWN as exc:
-            log.warning("broker unavailable for a decision: %r", exc)
-            return refusal_page("The decision could not be sent just now; nothing was recorded. Try again.", 503)
-        except IntegrityError:
-            pass  # the same link, submitted twice at once: one message id, so one decision
-        finally:
-            session.close()
+        with open_stage(token) as (claim, session, report, stage):
+            title, stage_name = report.title, stage.name  # the session expires them at commit
+            try:
+                with client_factory() as client:
+                    client.decide(report.id, stage.name, claim.approver, approve=decision == "approve",
+                                  comment=comment, message_id=claim.decision_message_id)
+                session.add(UsedLink(nonce=claim.nonce, report_id=report.id, stage_name=stage.name,
+                                     approver_email=claim.approver, decision=decision))
+                session.commit()
+            except BROKER_DOWN as exc:
+                log.warning("broker unavailable for a decision: %r", exc)
+                raise Refused("The decision could not be sent just now; nothing was recorded. Try again.", 503) from None
+            except IntegrityError:
+                pass  # the same link, submitted twice at once: one message id, so one decision
         return render_template("decided.html", report_title=title, stage=stage_name, decision=decision), 200
 
     @app.get("/healthz")
