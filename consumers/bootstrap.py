@@ -1,7 +1,6 @@
 """Wires a stage to its dependencies and runs it: the entry point behind `reportflow consume STAGE`."""
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 
@@ -24,15 +23,13 @@ log = logging.getLogger("reportflow.consumer")
 
 def dependencies(stage, settings: Settings) -> dict:
     """Only what the stage's handlers ask for is built: the renderer loads fonts, the mailer reads SMTP settings."""
-    wanted = {name for h in [*stage.handlers.values(), *stage.on_invalid.values()]
-              for name in list(inspect.signature(h).parameters)[2:]}
     factories = {
         "storage": lambda: FolderStorage(settings.storage_dir),
         "renderer": lambda: IsolatedRenderer(settings.render_time_limit_seconds),
         "postman": lambda: Postman(mailer_from_settings(settings.smtp_url, settings.storage_dir), settings.mail_from,
                                    _approval_links(settings)),
     }
-    return {name: factories[name]() for name in wanted}
+    return {name: factories[name]() for name in stage.dependencies}
 
 
 def _approval_links(settings: Settings):

@@ -14,7 +14,6 @@ rows unpublished (the relay publishes them; downstream inboxes absorb the duplic
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import signal
@@ -33,7 +32,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from sqlalchemy import select, update
 
 from consumers.retries import RetryPolicy
-from consumers.stage import Stage
+from consumers.stage import Stage, dependency_names
 from shared.config import Settings
 from shared.db import UnitOfWork
 from shared.events import FOLLOW_UP_EVENTS, Event, InvalidMessage, encode, message_properties, parse, validate
@@ -103,8 +102,7 @@ class Consumer:
         self._session_factory = session_factory
         self._tracer_provider = tracer_provider
         self._tracer = trace.get_tracer("reportflow.consumer", tracer_provider=tracer_provider)
-        self._handler_kwargs = {h: _injected(h, dependencies)
-                                for h in [*stage.handlers.values(), *stage.on_invalid.values()]}
+        self._handler_kwargs = {h: _injected(h, dependencies) for h in stage.all_handlers}
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"{stage.name}-worker")
         self._app_id = f"reportflow-{stage.name}"
         broker = pika.URLParameters(settings.amqp_url)
@@ -544,7 +542,7 @@ def _timestamp(moment: datetime) -> float:
 
 def _injected(handler, dependencies: dict) -> dict:
     """The dependencies a handler names after (message, uow), looked up by parameter name."""
-    names = list(inspect.signature(handler).parameters)[2:]
+    names = dependency_names(handler)
     missing = [n for n in names if n not in dependencies]
     if missing:
         raise TypeError(f"{handler.__qualname__} needs {missing}, which the bootstrap does not provide")

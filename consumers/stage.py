@@ -1,8 +1,14 @@
 """What a stage is: a name and the handlers it runs for each event type. Nothing about brokers or spans."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
+
+
+def dependency_names(handler: Callable) -> list[str]:
+    """What a handler needs besides (message, uow), named by its parameters: the bootstrap provides them."""
+    return list(inspect.signature(handler).parameters)[2:]
 
 
 @dataclass(frozen=True)
@@ -17,3 +23,11 @@ class Stage:
     @property
     def event_types(self) -> list[str]:
         return sorted(self.handlers)
+
+    @property
+    def all_handlers(self) -> list[Callable]:
+        return [*self.handlers.values(), *self.on_invalid.values()]
+
+    @property
+    def dependencies(self) -> set[str]:
+        return {name for handler in self.all_handlers for name in dependency_names(handler)}

@@ -124,9 +124,6 @@ class UnitOfWork:
         return self.session.execute(select(InboxRecord.message_id).where(
             InboxRecord.consumer == self.consumer, InboxRecord.message_id == message_id)).first() is None
 
-    def already_processed(self, message_id: str) -> bool:
-        return self.session.get(InboxRecord, (self.consumer, message_id)) is not None
-
     def commit(self, trace_headers: dict) -> list[tuple[int, Event]]:
         """Commit state, inbox record and outbox together; return the outbox rows (id, event) to publish."""
         if self._inbox_pending:
