@@ -12,7 +12,7 @@ from consumers import approval, creation, generation, notification
 from shared.documents import DocumentRenderer, FolderStorage
 from shared.events import Event, InvalidMessage
 from shared.mail import FolderMailer
-from shared.models import Decision, Notification, Refusal, Report
+from shared.models import Decision, Notification, Refusal
 from tests.conftest import sample_request
 
 TWO_STAGES = [
@@ -275,9 +275,3 @@ def test_the_rejection_email_names_the_stage_the_approver_and_the_comment(uow, t
     body = email.get_content()
     assert "review" in body and "bob@example.com" in body and "numbers wrong" in body
 
-
-def test_the_report_model_reads_its_trace_id(uow):
-    handle(uow, creation.on_report_requested, request_event(report_id="r-10"))
-    with uow() as unit:
-        assert isinstance(unit.report("r-10"), Report)
-        assert unit.report("r-10").trace_id == "0af7651916cd43dd8448eb211c80319c"

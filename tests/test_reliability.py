@@ -3,6 +3,7 @@ and a database that goes away. Real broker, real databases; consumers run in thi
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 
 import pytest
@@ -254,7 +255,7 @@ def test_quorum_work_queues_carry_a_delivery_limit_and_serve(settings_for, sqlit
         with ReportflowClient(TEST_AMQP_URL, exchange) as client:
             client.request_report(sample_request(report_id="r-quorum"))
         tap.wait_for("report.created")
-    listing = __import__("subprocess").run(
+    listing = subprocess.run(
         ["rabbitmqctl", "list_queues", "-p", "reportflow-test", "name", "type", "arguments", "--no-table-headers"],
         capture_output=True, text=True, timeout=60).stdout
     [line] = [line for line in listing.splitlines() if line.startswith(f"{exchange}.creation\t")]
