@@ -36,7 +36,7 @@ def pass_through(consumed: str):
 
 
 def main(stage_name: str, consumed: str) -> None:
-    settings = Settings.from_env()
+    settings = Settings.load()
     setup_logging("WARNING")
     provider = setup_tracing(f"bench-{stage_name}", settings.tracing, "bench")
     consumer = Consumer(Stage(stage_name, {consumed: pass_through(consumed)}), settings,

@@ -57,7 +57,7 @@ def build_consumer(stage_name: str, settings: Settings, tracer_provider=None) ->
 
 
 def run(stage_name: str) -> None:
-    settings = Settings.from_env()
+    settings = Settings.load()
     service = os.environ.get("OTEL_SERVICE_NAME") or f"reportflow-{stage_name}"
     setup_logging(settings.log_level, settings.log_format, service)
     provider = setup_tracing(f"reportflow-{stage_name}", settings.tracing, settings.environment)

@@ -33,7 +33,7 @@ class BulkResult:
 class BulkPublisher:
     def __init__(self, amqp_url: str | None = None, exchange: str | None = None, window: int = 1000,
                  app_id: str = "upstream"):
-        settings = Settings.from_env()
+        settings = Settings.load()
         self._url = amqp_url or settings.amqp_url
         self._exchange = exchange or settings.exchange
         self._window = window

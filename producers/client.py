@@ -38,7 +38,7 @@ class PublishedEvent:
 class ReportflowClient:
     def __init__(self, amqp_url: str | None = None, exchange: str | None = None, app_id: str = "upstream",
                  validate: bool = True):
-        settings = Settings.from_env()
+        settings = Settings.load()
         self._connection = kombu.Connection(amqp_url or settings.amqp_url,
                                             transport_options={"confirm_publish": True})
         self._exchange = kombu.Exchange(exchange or settings.exchange, type="topic", durable=True)

@@ -192,7 +192,7 @@ def serve(settings: Settings | None = None) -> None:
 
     from shared.tracing import setup_logging, setup_tracing
 
-    settings = settings or Settings.from_env()
+    settings = settings or Settings.load()
     setup_logging(settings.log_level, settings.log_format, "reportflow-gateway")
     provider = setup_tracing("reportflow-gateway", settings.tracing, settings.environment)
     app = create_app(settings)

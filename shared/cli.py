@@ -44,7 +44,7 @@ def db_upgrade(revision: str) -> None:
     """Bring the database schema up to date."""
     from shared.migrate import upgrade
 
-    settings = Settings.from_env()
+    settings = Settings.load()
     upgrade(settings.database_url, revision)
     click.echo(f"database schema at {revision}: {settings.masked()['database_url']}")
 
@@ -63,7 +63,7 @@ def topology_declare() -> None:
     from consumers.retries import RetryPolicy
     from shared.topology import Topology, declare
 
-    settings = Settings.from_env()
+    settings = Settings.load()
     topo = Topology.from_env(settings.exchange, RetryPolicy.from_env().delays)
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     try:
@@ -78,7 +78,7 @@ def topology_declare() -> None:
 def _cli_tracing() -> None:
     from shared.tracing import setup_tracing
 
-    settings = Settings.from_env()
+    settings = Settings.load()
     provider = setup_tracing("reportflow-cli", settings.tracing, settings.environment)
     if provider is not None:
         atexit.register(provider.shutdown)
@@ -104,7 +104,7 @@ def _dead_letter_queue():
     from shared.dead_letters import DeadLetterQueue
     from shared.topology import Topology
 
-    settings = Settings.from_env()
+    settings = Settings.load()
     return DeadLetterQueue(settings.amqp_url, Topology.from_env(settings.exchange, RetryPolicy.from_env().delays))
 
 
@@ -165,9 +165,9 @@ def report() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def report_show(report_id: str, as_json: bool) -> None:
     """Print a report's status, stages, decisions, documents, emails and trace id."""
-    from shared.inspect import report_summary
+    from shared.report_views import report_summary
 
-    summary = report_summary(Settings.from_env(), report_id)
+    summary = report_summary(Settings.load(), report_id)
     if summary is None:
         raise click.ClickException(f"no report {report_id!r}")
     click.echo(json.dumps(summary, indent=2, default=str) if as_json else _as_text(summary))
@@ -192,10 +192,10 @@ def _as_text(summary: dict) -> str:
 @click.argument("report_id")
 def trace_command(report_id: str) -> None:
     """Print REPORT_ID's trace as a waterfall: from Jaeger (JAEGER_QUERY_URL) or the local span files."""
-    from shared.inspect import report_summary
+    from shared.report_views import report_summary
     from shared.traces import load_from_files, load_from_jaeger, waterfall
 
-    settings = Settings.from_env()
+    settings = Settings.load()
     summary = report_summary(settings, report_id)
     if summary is None or not summary["trace_id"]:
         raise click.ClickException(f"no trace stored for report {report_id!r}")
@@ -217,7 +217,7 @@ def config() -> None:
 @config.command("show")
 def config_show() -> None:
     """The effective settings (files, then environment), secrets masked."""
-    for key, value in Settings.from_env().masked().items():
+    for key, value in Settings.load().masked().items():
         click.echo(f"{key} = {value}")
 
 
@@ -231,7 +231,7 @@ def status() -> None:
     from shared.status import read_status_files
     from shared.topology import Topology
 
-    settings = Settings.from_env()
+    settings = Settings.load()
     topo = Topology.from_env(settings.exchange, RetryPolicy.from_env().delays)
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     try:
@@ -261,10 +261,10 @@ def status() -> None:
 def demo(timeout: int, request_file: str) -> None:
     """Publish a sample request, approve both stages as the approvers would, and print the outcome."""
     from producers.client import ReportflowClient
-    from shared.inspect import report_summary
+    from shared.report_views import report_summary
 
     _cli_tracing()
-    settings = Settings.from_env()
+    settings = Settings.load()
     request = json.loads(Path(request_file).read_text())
 
     def wait_for(report_id: str, done, what: str) -> dict:

@@ -63,8 +63,8 @@ class Settings:
         return self.prefetch or max(4, 2 * self.worker_threads)
 
     @classmethod
-    def from_env(cls, environ: dict | None = None) -> "Settings":
-        """The effective settings of this process (the name is historical: files are read too)."""
+    def load(cls, environ: dict | None = None) -> "Settings":
+        """The effective settings of this process: the YAML files, then the environment."""
         environ = os.environ if environ is None else environ
         environment = environ.get("REPORTFLOW_ENV") or cls.environment
         folder = Path(environ.get("REPORTFLOW_CONFIG_DIR") or "config")

@@ -272,7 +272,7 @@ def test_decorators_record_errors_and_cost_nothing_when_tracing_is_off(finished_
 def test_settings_layer_files_then_environment_and_mask_secrets(tmp_path):
     (tmp_path / "app.yaml").write_text("prefetch: 2\ntracing:\n  sampling_ratio: 0.5\n  late_messages: link\n")
     (tmp_path / "staging.yaml").write_text("prefetch: 3\namqp_url: amqp://svc:hunter2@mq:5672/prod\n")
-    settings = Settings.from_env({"REPORTFLOW_CONFIG_DIR": str(tmp_path), "REPORTFLOW_ENV": "staging",
+    settings = Settings.load({"REPORTFLOW_CONFIG_DIR": str(tmp_path), "REPORTFLOW_ENV": "staging",
                                   "TRACING_ENABLED": "false", "REPORTFLOW_TRACING_SAMPLING_RATIO": "0.1"})
     assert settings.prefetch == 3 and settings.environment == "staging"
     assert settings.tracing.enabled is False and settings.tracing.sampling_ratio == 0.1
@@ -281,7 +281,7 @@ def test_settings_layer_files_then_environment_and_mask_secrets(tmp_path):
     assert shown["amqp_url"] == "amqp://svc:***@mq:5672/prod" and "hunter2" not in json.dumps(shown)
     (tmp_path / "app.yaml").write_text("prefetchh: 2\n")
     with pytest.raises(ValueError, match="unknown settings: prefetchh"):
-        Settings.from_env({"REPORTFLOW_CONFIG_DIR": str(tmp_path)})
+        Settings.load({"REPORTFLOW_CONFIG_DIR": str(tmp_path)})
 
 
 def test_config_show_prints_the_effective_settings_masked(tmp_path):
