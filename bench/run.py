@@ -505,6 +505,9 @@ def memory_under_backlog(n: int, otlp_port: int) -> tuple[float, float]:
         delete_broker_objects(exchange, [queue, *(f"{queue}.retry.{d}s" for d in (1, 5, 30, 120)), f"{exchange}.dead-letter"])
 
 
+SECTIONS = ("hop", "chain", "generation", "scaling", "end-to-end", "bulk", "memory")
+
+
 # -- the run --------------------------------------------------------------------------------------------------
 OTLP_PORT = 0
 
@@ -513,8 +516,12 @@ def main() -> None:
     global OTLP_PORT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke check, not figures to quote")
+    parser.add_argument("--only", default="", help="comma-separated sections to run: " + ",".join(SECTIONS))
     args = parser.parse_args()
     q = args.quick
+    only = set(filter(None, args.only.split(","))) or set(SECTIONS)
+    if only - set(SECTIONS):
+        parser.error(f"unknown sections: {sorted(only - set(SECTIONS))}")
     from tests.conftest import free_port
     OTLP_PORT = free_port()
     collector = spawn([PYTHON, "-m", "bench.otlp_sink", str(OTLP_PORT)], name="otlp-sink")
@@ -523,76 +530,83 @@ def main() -> None:
     setup_tracing("bench-producer", TracingSettings())  # the producer side traces, as an upstream would
     figures = Figures()
     try:
-        print("1. hop cost", flush=True)
-        n = 300 if q else 3000
-        raw, on, off = hop(n, "raw", OTLP_PORT), hop(n, "on", OTLP_PORT), hop(n, "off", OTLP_PORT)
-        figures.add("hop throughput, raw pika", raw, "msg/s", "itself")
-        figures.add("hop throughput, runtime, tracing on", on, "msg/s", "raw pika hop", on / raw)
-        figures.add("hop throughput, runtime, tracing off", off, "msg/s", "raw pika hop", off / raw)
-        figures.add("hop wall-clock cost of tracing", (1 / on - 1 / off) * 1e6, "µs", "same hop, tracing off", on / off)
-        for ratio in (1.0, 0.1):
-            traced, spans_per_message = tracing_cpu(OTLP_PORT, 500 if q else 5000, ratio)
-            figures.add(f"tracing CPU per message per hop, sampling {ratio:g}", traced, "µs",
-                        "the same hop's work with tracing off", None, "<= 50 µs", traced <= 50,
-                        spans_per_message=spans_per_message)
+        if "hop" in only:
+            print("1. hop cost", flush=True)
+            n = 300 if q else 3000
+            raw, on, off = hop(n, "raw", OTLP_PORT), hop(n, "on", OTLP_PORT), hop(n, "off", OTLP_PORT)
+            figures.add("hop throughput, raw pika", raw, "msg/s", "itself")
+            figures.add("hop throughput, runtime, tracing on", on, "msg/s", "raw pika hop", on / raw)
+            figures.add("hop throughput, runtime, tracing off", off, "msg/s", "raw pika hop", off / raw)
+            figures.add("hop wall-clock cost of tracing", (1 / on - 1 / off) * 1e6, "µs", "same hop, tracing off", on / off)
+            for ratio in (1.0, 0.1):
+                traced, spans_per_message = tracing_cpu(OTLP_PORT, 500 if q else 5000, ratio)
+                figures.add(f"tracing CPU per message per hop, sampling {ratio:g}", traced, "µs",
+                            "the same hop's work with tracing off", None, "<= 50 µs", traced <= 50,
+                            spans_per_message=spans_per_message)
 
-        print("2. four-stage chain vs Celery", flush=True)
-        burst, rate, seconds = (200, 200, 3) if q else (2000, 200, 15)
-        ours, ours_lat = chain_reportflow(burst, rate, seconds, OTLP_PORT)
-        theirs, theirs_lat = chain_celery(burst, rate, seconds)
-        figures.add("chain burst throughput, reportflow", ours, "msg/s", "Celery chain", ours / theirs, ">= 1.5x",
-                    ours / theirs >= 1.5)
-        figures.add("chain burst throughput, Celery", theirs, "msg/s", "itself")
-        for label, latencies, baseline in (("reportflow", ours_lat, theirs_lat), ("Celery", theirs_lat, None)):
-            p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-            figures.add(f"chain paced {rate}/s p50 per hop, {label}", p50 / 4, "ms",
-                        "Celery" if baseline else "itself", (p50 / percentile(baseline, 50)) if baseline else None)
-            per_hop_p99 = p99 / 4
-            figures.add(f"chain paced {rate}/s p99 per hop, {label}", per_hop_p99, "ms",
-                        "Celery" if baseline else "itself", (p99 / percentile(baseline, 99)) if baseline else None,
-                        "<= 8 ms" if baseline else None, (per_hop_p99 <= 8) if baseline else None,
-                        samples=latencies if not q else None)
+        if "chain" in only:
+            print("2. four-stage chain vs Celery", flush=True)
+            burst, rate, seconds = (200, 200, 3) if q else (2000, 200, 15)
+            ours, ours_lat = chain_reportflow(burst, rate, seconds, OTLP_PORT)
+            theirs, theirs_lat = chain_celery(burst, rate, seconds)
+            figures.add("chain burst throughput, reportflow", ours, "msg/s", "Celery chain", ours / theirs, ">= 1.5x",
+                        ours / theirs >= 1.5)
+            figures.add("chain burst throughput, Celery", theirs, "msg/s", "itself")
+            for label, latencies, baseline in (("reportflow", ours_lat, theirs_lat), ("Celery", theirs_lat, None)):
+                p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+                figures.add(f"chain paced {rate}/s p50 per hop, {label}", p50 / 4, "ms",
+                            "Celery" if baseline else "itself", (p50 / percentile(baseline, 50)) if baseline else None)
+                per_hop_p99 = p99 / 4
+                figures.add(f"chain paced {rate}/s p99 per hop, {label}", per_hop_p99, "ms",
+                            "Celery" if baseline else "itself", (p99 / percentile(baseline, 99)) if baseline else None,
+                            "<= 8 ms" if baseline else None, (per_hop_p99 <= 8) if baseline else None,
+                            samples=latencies if not q else None)
 
-        print("3. generation vs a bare render", flush=True)
-        for label, rows, count in (("1-page", 5, 6 if q else 30), ("5-page 200-row", 200, 3 if q else 15)):
-            bare, _ = bare_render_seconds(rows, 3 if q else 10)
-            stage, peak = generation_run(count, rows, 1, OTLP_PORT)
-            figures.add(f"generation per report, {label}", stage * 1000, "ms", "bare write_pdf of the same HTML",
-                        stage / bare, "<= 1.10x", stage / bare <= 1.10)
-            figures.add(f"bare write_pdf, {label}", bare * 1000, "ms", "itself")
-        figures.add("generation consumer peak RSS (with its render process)", peak, "MB", "itself")
-        approved = approved_version_ratio(3 if q else 10)
-        figures.add("approved version vs a draft render, 5-page 200-row", approved, "x", "draft render", approved,
-                    "<= 0.25x", approved <= 0.25)
+        if "generation" in only:
+            print("3. generation vs a bare render", flush=True)
+            for label, rows, count in (("1-page", 5, 6 if q else 30), ("5-page 200-row", 200, 3 if q else 15)):
+                bare, _ = bare_render_seconds(rows, 3 if q else 10)
+                stage, peak = generation_run(count, rows, 1, OTLP_PORT)
+                figures.add(f"generation per report, {label}", stage * 1000, "ms", "bare write_pdf of the same HTML",
+                            stage / bare, "<= 1.10x", stage / bare <= 1.10)
+                figures.add(f"bare write_pdf, {label}", bare * 1000, "ms", "itself")
+            figures.add("generation consumer peak RSS (with its render process)", peak, "MB", "itself")
+            approved = approved_version_ratio(3 if q else 10)
+            figures.add("approved version vs a draft render, 5-page 200-row", approved, "x", "draft render", approved,
+                        "<= 0.25x", approved <= 0.25)
 
-        print("4. scaling generation", flush=True)
-        count = 8 if q else 40
-        one, _ = generation_run(count, 200, 1, OTLP_PORT)
-        two, _ = generation_run(count, 200, 2, OTLP_PORT)
-        figures.add("generation, 1 process", 60 / one, "reports/min", "itself")
-        figures.add("generation, 2 processes", 60 / two, "reports/min", "1 process", one / two, ">= 1.8x",
-                    one / two >= 1.8)
+        if "scaling" in only:
+            print("4. scaling generation", flush=True)
+            count = 8 if q else 40
+            one, _ = generation_run(count, 200, 1, OTLP_PORT)
+            two, _ = generation_run(count, 200, 2, OTLP_PORT)
+            figures.add("generation, 1 process", 60 / one, "reports/min", "itself")
+            figures.add("generation, 2 processes", 60 / two, "reports/min", "1 process", one / two, ">= 1.8x",
+                        one / two >= 1.8)
 
-        print("5. end to end", flush=True)
-        per_minute, latencies = end_to_end(5 if q else 40)
-        figures.add("end to end, two approval stages", per_minute, "reports/min", "itself")
-        for p in (50, 95, 99):
-            figures.add(f"end to end p{p}, request to final email", percentile(latencies, p), "ms", "itself",
-                        samples=latencies if p == 50 and not q else None)
+        if "end-to-end" in only:
+            print("5. end to end", flush=True)
+            per_minute, latencies = end_to_end(5 if q else 40)
+            figures.add("end to end, two approval stages", per_minute, "reports/min", "itself")
+            for p in (50, 95, 99):
+                figures.add(f"end to end p{p}, request to final email", percentile(latencies, p), "ms", "itself",
+                            samples=latencies if p == 50 and not q else None)
 
-        print("6. bulk publishing", flush=True)
-        confirmed, raw_rate = bulk(2000 if q else 20000)
-        figures.add("bulk publish with confirms (producer client)", confirmed, "msg/s", "raw pika, no confirms",
-                    confirmed / raw_rate, ">= 10,000 msg/s", confirmed >= 10000)
-        figures.add("raw pika publish, no confirms", raw_rate, "msg/s", "itself")
+        if "bulk" in only:
+            print("6. bulk publishing", flush=True)
+            confirmed, raw_rate = bulk(2000 if q else 20000)
+            figures.add("bulk publish with confirms (producer client)", confirmed, "msg/s", "raw pika, no confirms",
+                        confirmed / raw_rate, ">= 10,000 msg/s", confirmed >= 10000)
+            figures.add("raw pika publish, no confirms", raw_rate, "msg/s", "itself")
 
-        print("7. memory under a backlog", flush=True)
-        first, peak = memory_under_backlog(1000 if q else 10000, OTLP_PORT)
-        figures.add("consumer RSS growth over a backlog drain", peak - first, "MB", f"RSS early in the drain ({first:.0f} MB)",
-                    peak / first, "flat (< 10 MB)", peak - first < 10)
+        if "memory" in only:
+            print("7. memory under a backlog", flush=True)
+            first, peak = memory_under_backlog(1000 if q else 10000, OTLP_PORT)
+            figures.add("consumer RSS growth over a backlog drain", peak - first, "MB", f"RSS early in the drain ({first:.0f} MB)",
+                        peak / first, "flat (< 10 MB)", peak - first < 10)
     finally:
         stop(collector)
-    write(figures, q)
+    write(figures, q, partial=only != set(SECTIONS))
 
 
 def approved_version_ratio(repeat: int) -> float:
@@ -617,14 +631,16 @@ def approved_version_ratio(repeat: int) -> float:
     return (time.perf_counter() - started) / repeat / draft_seconds
 
 
-def write(figures: Figures, quick: bool) -> None:
+def write(figures: Figures, quick: bool, partial: bool) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    suffix = "-quick" if quick else ""
+    # A partial run (--only) never stands in for a whole one: it gets its own names, and latest.* is left alone.
+    suffix = ("-quick" if quick else "") + ("-partial" if partial else "")
+    latest = f"latest{suffix}" if partial else "latest"
     samples = {f["name"]: f.pop("samples") for f in figures if f.get("samples")}
     for f in figures:
         f.pop("samples", None)
-    for name in (f"{stamp}{suffix}.json", "latest.json"):
+    for name in (f"{stamp}{suffix}.json", f"{latest}.json"):
         (RESULTS / name).write_text(json.dumps(list(figures), indent=2, ensure_ascii=False) + "\n")
     table = ["| figure | value | baseline | ratio | target | met |", "| --- | ---: | --- | ---: | --- | --- |"]
     for f in figures:
@@ -632,10 +648,10 @@ def write(figures: Figures, quick: bool) -> None:
         table.append(f"| {f['name']} | {f['value']:,} {f['unit']} | {f['baseline']} | "
                      f"{'' if f['ratio'] is None else f['ratio']} | {f['target'] or ''} | {met} |")
     markdown = "\n".join(table) + "\n"
-    for name in (f"{stamp}{suffix}.md", "latest.md"):
+    for name in (f"{stamp}{suffix}.md", f"{latest}.md"):
         (RESULTS / name).write_text(markdown)
-    chart(figures, samples, RESULTS / f"{stamp}{suffix}.png")
-    print(f"\nwrote {RESULTS}/latest.json, latest.md and {stamp}{suffix}.png\n\n{markdown}")
+    chart(figures, samples, RESULTS / f"{stamp}{suffix}.png", RESULTS / f"{latest}.png")
+    print(f"\nwrote {RESULTS}/{latest}.json, {latest}.md and {stamp}{suffix}.png\n\n{markdown}")
 
 
 def _series_label(figure_name: str) -> str:
@@ -645,7 +661,7 @@ def _series_label(figure_name: str) -> str:
     return "end to end: request to final email"
 
 
-def chart(figures: list[dict], samples: dict, path: Path) -> None:
+def chart(figures: list[dict], samples: dict, path: Path, latest: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -668,7 +684,7 @@ def chart(figures: list[dict], samples: dict, path: Path) -> None:
     right.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    fig.savefig(path.parent / "latest.png", dpi=110)
+    fig.savefig(latest, dpi=110)
 
 
 if __name__ == "__main__":
