@@ -4,8 +4,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import bindparam, create_engine, event, insert, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy import bindparam, create_engine, event, insert, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,7 +15,10 @@ from shared.models import InboxRecord, OutboxMessage, Report, utcnow
 # The runtime's bookkeeping on every message, built once on the tables (not the mapped classes): the ORM's
 # insert path rebuilt and recompiled these per message, and that was a third of a hop's CPU.
 _inbox, _outbox = InboxRecord.__table__, OutboxMessage.__table__
-_CLAIM_ON_POSTGRESQL = postgresql_insert(_inbox).on_conflict_do_nothing().returning(_inbox.c.message_id)
+# SQLAlchemy does not cache the PostgreSQL dialect's insert (it compiles it every time); SQL text it does.
+_CLAIM_ON_POSTGRESQL = text("INSERT INTO inbox (consumer, message_id, event_type, processed_at)"
+                            " VALUES (:consumer, :message_id, :event_type, :processed_at)"
+                            " ON CONFLICT DO NOTHING RETURNING message_id")
 _RECORD_IN_INBOX = insert(_inbox)
 _SEEN_IN_INBOX = select(_inbox.c.message_id).where(_inbox.c.consumer == bindparam("consumer"),
                                                   _inbox.c.message_id == bindparam("message_id"))
