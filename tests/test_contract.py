@@ -66,3 +66,35 @@ def test_outgoing_messages_carry_the_contract_properties():
     assert properties["headers"]["schema_version"] == schemas.SCHEMA_VERSION
     assert properties["headers"]["traceparent"].startswith("00-")
     assert json.loads(encode(event)) == {"report_id": "r-1"}
+
+
+def _mutations(payload: dict):
+    """The payload with each field, at any depth, missing, emptied, mistyped or overlong, and with an
+    unknown field: the ways a message breaks a schema of the kinds these are."""
+    yield payload
+    yield {**payload, "unexpected": 1}
+    for key, value in payload.items():
+        yield {k: v for k, v in payload.items() if k != key}
+        for wrong in (None, 12345, -1, 1.5, True, "", "x" * 5000, "no-at-sign", [], [{}], {}):
+            yield {**payload, key: wrong}
+        if isinstance(value, dict):
+            for inner in _mutations(value):
+                yield {**payload, key: inner}
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            for inner in _mutations(value[0]):
+                yield {**payload, key: [inner, *value[1:]]}
+
+
+def test_the_compiled_check_agrees_with_jsonschema_on_every_verdict():
+    """Valid messages take the compiled check alone, so it must never pass what jsonschema refuses."""
+    from bench.passthrough import NEXT, first_event
+    valid = {"report.requested": sample_request(), "report.created": first_event("rpt-1")}
+    valid.update({emitted: make("rpt-1") for emitted, make in NEXT.values()})
+    checked = 0
+    for event_type, payload in valid.items():
+        reference = schemas.validator(event_type)
+        assert reference.is_valid(payload), event_type
+        for variant in _mutations(payload):
+            assert (schemas.errors(event_type, variant) == []) == reference.is_valid(variant), (event_type, variant)
+            checked += 1
+    assert checked > 500
