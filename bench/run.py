@@ -217,7 +217,8 @@ def tracing_cpu(otlp_port: int, iterations: int, ratio: float) -> tuple[float, f
     runs = {}
     for mode in ("on", "off"):
         out = subprocess.run([PYTHON, "-m", "bench.tracing_cost", str(otlp_port), str(iterations), mode, str(ratio)],
-                             capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "REPORTFLOW_DATABASE_URL": DATABASE_URL},
                              cwd=RESULTS)
         runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     per_message = (runs["on"]["cpu_seconds"] - runs["off"]["cpu_seconds"]) / iterations * 1e6

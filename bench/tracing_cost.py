@@ -1,9 +1,10 @@
 """What tracing costs per message per hop, in CPU time (all threads, the exporter's included), so broker
-and database latency do not blur it: the runtime's own tracing calls for one delivery, with the real
-SDK, the real pika and SQLAlchemy instrumentations and a real OTLP export to a local sink, against
-the same work with tracing off.
+and database latency do not blur it. It drives the runtime's own code for one delivery, Consumer._process
+and Consumer._settle, on a pass-through stage with PostgreSQL, the real SDK, the pika and SQLAlchemy
+instrumentations and a real OTLP export to a local sink; only the broker is left out (a channel that
+sends nothing). Run once with tracing on and once off: the difference is tracing's.
 
-    python -m bench.tracing_cost OTLP_PORT ITERATIONS  (prints JSON; run once with tracing on, once off)
+    python -m bench.tracing_cost OTLP_PORT ITERATIONS on|off [SAMPLING_RATIO]  (prints JSON)
 
 It runs in its own process because a process has one global tracer provider."""
 from __future__ import annotations
@@ -12,75 +13,69 @@ import json
 import os
 import sys
 import time
+import uuid
 
 import pika
-from opentelemetry import context, trace
-from opentelemetry.instrumentation.pika.utils import _decorate_basic_publish
-from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
-from sqlalchemy import create_engine, text
+from pika.adapters.blocking_connection import BlockingChannel
 
-from consumers.runtime import _event_attributes, _publish_hook
-from shared.config import TracingSettings
-from shared.events import Event, message_properties, parse
-from shared.tracing import carrier_of_current, context_from, setup_tracing
-
-
-class _Params:
-    host, port = "127.0.0.1", 5672
+from bench.passthrough import first_event, pass_through
+from consumers.bootstrap import session_factory
+from consumers.runtime import Consumer, Delivery
+from consumers.stage import Stage
+from shared.config import Settings, TracingSettings
+from shared.events import Event, encode, message_properties
+from shared.migrate import upgrade
+from shared.tracing import setup_tracing
 
 
-class _NetworklessChannel:
-    """Stands in for the broker: this measures the instrumentation around a publish, not the publish."""
+class _NetworklessChannel(BlockingChannel):
+    """Stands in for the broker: this measures the runtime and the instrumentation around a publish and
+    an ack, not the network. (A BlockingChannel by type, so the pika instrumentation takes it as one.)"""
+
+    def __init__(self) -> None:  # noqa: D107 - none of BlockingChannel's state: no connection behind it
+        self._consumer_infos = {}
 
     class connection:  # noqa: N801 - the attribute shape pika's instrumentation reads
-        params = _Params()
+        class params:  # noqa: N801
+            host, port = "127.0.0.1", 5672
 
-    def basic_publish(self, exchange, routing_key, body, properties=None, mandatory=False):
-        return None
+    def confirm_delivery(self) -> None:
+        pass
+
+    def basic_publish(self, exchange, routing_key, body, properties=None, mandatory=False) -> None:
+        pass
+
+    def basic_consume(self, *args, **kwargs) -> None:
+        pass
+
+    def basic_ack(self, delivery_tag, multiple=False) -> None:
+        pass
 
 
-def main(port: int, iterations: int, enabled: bool, ratio: float = 1.0) -> dict:
+class _NetworklessConnection:
+    def channel(self) -> _NetworklessChannel:
+        return _NetworklessChannel()
+
+
+def main(port: int, iterations: int, enabled: bool, ratio: float, database_url: str) -> dict:
     os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{port}"
-    provider = setup_tracing("bench-tracing-cost", TracingSettings(enabled=enabled, sampling_ratio=ratio))
-    tracer = trace.get_tracer("reportflow.consumer")
-    engine = create_engine("sqlite://")
-    with engine.begin() as connection:
-        connection.execute(text("CREATE TABLE inbox (id TEXT PRIMARY KEY)"))
-    if provider is not None:
-        SQLAlchemyInstrumentor().instrument(engine=engine, tracer_provider=provider)
-    channel = _NetworklessChannel()
-    if provider is not None:  # what PikaInstrumentor.instrument_channel does to a channel's publish
-        channel.basic_publish = _decorate_basic_publish(
-            channel.basic_publish, channel, provider.get_tracer("opentelemetry.instrumentation.pika"),
-            _publish_hook("127.0.0.1", 5672))
-    # As an upstream that leaves sampling to reportflow sends it: no traceparent, each message a new root.
-    headers: dict = {}
-    body = json.dumps({"report_id": "r-1", "title": "t", "template": "standard",
-                       "submitter": {"email": "a@example.com", "id": "u-1"}, "stages": ["s"]}).encode()
+    upgrade(database_url)
+    settings = Settings(database_url=database_url, exchange="bench-tracing-cost",
+                        tracing=TracingSettings(enabled=enabled, sampling_ratio=ratio))
+    provider = setup_tracing("bench-tracing-cost", settings.tracing)
+    consumer = Consumer(Stage("tracing-cost", {"report.created": pass_through("report.created")}), settings,
+                        session_factory(settings, provider), {}, tracer_provider=provider)
+    consumer._publish_channel = consumer._open_publish_channel(_NetworklessConnection())
+    run = uuid.uuid4().hex[:8]
 
     def one_message(n: int) -> None:
-        message = parse("report.created", f"m-{n}", "application/json", body, 1 << 20)
-        parent = context_from(headers)
-        attributes = {"messaging.system": "rabbitmq", "messaging.operation.type": "process",
-                      "messaging.destination.name": "reportflow:report.created:reportflow.generation",
-                      "messaging.rabbitmq.destination.routing_key": "report.created",
-                      "messaging.message.id": message.message_id, "messaging.rabbitmq.message.delivery_tag": n,
-                      "server.address": "127.0.0.1", "server.port": 5672, "report.id": "r-1",
-                      "messaging.message.conversation_id": "r-1", **_event_attributes(message, False)}
-        with tracer.start_as_current_span("process reportflow:report.created:reportflow.generation", context=parent,
-                                          kind=trace.SpanKind.CONSUMER, attributes=attributes):
-            with tracer.start_as_current_span("validate"):
-                pass
-            with engine.begin() as connection:  # the inbox check and the insert: two statements, as in a hop
-                connection.execute(text("SELECT id FROM inbox WHERE id = :id"), {"id": message.message_id})
-                connection.execute(text("INSERT INTO inbox VALUES (:id)"), {"id": message.message_id})
-            carrier = carrier_of_current()
-        token = context.attach(context_from(carrier))
-        try:
-            event = Event("report.generated", {"report_id": "r-1"})
-            channel.basic_publish("reportflow", event.type, b"{}", pika.BasicProperties(**message_properties(event)))
-        finally:
-            context.detach(token)
+        # As an upstream that leaves sampling to reportflow sends it: no traceparent, each message a new root.
+        event = Event("report.created", first_event(f"r-{run}-{n}"))
+        properties = pika.BasicProperties(**message_properties(event))
+        delivery = Delivery(_NetworklessChannel(), n, settings.exchange, event.type, properties, encode(event), False)
+        outcome = consumer._process(delivery)
+        assert outcome.publish and outcome.dead_letter_reason is None, outcome
+        consumer._settle(delivery, outcome)
 
     for n in range(200):  # warm
         one_message(-n - 1)
@@ -99,4 +94,5 @@ def main(port: int, iterations: int, enabled: bool, ratio: float = 1.0) -> dict:
 
 if __name__ == "__main__":
     print(json.dumps(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "on",
-                          float(sys.argv[4]) if len(sys.argv) > 4 else 1.0)))
+                          float(sys.argv[4]) if len(sys.argv) > 4 else 1.0,
+                          os.environ.get("REPORTFLOW_DATABASE_URL", "postgresql://postgres@127.0.0.1/reportflow_test"))))

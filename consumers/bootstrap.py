@@ -40,11 +40,22 @@ def _approval_links(settings: Settings):
     return None
 
 
+def without_checkout_spans() -> None:
+    """The SQLAlchemy instrumentation wraps Engine.connect in a "connect" span, but that call is a checkout
+    from the pool at the start of every transaction, not a connection: a span per message that says
+    nothing. Statement spans stay."""
+    from opentelemetry.instrumentation.utils import unwrap
+    from sqlalchemy.engine import Engine
+    if hasattr(Engine.connect, "__wrapped__"):
+        unwrap(Engine, "connect")
+
+
 def session_factory(settings: Settings, tracer_provider=None) -> sessionmaker:
     engine = make_engine(settings.database_url)
     if tracer_provider is not None:
         # Each SQL statement a handler runs becomes a span under the message's process span.
         SQLAlchemyInstrumentor().instrument(engine=engine, tracer_provider=tracer_provider)
+        without_checkout_spans()
     # expire_on_commit=False: the runtime reads outbox rows after the commit that wrote them.
     return sessionmaker(engine, expire_on_commit=False)
 

@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -220,14 +221,23 @@ class Consumer:
 
     def _publish(self, message: OutgoingMessage) -> None:
         event = Event(message.event_type, message.payload, message.message_id)
+        properties = pika.BasicProperties(**message_properties(event, app_id=self._app_id))
+        if not _sampled(message.headers):
+            # No publish span to make: the message carries on the trace it was emitted in, as is.
+            properties.headers = {**(properties.headers or {}), **message.headers}
+            with suppress_instrumentation():
+                self._send(event, properties)
+            return
         token = context.attach(context_from(message.headers))  # publish under the span that emitted it
         try:
-            # mandatory: with confirms on, a message no queue takes raises UnroutableError, never vanishes.
-            self._publish_channel.basic_publish(
-                self.topology.exchange, event.type, encode(event),
-                pika.BasicProperties(**message_properties(event, app_id=self._app_id)), mandatory=True)
+            self._send(event, properties)
         finally:
             context.detach(token)
+
+    def _send(self, event: Event, properties: pika.BasicProperties) -> None:
+        # mandatory: with confirms on, a message no queue takes raises UnroutableError, never vanishes.
+        self._publish_channel.basic_publish(self.topology.exchange, event.type, encode(event), properties,
+                                            mandatory=True)
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         headers = self._failure_headers(delivery, reason)
@@ -373,14 +383,21 @@ class Consumer:
         with self._tracer.start_as_current_span(
                 f"process {exchange}:{event_type}:{self.queue}", context=parent,
                 kind=SpanKind.CONSUMER, links=links, attributes=self._span_attributes(delivery, message, exchange),
-                record_exception=False, set_status_on_exception=False) as span:
+                record_exception=False, set_status_on_exception=False) as span, _instrumented_if(span.is_recording()):
             try:
                 if isinstance(message, Event):
-                    with self._tracer.start_as_current_span("validate", attributes={"event.type": event_type}):
+                    with self._child_span("validate", {"event.type": event_type}):
                         message = validate(message)
                 return self._handle(message, span)
             except Exception as exc:  # noqa: BLE001 - any handler failure ends in a stated outcome
                 return self._failed(delivery, message, span, exc)
+
+    def _child_span(self, name: str, attributes: dict):
+        """A span under the current one, or nothing when that one is not sampled: an unsampled span still
+        costs the SDK's bookkeeping, and nobody will see it."""
+        if trace.get_current_span().is_recording():
+            return self._tracer.start_as_current_span(name, attributes=attributes)
+        return nullcontext()
 
     def _failed(self, delivery: Delivery, message, span, exc: Exception) -> Outcome:
         reason = f"{type(exc).__name__}: {exc}"
@@ -396,6 +413,7 @@ class Consumer:
         return Outcome(context.get_current(), dead_letter_reason=reason)
 
     def _handle(self, message: Event | InvalidMessage, span) -> Outcome:
+        carrier = carrier_of_current()  # the process span's: what the handler stores, and its events carry
         if isinstance(message, InvalidMessage):
             span.set_attribute("reportflow.invalid_reasons", message.reasons[:20])
             handler = self.stage.on_invalid.get(message.type)
@@ -408,7 +426,7 @@ class Consumer:
             if handler is None:
                 return Outcome(context.get_current(),
                                dead_letter_reason=f"stage {self.stage.name} has no handler for {message.type}")
-            message = replace(message, trace_context=carrier_of_current())
+            message = replace(message, trace_context=carrier)
 
         with UnitOfWork(self._session_factory, self.stage.name) as uow:
             if not uow.claim(message.message_id, message.type):
@@ -422,7 +440,6 @@ class Consumer:
                 span.add_event("refused", {"reason": uow.refusal})
                 log.warning("%s: refused %s %s: %s", self.stage.name, message.type, message.message_id,
                             uow.refusal)
-            carrier = carrier_of_current()
             return Outcome(context.get_current(), publish=[
                 OutgoingMessage(outbox_id, e.message_id, e.type, e.payload, carrier) for outbox_id, e in uow.commit(carrier)])
 
@@ -503,6 +520,23 @@ class Consumer:
             self._mark_published(published)
         except Exception:  # noqa: BLE001 - the next round tries again
             log.exception("%s: outbox relay failed; will retry", self.stage.name)
+
+
+def _instrumented_if(sampled: bool):
+    """Library instrumentation (SQL statements, publishes) only inside a sampled trace. Unsampled, it would
+    make spans nobody exports, at a cost on every statement; the trace context still travels, because
+    the outbox stores it and _publish injects it."""
+    return nullcontext() if sampled else suppress_instrumentation()
+
+
+def _sampled(stored_headers: dict) -> bool:
+    """Whether the W3C context the runtime stored with an outbox row is sampled (flags bit 0), read without
+    the propagators' full extraction: this is asked for every message published."""
+    traceparent = (stored_headers or {}).get("traceparent", "")
+    try:
+        return bool(int(traceparent.rsplit("-", 1)[1], 16) & 1)
+    except (IndexError, ValueError):
+        return False
 
 
 def _event_attributes(message, record_emails: bool) -> dict:

@@ -40,9 +40,18 @@ class UpstreamFriendlyPropagator(TextMapPropagator):
                 W3CBaggagePropagator())
     _writers = (TraceContextTextMapPropagator(), W3CBaggagePropagator())
 
+    _reader_fields = tuple(frozenset(r.fields) for r in _readers)
+
     def extract(self, carrier, context=None, getter=None):
         kwargs = {"getter": getter} if getter is not None else {}
-        for reader in self._readers:
+        # Every message is read on every hop: with the default getter, a format none of whose headers is
+        # present is not asked. (Jaeger's baggage headers are named by a prefix, uberctx-.)
+        present = None
+        if getter is None and isinstance(carrier, dict):
+            present = set(carrier) | ({"uber-trace-id"} if any(k.startswith("uberctx-") for k in carrier) else set())
+        for reader, fields in zip(self._readers, self._reader_fields):
+            if present is not None and fields.isdisjoint(present):
+                continue
             context = reader.extract(carrier, context, **kwargs)
         return context
 
