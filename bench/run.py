@@ -212,17 +212,27 @@ def hop(n: int, mode: str, otlp_port: int) -> float:
         delete_broker_objects(exchange, [queue, *(f"{queue}.retry.{d}s" for d in (1, 5, 30, 120)), f"{exchange}.dead-letter"])
 
 
-def tracing_cpu(otlp_port: int, iterations: int, ratio: float) -> tuple[float, float]:
-    """CPU µs per message that tracing adds to a hop (see bench/tracing_cost.py), and spans per message."""
-    runs = {}
-    for mode in ("on", "off"):
+def tracing_cpu(otlp_port: int, iterations: int, ratios: tuple[float, ...], repeats: int) -> dict[float, tuple[float, float]]:
+    """CPU µs per message that tracing adds to a hop at each sampling ratio (see bench/tracing_cost.py), and
+    spans per message. The runs are interleaved and each mode keeps its least CPU over `repeats` runs:
+    the difference is a few hundred µs against about a millisecond of other work, and a busy neighbour
+    only ever adds time."""
+    def cpu(mode: str, ratio: float) -> dict:
         out = subprocess.run([PYTHON, "-m", "bench.tracing_cost", str(otlp_port), str(iterations), mode, str(ratio)],
                              capture_output=True, text=True, check=True,
                              env={**os.environ, "PYTHONPATH": str(ROOT), "REPORTFLOW_DATABASE_URL": DATABASE_URL},
                              cwd=RESULTS)
-        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    per_message = (runs["on"]["cpu_seconds"] - runs["off"]["cpu_seconds"]) / iterations * 1e6
-    return per_message, runs["on"]["spans"].get("started", 0) / (iterations + 200)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    best: dict = {}
+    for _ in range(repeats):
+        for key in [("off", 1.0), *(("on", r) for r in ratios)]:
+            run = cpu(*key)
+            if key not in best or run["cpu_seconds"] < best[key]["cpu_seconds"]:
+                best[key] = run
+    baseline = best[("off", 1.0)]["cpu_seconds"]
+    return {r: ((best[("on", r)]["cpu_seconds"] - baseline) / iterations * 1e6,
+                best[("on", r)]["spans"].get("started", 0) / (iterations + 200)) for r in ratios}
 
 
 # -- 2. four-stage chain: reportflow vs Celery ----------------------------------------------------------------
@@ -230,11 +240,13 @@ CHAIN = [("stage1", "report.created"), ("stage2", "report.generated"), ("stage3"
          ("stage4", "report.finalized")]
 
 
-def chain_reportflow(n_burst: int, rate: int, seconds: float, otlp_port: int) -> tuple[float, list[float]]:
+def chain_reportflow(n_burst: int, rate: int, seconds: float, otlp_port: int,
+                     tracing: bool = True) -> tuple[float, list[float]]:
+    """Burst throughput, then per-message latencies at a paced rate (none when seconds is 0)."""
     fresh_database()
     exchange = f"bench-{uuid.uuid4().hex[:8]}"
     sink = Sink(exchange, "report.invalid")
-    processes = [spawn([PYTHON, "-m", "bench.passthrough", name, consumed], stage_env(exchange, True, otlp_port),
+    processes = [spawn([PYTHON, "-m", "bench.passthrough", name, consumed], stage_env(exchange, tracing, otlp_port),
                        name=f"chain-{name}") for name, consumed in CHAIN]
     queues = [f"{exchange}.{name}" for name, _ in CHAIN]
     try:
@@ -245,6 +257,8 @@ def chain_reportflow(n_burst: int, rate: int, seconds: float, otlp_port: int) ->
         started = time.perf_counter()
         publisher.publish(Event("report.created", first_event(f"burst-{i}")) for i in range(n_burst))
         throughput = n_burst / (sink.wait(100 + n_burst) - started)
+        if not seconds:
+            return throughput, []
         latencies = _paced(lambda rid: _publish_one(exchange, rid), sink, rate, seconds, 100 + n_burst)
         return throughput, latencies
     finally:
@@ -539,8 +553,9 @@ def main() -> None:
             figures.add("hop throughput, runtime, tracing on", on, "msg/s", "raw pika hop", on / raw)
             figures.add("hop throughput, runtime, tracing off", off, "msg/s", "raw pika hop", off / raw)
             figures.add("hop wall-clock cost of tracing", (1 / on - 1 / off) * 1e6, "µs", "same hop, tracing off", on / off)
-            for ratio in (1.0, 0.1):
-                traced, spans_per_message = tracing_cpu(OTLP_PORT, 500 if q else 5000, ratio)
+            # 1: every trace kept; 0.25: config/production.yaml's ratio; 0: the cost a trace left unsampled adds.
+            costs = tracing_cpu(OTLP_PORT, 500 if q else 3000, (1.0, 0.25, 0.1, 0.0), 1 if q else 3)
+            for ratio, (traced, spans_per_message) in costs.items():
                 figures.add(f"tracing CPU per message per hop, sampling {ratio:g}", traced, "µs",
                             "the same hop's work with tracing off", None, "<= 50 µs", traced <= 50,
                             spans_per_message=spans_per_message)
@@ -553,6 +568,9 @@ def main() -> None:
             figures.add("chain burst throughput, reportflow", ours, "msg/s", "Celery chain", ours / theirs, ">= 1.5x",
                         ours / theirs >= 1.5)
             figures.add("chain burst throughput, Celery", theirs, "msg/s", "itself")
+            untraced, _ = chain_reportflow(burst, rate, 0, OTLP_PORT, tracing=False)
+            figures.add("chain burst throughput, reportflow, tracing off", untraced, "msg/s", "Celery chain",
+                        untraced / theirs)
             for label, latencies, baseline in (("reportflow", ours_lat, theirs_lat), ("Celery", theirs_lat, None)):
                 p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
                 figures.add(f"chain paced {rate}/s p50 per hop, {label}", p50 / 4, "ms",
