@@ -105,8 +105,10 @@ def setup_tracing(service_name: str, settings: TracingSettings | None = None,
     exporter = _exporter(settings, service_name)
     if exporter is not None:
         watched = WatchedExporter(exporter, provider.stats)
-        batch = {k: v for k, v in {"max_export_batch_size": settings.batch_max_export_size,
-                                   "schedule_delay_millis": settings.batch_schedule_delay_ms}.items() if v}
+        batch = {k: v for k, (v, standard) in {
+            "max_export_batch_size": (settings.batch_max_export_size, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
+            "schedule_delay_millis": (settings.batch_schedule_delay_ms, "OTEL_BSP_SCHEDULE_DELAY"),
+        }.items() if v and not os.environ.get(standard)}
         processor = BatchSpanProcessor(watched, **batch)
         provider.stats.watch_queue(processor)
         provider.add_span_processor(processor)
