@@ -10,7 +10,8 @@ and everything they need from the broker (publish, ack) is handed back with add_
 Order per message: handler + inbox record + outbox rows commit in one transaction; then the outbox
 is published with publisher confirms; then the delivery is acked; then the outbox rows are marked
 published. A crash at any point redelivers the message (the inbox makes it a no-op) or leaves outbox
-rows unpublished (the relay publishes them; downstream inboxes absorb the duplicate).
+rows unpublished (the relay publishes them; downstream inboxes absorb the duplicate). An emitted event
+no queue takes goes to the dead-letter queue itself; the message that emitted it is still acked.
 """
 from __future__ import annotations
 
@@ -208,8 +209,7 @@ class Consumer:
     def _settle(self, delivery: Delivery, outcome: Outcome) -> list[int]:
         token = context.attach(outcome.context)
         try:
-            for message in outcome.publish:
-                self._publish(message)
+            sent = [m.outbox_id for m in outcome.publish if self._publish_committed(m)]
             if outcome.retry_after is not None:
                 self._retry_later(delivery, outcome)
             elif outcome.dead_letter_reason is not None:
@@ -217,7 +217,22 @@ class Consumer:
             delivery.channel.basic_ack(delivery.delivery_tag)
         finally:
             context.detach(token)
-        return [m.outbox_id for m in outcome.publish]
+        return sent
+
+    def _publish_committed(self, message: OutgoingMessage) -> bool:
+        """Publish an outbox row; True once it has left the outbox (to its queues, or to the dead-letter
+        queue when no queue takes it). The message that emitted it is acknowledged either way: its effects
+        are committed, and a row that did not leave is the relay's to send."""
+        try:
+            self._publish(message)
+        except pika.exceptions.UnroutableError:
+            self._dead_letter_unroutable(message)
+            return True
+        except pika.exceptions.NackError:
+            log.warning("%s: the broker refused %s %s; the outbox relay will send it again", self.stage.name,
+                        message.event_type, message.message_id)
+            return False
+        return True
 
     def _publish(self, message: OutgoingMessage) -> None:
         event = Event(message.event_type, message.payload, message.message_id)
@@ -251,6 +266,24 @@ class Consumer:
         log.error("%s: dead-lettered message %s (%s) after %d attempt(s): %s", self.stage.name,
                   delivery.properties.message_id, delivery.properties.type, headers[ATTEMPT_HEADER], reason)
 
+    def _dead_letter_unroutable(self, message: OutgoingMessage) -> None:
+        """An event no queue is bound for (a stage not deployed, a topology not declared) waits in the
+        dead-letter queue under its own name, not its emitter's: `reportflow dlq replay` routes it again."""
+        event = Event(message.event_type, message.payload, message.message_id)
+        reason = f"unroutable: no queue takes {event.type} on exchange {self.topology.exchange}"
+        properties = message_properties(event, app_id=self._app_id)
+        properties["headers"].update({
+            **message.headers, ATTEMPT_HEADER: 1, "x-reportflow-error": reason, "x-reportflow-stage": self.stage.name,
+            "x-reportflow-routing-key": event.type, "x-reportflow-unroutable": True,
+            "x-reportflow-dead-lettered-at": utcnow().isoformat()})
+        with self._tracer.start_as_current_span(f"dead-letter {self.topology.exchange}:{event.type}",
+                                                context=context_from(message.headers), kind=SpanKind.INTERNAL,
+                                                attributes={"reportflow.dead_letter.reason": reason}), \
+                suppress_instrumentation():
+            self._publish_channel.basic_publish(self.topology.dead_letter_exchange, event.type, encode(event),
+                                                pika.BasicProperties(**properties), mandatory=True)
+        log.error("%s: dead-lettered %s %s: %s", self.stage.name, event.type, event.message_id, reason)
+
     def _retry_later(self, delivery: Delivery, outcome: Outcome) -> None:
         headers = self._failure_headers(delivery, outcome.failure or "")
         queue = self.topology.retry_queue(self.stage.name, outcome.retry_after)
@@ -263,10 +296,10 @@ class Consumer:
                     delivery.properties.message_id, headers[ATTEMPT_HEADER], outcome.retry_after, outcome.failure)
 
     def _settle_failed(self, delivery: Delivery, error: BaseException) -> None:
-        """Publishing what the handler emitted, or its retry, failed (an unroutable message: the topology
-        is not what this process declared). Left unacknowledged, the message would sit on this channel
-        for good; it goes to the dead-letter queue instead. Committed effects stay committed, and their
-        outbox rows are retried by the relay. Runs on the I/O thread."""
+        """Sending a failed message to its retry queue or the dead-letter queue failed (the topology is not
+        what this process declared). Left unacknowledged, the message would sit on this channel for good;
+        it goes to the dead-letter queue, or, failing that, the queue's own dead-letter route. Runs on
+        the I/O thread."""
         reason = f"could not settle: {type(error).__name__}: {error}"
         try:
             self._dead_letter(delivery, reason)
@@ -516,7 +549,7 @@ class Consumer:
             if not stale:
                 return
             log.warning("%s: relaying %d unpublished outbox messages", self.stage.name, len(stale))
-            published = self._call_on_io(lambda: [self._publish(m) or m.outbox_id for m in stale]).result()
+            published = self._call_on_io(lambda: [m.outbox_id for m in stale if self._publish_committed(m)]).result()
             self._mark_published(published)
         except Exception:  # noqa: BLE001 - the next round tries again
             log.exception("%s: outbox relay failed; will retry", self.stage.name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pika
+import pika.exceptions
 
 from shared.topology import Topology
 from shared.tracing import trace_business_operation
@@ -72,7 +73,7 @@ class DeadLetterQueue:
 
     @trace_business_operation("dead letters replay")
     def replay(self, message_id: str | None = None) -> list[DeadLetter]:
-        """Send one dead letter (by message id), or all when message_id is None, back to its work queue."""
+        """Send one dead letter (by message id), or all when message_id is None, back where it failed."""
         replayed = []
         with _channel(self._url) as channel:
             channel.confirm_delivery()
@@ -83,21 +84,39 @@ class DeadLetterQueue:
                 letter = DeadLetter.of(properties, body)
                 if message_id is not None and letter.message_id != message_id:
                     continue  # left unacknowledged: back in the queue when the channel closes
-                if not letter.queue:
+                destination = self._destination(letter)
+                if destination is None:
                     continue
                 headers = {k: v for k, v in letter.headers.items()
                            if k not in FAILURE_HEADERS and not k.startswith("x-reportflow-")}
                 headers["x-reportflow-replayed"] = True
-                channel.basic_publish("", letter.queue, body, pika.BasicProperties(
-                    content_type=properties.content_type, content_encoding=properties.content_encoding,
-                    delivery_mode=2, message_id=properties.message_id, type=letter.event_type,
-                    timestamp=properties.timestamp, app_id=properties.app_id,
-                    correlation_id=properties.correlation_id, headers=headers), mandatory=True)
+                try:
+                    self._republish(channel, *destination, body, properties, letter, headers)
+                except pika.exceptions.UnroutableError:
+                    continue  # still no queue for it: left in the dead-letter queue
                 channel.basic_ack(method.delivery_tag)
                 replayed.append(letter)
                 if message_id is not None:
                     break
         return replayed
+
+    def _destination(self, letter: DeadLetter) -> tuple[str, str] | None:
+        """A failed message goes back to the queue that failed it; an event no queue took goes through the
+        exchange again, to whatever is bound for it now. (exchange, routing key), or None: nowhere known."""
+        if letter.queue:
+            return "", letter.queue
+        if letter.headers.get("x-reportflow-unroutable"):
+            return self._topology.exchange, letter.event_type
+        return None
+
+    @staticmethod
+    def _republish(channel, exchange: str, routing_key: str, body: bytes, properties, letter: DeadLetter,
+                   headers: dict) -> None:
+        channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(
+            content_type=properties.content_type, content_encoding=properties.content_encoding,
+            delivery_mode=2, message_id=properties.message_id, type=letter.event_type,
+            timestamp=properties.timestamp, app_id=properties.app_id,
+            correlation_id=properties.correlation_id, headers=headers), mandatory=True)
 
     def purge(self) -> int:
         with _channel(self._url) as channel:

@@ -7,6 +7,7 @@ import subprocess
 import threading
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from consumers.bootstrap import build_consumer, session_factory
@@ -15,7 +16,7 @@ from consumers.runtime import Consumer
 from consumers.stage import Stage
 from producers import ReportflowClient
 from shared.dead_letters import DeadLetterQueue
-from shared.models import InboxRecord, Report
+from shared.models import InboxRecord, OutboxMessage, Report
 from shared.topology import Topology
 from tests.conftest import TEST_AMQP_URL, sample_request, wait_until
 from tests.proxy import TcpProxy
@@ -82,8 +83,8 @@ def test_what_keeps_failing_is_dead_lettered_after_its_attempts_and_the_consumer
     assert doomed.trace_id in headers["traceparent"]  # kept, so a replay continues the trace
 
 
-def test_a_message_that_cannot_be_settled_is_dead_lettered_not_left_unacknowledged(settings_for, sqlite_url,
-                                                                                     exchange, broker):
+def test_an_emitted_event_no_queue_takes_is_dead_lettered_itself_and_replayed_once_a_queue_is_bound(
+        settings_for, sqlite_url, exchange, broker):
     def emits_unroutable(event, uow):
         uow.emit("report.created", created_payload("r-unroutable"))
 
@@ -92,11 +93,27 @@ def test_a_message_that_cannot_be_settled_is_dead_lettered_not_left_unacknowledg
     consumer = stage_consumer(settings, emits_unroutable)
     with running(consumer):
         with ReportflowClient(TEST_AMQP_URL, exchange) as client:
-            client.request_report(sample_request(report_id="r-unroutable"))
-        letters = wait_until(lambda: dead_letters(broker, exchange), 20, what="a dead letter")
-    [(headers, _)] = letters
-    assert "UnroutableError" in headers["x-reportflow-error"]
+            request = client.request_report(sample_request(report_id="r-unroutable"))
+        settled(consumer, 1)
+        [letter] = wait_until(lambda: DeadLetterQueue(TEST_AMQP_URL, consumer.topology).list(), 20,
+                              what="a dead letter")
+    # The event that could not go anywhere waits under its own name; the request was handled and acked.
+    assert (letter.event_type, letter.stage) == ("report.created", "creation")
+    assert letter.error.startswith("unroutable: no queue takes report.created")
+    assert request.trace_id in letter.headers["traceparent"]
     assert broker.channel().queue_declare(f"{exchange}.creation", passive=True).method.message_count == 0
+    with session_factory(settings)() as session:  # it left the outbox, so the relay will not send it again
+        [published_at] = session.scalars(select(OutboxMessage.published_at)).all()
+    assert published_at is not None
+
+    channel = broker.channel()
+    channel.queue_declare(f"{exchange}.late-stage", exclusive=True)
+    channel.queue_bind(f"{exchange}.late-stage", exchange, routing_key="report.created")
+    [replayed] = DeadLetterQueue(TEST_AMQP_URL, consumer.topology).replay()
+    assert replayed.message_id == letter.message_id
+    method, properties, body = channel.basic_get(f"{exchange}.late-stage", auto_ack=True)
+    assert properties.type == "report.created" and json.loads(body)["report_id"] == "r-unroutable"
+    assert "x-reportflow-error" not in properties.headers and request.trace_id in properties.headers["traceparent"]
 
 
 def test_a_permanent_failure_is_dead_lettered_at_once(settings_for, sqlite_url, exchange, broker):
