@@ -7,11 +7,13 @@ import sys
 import click
 
 from producers.client import InvalidEvent, ReportflowClient, Unroutable
+from shared.tracing import setup_command_tracing
 
 
 @click.group()
 def publish() -> None:
     """Publish an upstream event (report.requested, approval.decided)."""
+    setup_command_tracing()  # the publish span starts the report's trace, as an upstream's would
 
 
 @publish.command("request")

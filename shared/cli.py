@@ -1,7 +1,6 @@
 """The `reportflow` command."""
 from __future__ import annotations
 
-import atexit
 import json
 import time
 from pathlib import Path
@@ -75,19 +74,8 @@ def topology_declare() -> None:
     click.echo(f"{topo.dead_letter_queue} <- dead letters")
 
 
-def _cli_tracing() -> None:
-    from shared.tracing import setup_tracing
-
-    settings = Settings.load()
-    provider = setup_tracing("reportflow-cli", settings.tracing, settings.environment)
-    if provider is not None:
-        atexit.register(provider.shutdown)
-
-
 def _publish_group():
     from producers.cli import publish
-
-    publish.callback = _cli_tracing
     return publish
 
 
@@ -262,8 +250,9 @@ def demo(timeout: int, request_file: str) -> None:
     """Publish a sample request, approve both stages as the approvers would, and print the outcome."""
     from producers.client import ReportflowClient
     from shared.report_views import report_summary
+    from shared.tracing import setup_command_tracing
 
-    _cli_tracing()
+    setup_command_tracing()
     settings = Settings.load()
     request = json.loads(Path(request_file).read_text())
 

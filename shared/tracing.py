@@ -2,6 +2,8 @@
 a span pipeline that watches itself, and decorators for the project's own code and its extensions."""
 from __future__ import annotations
 
+import atexit
+
 import functools
 import json
 import logging
@@ -24,7 +26,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from shared.config import TracingSettings
+from shared.config import Settings, TracingSettings
 
 log = logging.getLogger("reportflow.tracing")
 _enabled = False  # read by the decorators on every call: when tracing is off they only call through
@@ -115,6 +117,14 @@ def setup_tracing(service_name: str, settings: TracingSettings | None = None,
     trace.set_tracer_provider(provider)
     _enabled = True
     return provider
+
+
+def setup_command_tracing() -> None:
+    """Tracing for one command-line run (reportflow publish, demo): spans are flushed when it exits."""
+    settings = Settings.load()
+    provider = setup_tracing("reportflow-cli", settings.tracing, settings.environment)
+    if provider is not None:
+        atexit.register(provider.shutdown)
 
 
 def _exporter(settings: TracingSettings, service_name: str) -> SpanExporter | None:
