@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -365,3 +367,18 @@ def test_reportflow_trace_renders_a_recorded_jaeger_api_v3_response(sqlite_url, 
     assert lines[5].endswith("      render pdf  [error: RenderTimeout: render took longer than 300s]")
     assert lines[6].endswith("  process reportflow:approval.decided:reportflow.approval  [1 link(s)]")
     assert len(spans_from_otlp_json(document)) == 5
+
+
+def test_reportflow_publish_starts_the_reports_trace_and_flushes_it_on_exit(tmp_path, exchange, tap, otlp):
+    request_file = tmp_path / "request.json"
+    request_file.write_text(json.dumps(sample_request(report_id="r-cli")))
+    env = {**os.environ, "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange,
+           "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint}
+    run = subprocess.run([str(Path(sys.executable).parent / "reportflow"), "publish", "request", str(request_file)],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 0, run.stderr
+    published = json.loads(run.stdout)
+    [(_, _, properties)] = tap.wait_for("report.requested")
+    assert properties.headers["traceparent"].split("-")[1] == published["trace_id"]
+    [span] = [s for s in otlp.spans if s["trace_id"] == published["trace_id"]]  # exported before it exited
+    assert (span["service"], span["name"]) == ("reportflow-cli", f"publish {exchange}:report.requested")
