@@ -8,10 +8,11 @@ but I/O (which keeps heartbeats flowing during a long PDF render); handlers run 
 and everything they need from the broker (publish, ack) is handed back with add_callback_threadsafe.
 
 Order per message: handler + inbox record + outbox rows commit in one transaction; then the outbox
-is published with publisher confirms; then the delivery is acked; then the outbox rows are marked
-published. A crash at any point redelivers the message (the inbox makes it a no-op) or leaves outbox
-rows unpublished (the relay publishes them; downstream inboxes absorb the duplicate). An emitted event
-no queue takes goes to the dead-letter queue itself; the message that emitted it is still acked.
+rows are published (confirms pipelined, not waited for) and the delivery is acked; as confirms arrive,
+the rows are marked published. A crash at any point redelivers the message (the inbox makes it a
+no-op) or leaves outbox rows unmarked (the relay publishes them again; downstream inboxes absorb the
+duplicate). An emitted event no queue takes goes to the dead-letter queue itself. A retry or a dead
+letter is confirmed before the message it replaces is acked.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from sqlalchemy import select, update
 
+from consumers.confirms import PipelinedConfirms
 from consumers.retries import RetryPolicy
 from consumers.stage import Stage, dependency_names
 from shared.config import Settings
@@ -46,6 +48,7 @@ log = logging.getLogger("reportflow.consumer")
 
 RECONNECT_BACKOFF_SECONDS = (1, 2, 5, 10, 30)
 MARK_PUBLISHED_EVERY_SECONDS = 0.2
+STOP_WAITS_FOR_CONFIRMS_SECONDS = 5
 
 
 class ConnectionLost(RuntimeError):
@@ -116,6 +119,7 @@ class Consumer:
         self._pending_io: set[Future] = set()
         self._connection: pika.BlockingConnection | None = None
         self._publish_channel = None
+        self._outbox_channel: PipelinedConfirms | None = None
         self.connections_opened = 0  # more than one means the broker connection was re-established
         self.messages_settled = 0
         # Outbox rows published and confirmed but not yet marked so in the database: marked in batches,
@@ -159,6 +163,7 @@ class Consumer:
         try:
             consume_channel = connection.channel()
             self._publish_channel = self._open_publish_channel(connection)
+            self._outbox_channel = PipelinedConfirms(connection, self._instrument)
             declare(consume_channel, self.topology, self._bindings)
             consume_channel.basic_qos(prefetch_count=self.settings.effective_prefetch)
             consumer_tag = consume_channel.basic_consume(self.queue, on_message_callback=self._on_message)
@@ -166,13 +171,18 @@ class Consumer:
                      self.settings.effective_prefetch, self._executor._max_workers)
             self.ready.set()
             next_relay = next_mark = 0.0
+            stopped_at = None
             while True:
                 connection.process_data_events(time_limit=0.25)
+                self._take_confirmations()
                 if self._stopping.is_set():
                     if consumer_tag:
                         consume_channel.basic_cancel(consumer_tag)
                         consumer_tag = None
-                    if self._in_flight_count() == 0:
+                        stopped_at = time.monotonic()
+                    # Confirms still due are waited for a while, so a clean stop leaves no row to the relay.
+                    if self._in_flight_count() == 0 and (self._outbox_channel.unconfirmed == 0 or
+                                                         time.monotonic() - stopped_at > STOP_WAITS_FOR_CONFIRMS_SECONDS):
                         break
                 elif time.monotonic() >= next_relay:
                     next_relay = time.monotonic() + self.settings.outbox_relay_seconds
@@ -190,13 +200,32 @@ class Consumer:
                     pass
 
     def _open_publish_channel(self, connection):
+        """For retries and dead letters: each waits for its confirm, because the message is acked after."""
         channel = connection.channel()
         channel.confirm_delivery()
+        self._instrument(channel)
+        return channel
+
+    def _instrument(self, channel) -> None:
         # Per channel, not global instrument(): only publishing is instrumented this way. Consuming is
         # traced below, because the process span must be able to join a report's stored trace.
         PikaInstrumentor.instrument_channel(channel, tracer_provider=self._tracer_provider,
                                             publish_hook=_publish_hook(*self._broker_address))
-        return channel
+
+    def _take_confirmations(self) -> None:
+        """Sort what the broker answered about outbox rows: taken rows are marked (in batches); a row no
+        queue takes goes to the dead-letter queue, and is then done too; a refused row is left to the
+        relay. On the I/O thread, between rounds of I/O."""
+        confirmed, returned, refused = self._outbox_channel.take()
+        for message in returned:
+            self._dead_letter_unroutable(message)
+            confirmed.append(message)
+        for message in refused:
+            log.warning("%s: the broker refused %s %s; the outbox relay will send it again", self.stage.name,
+                        message.event_type, message.message_id)
+        if confirmed:
+            with self._lock:
+                self._published_unmarked.extend(m.outbox_id for m in confirmed)
 
     # -- I/O thread -------------------------------------------------------------
     def _on_message(self, channel, method, properties, body) -> None:
@@ -206,10 +235,14 @@ class Consumer:
             self._in_flight += 1
         self._executor.submit(self._work, delivery)
 
-    def _settle(self, delivery: Delivery, outcome: Outcome) -> list[int]:
+    def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        """The handler committed (or failed): publish what it emitted, or send the message to be retried
+        or dead-lettered, then acknowledge it. Emitted events do not hold up the ack: they are in the
+        outbox, committed, and a row whose confirm never comes is the relay's to send again."""
         token = context.attach(outcome.context)
         try:
-            sent = [m.outbox_id for m in outcome.publish if self._publish_committed(m)]
+            for message in outcome.publish:
+                self._publish(message)
             if outcome.retry_after is not None:
                 self._retry_later(delivery, outcome)
             elif outcome.dead_letter_reason is not None:
@@ -217,22 +250,6 @@ class Consumer:
             delivery.channel.basic_ack(delivery.delivery_tag)
         finally:
             context.detach(token)
-        return sent
-
-    def _publish_committed(self, message: OutgoingMessage) -> bool:
-        """Publish an outbox row; True once it has left the outbox (to its queues, or to the dead-letter
-        queue when no queue takes it). The message that emitted it is acknowledged either way: its effects
-        are committed, and a row that did not leave is the relay's to send."""
-        try:
-            self._publish(message)
-        except pika.exceptions.UnroutableError:
-            self._dead_letter_unroutable(message)
-            return True
-        except pika.exceptions.NackError:
-            log.warning("%s: the broker refused %s %s; the outbox relay will send it again", self.stage.name,
-                        message.event_type, message.message_id)
-            return False
-        return True
 
     def _publish(self, message: OutgoingMessage) -> None:
         event = Event(message.event_type, message.payload, message.message_id)
@@ -241,18 +258,16 @@ class Consumer:
             # No publish span to make: the message carries on the trace it was emitted in, as is.
             properties.headers = {**(properties.headers or {}), **message.headers}
             with suppress_instrumentation():
-                self._send(event, properties)
+                self._send(message, event, properties)
             return
         token = context.attach(context_from(message.headers))  # publish under the span that emitted it
         try:
-            self._send(event, properties)
+            self._send(message, event, properties)
         finally:
             context.detach(token)
 
-    def _send(self, event: Event, properties: pika.BasicProperties) -> None:
-        # mandatory: with confirms on, a message no queue takes raises UnroutableError, never vanishes.
-        self._publish_channel.basic_publish(self.topology.exchange, event.type, encode(event), properties,
-                                            mandatory=True)
+    def _send(self, message: OutgoingMessage, event: Event, properties: pika.BasicProperties) -> None:
+        self._outbox_channel.publish(self.topology.exchange, event.type, encode(event), properties, message)
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         headers = self._failure_headers(delivery, reason)
@@ -387,7 +402,6 @@ class Consumer:
             error = future.exception()
             if error is None:
                 with self._lock:
-                    self._published_unmarked.extend(future.result())
                     self.messages_settled += 1
             elif isinstance(error, ConnectionLost):
                 log.warning("%s: %s; message %s will be redelivered", self.stage.name, error,
@@ -549,8 +563,7 @@ class Consumer:
             if not stale:
                 return
             log.warning("%s: relaying %d unpublished outbox messages", self.stage.name, len(stale))
-            published = self._call_on_io(lambda: [m.outbox_id for m in stale if self._publish_committed(m)]).result()
-            self._mark_published(published)
+            self._call_on_io(lambda: [self._publish(m) for m in stale]).result()  # marked as their confirms come
         except Exception:  # noqa: BLE001 - the next round tries again
             log.exception("%s: outbox relay failed; will retry", self.stage.name)
 

@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from consumers.bootstrap import build_consumer, session_factory
+from consumers.confirms import PipelinedConfirms
 from consumers.runtime import Consumer
 from consumers.stage import Stage
 from producers import ReportflowClient, Unroutable
@@ -178,3 +179,24 @@ def test_the_client_refuses_invalid_events_and_reports_unroutable_ones(exchange,
         assert any("'template' is a required property" in r for r in invalid.value.reasons)
         with pytest.raises(Unroutable):  # nothing is bound to this fresh exchange yet
             client.request_report(sample_request())
+
+
+def test_pipelined_confirms_sort_every_publish_into_taken_or_returned(broker, exchange):
+    channel = broker.channel()
+    channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+    channel.queue_declare(f"{exchange}.confirms", exclusive=True)
+    channel.queue_bind(f"{exchange}.confirms", exchange, routing_key="bound")
+    confirms = PipelinedConfirms(broker, instrument=lambda channel: None)
+    for n in range(200):  # a burst, so the broker answers some with one multiple ack
+        confirms.publish(exchange, "bound" if n != 57 else "nowhere", b"{}",
+                         pika.BasicProperties(message_id=f"m-{n}", delivery_mode=2), item=n)
+    assert confirms.unconfirmed == 200  # nothing waited for
+    answered = ([], [], [])
+    deadline = time.monotonic() + 20
+    while confirms.unconfirmed and time.monotonic() < deadline:
+        broker.process_data_events(time_limit=0.1)
+        for collected, new in zip(answered, confirms.take()):
+            collected.extend(new)
+    confirmed, returned, refused = answered
+    assert sorted(confirmed) == [n for n in range(200) if n != 57] and returned == [57] and refused == []
+    assert channel.queue_declare(f"{exchange}.confirms", passive=True).method.message_count == 199

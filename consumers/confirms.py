@@ -1,0 +1,82 @@
+"""Publisher confirms, pipelined, for the events a stage emits.
+
+pika's BlockingChannel waits for each confirm before it returns from basic_publish, so a stage could
+publish only once per broker round trip, and the four-stage chain ran 20-40% faster with no confirms
+at all. Here publishes go out at once on the asynchronous channel under a blocking one, and the
+broker's confirms (often several in one frame) are sorted as they arrive. Everything runs on the
+connection's own thread: the broker's answers arrive as callbacks while the connection does its I/O,
+and the runtime collects them between rounds.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import pika
+import pika.exceptions
+import pika.spec
+
+Item = TypeVar("Item")
+
+CONFIRM_MODE_TIMEOUT_SECONDS = 30
+
+
+class PipelinedConfirms(Generic[Item]):
+    def __init__(self, connection: pika.BlockingConnection, instrument: Callable[[object], None]):
+        self._channel = connection.channel()._impl
+        selected: list[object] = []
+        self._channel.confirm_delivery(ack_nack_callback=self._on_confirmation, callback=selected.append)
+        deadline = time.monotonic() + CONFIRM_MODE_TIMEOUT_SECONDS
+        while not selected:
+            if time.monotonic() > deadline:
+                raise pika.exceptions.AMQPChannelError("the broker did not enter confirm mode")
+            connection.process_data_events(time_limit=0.1)
+        self._channel.add_on_return_callback(self._on_return)
+        instrument(self._channel)
+        self._sequence = 0
+        self._unconfirmed: dict[int, tuple[str, Item]] = {}  # publish sequence number -> (message id, item)
+        self._returned: set[str] = set()  # message ids the broker returned; their confirm is still to come
+        self.confirmed: list[Item] = []   # taken by some queue
+        self.returned: list[Item] = []    # no queue takes them
+        self.refused: list[Item] = []     # nacked by the broker
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, properties: pika.BasicProperties,
+                item: Item) -> None:
+        """Send now; item lands in confirmed, returned or refused when the broker answers. mandatory: a
+        message no queue takes comes back instead of vanishing."""
+        self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+        self._sequence += 1
+        self._unconfirmed[self._sequence] = (properties.message_id, item)
+
+    @property
+    def unconfirmed(self) -> int:
+        return len(self._unconfirmed)
+
+    def take(self) -> tuple[list[Item], list[Item], list[Item]]:
+        """What the broker has answered since the last take: (confirmed, returned, refused)."""
+        answered = self.confirmed, self.returned, self.refused
+        self.confirmed, self.returned, self.refused = [], [], []
+        return answered
+
+    def _on_return(self, _channel, _method, properties, _body) -> None:
+        # The broker sends Basic.Return before the Basic.Ack of the same message.
+        self._returned.add(properties.message_id)
+
+    def _on_confirmation(self, frame) -> None:
+        method = frame.method
+        if method.multiple:
+            sequences = [s for s in self._unconfirmed if s <= method.delivery_tag]
+        else:
+            sequences = [method.delivery_tag]
+        for sequence in sequences:
+            message_id, item = self._unconfirmed.pop(sequence, (None, None))
+            if item is None:
+                continue
+            if isinstance(method, pika.spec.Basic.Nack):
+                self.refused.append(item)
+            elif message_id in self._returned:
+                self._returned.discard(message_id)
+                self.returned.append(item)
+            else:
+                self.confirmed.append(item)
