@@ -52,6 +52,17 @@ class _NetworklessChannel(BlockingChannel):
         pass
 
 
+class _NetworklessConfirms:
+    """Stands in for the pipelined-confirms channel: the instrumented publish, and no broker behind it."""
+
+    def __init__(self, instrument):
+        self._channel = _NetworklessChannel()
+        instrument(self._channel)
+
+    def publish(self, exchange, routing_key, body, properties, item) -> None:
+        self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+
+
 class _NetworklessConnection:
     def channel(self) -> _NetworklessChannel:
         return _NetworklessChannel()
@@ -66,6 +77,7 @@ def main(port: int, iterations: int, enabled: bool, ratio: float, database_url: 
     consumer = Consumer(Stage("tracing-cost", {"report.created": pass_through("report.created")}), settings,
                         session_factory(settings, provider), {}, tracer_provider=provider)
     consumer._publish_channel = consumer._open_publish_channel(_NetworklessConnection())
+    consumer._outbox_channel = _NetworklessConfirms(consumer._instrument)
     run = uuid.uuid4().hex[:8]
 
     def one_message(n: int) -> None:
