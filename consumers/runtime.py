@@ -576,9 +576,11 @@ def _instrumented_if(sampled: bool):
 
 
 def _sampled(stored_headers: dict) -> bool:
-    """Whether the W3C context the runtime stored with an outbox row is sampled (flags bit 0), read without
-    the propagators' full extraction: this is asked for every message published."""
-    traceparent = (stored_headers or {}).get("traceparent", "")
+    """Whether the context stored with an outbox row is sampled. It is asked for every message published,
+    so the W3C flags (bit 0) are read directly; another format (OTEL_PROPAGATORS) takes full extraction."""
+    traceparent = (stored_headers or {}).get("traceparent")
+    if traceparent is None:
+        return trace.get_current_span(context_from(stored_headers)).get_span_context().trace_flags.sampled
     try:
         return bool(int(traceparent.rsplit("-", 1)[1], 16) & 1)
     except (IndexError, ValueError):

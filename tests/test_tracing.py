@@ -382,3 +382,15 @@ def test_reportflow_publish_starts_the_reports_trace_and_flushes_it_on_exit(tmp_
     assert properties.headers["traceparent"].split("-")[1] == published["trace_id"]
     [span] = [s for s in otlp.spans if s["trace_id"] == published["trace_id"]]  # exported before it exited
     assert (span["service"], span["name"]) == ("reportflow-cli", f"publish {exchange}:report.requested")
+
+
+@pytest.mark.parametrize("stored, sampled", [
+    ({"traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"}, True),
+    ({"traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-00"}, False),
+    ({"b3": f"{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-1"}, True),   # OTEL_PROPAGATORS=b3 stores this instead
+    ({"b3": f"{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-0"}, False),
+    ({}, False),
+])
+def test_a_stored_context_is_read_as_sampled_or_not_in_any_format(stored, sampled):
+    from consumers.runtime import _sampled
+    assert _sampled(stored) is sampled
