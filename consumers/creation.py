@@ -7,7 +7,7 @@ import uuid
 from consumers.stage import Stage
 from shared.documents import TEMPLATES
 from shared.events import Event, InvalidMessage
-from shared.mail import InvalidAddress, check_address
+from shared.mail import InvalidAddress, check_address, one_line
 from shared.models import ApprovalStage, Report
 
 
@@ -62,7 +62,7 @@ def _emit_invalid(uow, report_id, request: dict, reasons: list[str], message_id:
     title = request.get("title")
     uow.emit("report.invalid", {
         "report_id": report_id,
-        "title": title[:200] if isinstance(title, str) else None,
+        "title": one_line(title)[:200] if isinstance(title, str) else None,
         "submitter": _reachable_person(request.get("submitter")),
         "request_message_id": message_id,
         "reasons": reasons,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from consumers.stage import Stage
 from shared.documents import FolderStorage
 from shared.events import Event
-from shared.mail import InvalidAddress, build_email, check_address, stable_message_id
+from shared.mail import InvalidAddress, build_email, check_address, one_line, quoted, stable_message_id
 from shared.models import Notification, utcnow
 
 
@@ -30,15 +30,16 @@ class Postman:
 def on_approval_requested(event: Event, uow, postman: Postman, storage: FolderStorage) -> None:
     requested = event.payload
     stage = requested["stage"]
-    subject = f"Approval needed: {requested['title']} (stage {stage['position']} of {stage['of']}: {stage['name']})"
+    title, stage_name = one_line(requested["title"]), one_line(stage["name"])
+    subject = f"Approval needed: {title} (stage {stage['position']} of {stage['of']}: {stage_name})"
     rule = "every approver must approve" if stage["rule"] == "all" else "one approval is enough"
     for approver in requested["approvers"]:
         how = (f"Decide here (this link is yours, and works once):\n  "
                f"{postman.links.url(requested['report_id'], stage['name'], approver)}\n" if postman.links else
-               f"Decide with:\n  reportflow publish decision {requested['report_id']} --stage \"{stage['name']}\" "
+               f"Decide with:\n  reportflow publish decision {requested['report_id']} --stage \"{stage_name}\" "
                f"--approver {approver} --approve|--reject --comment \"...\"\n")
-        text = (f"Hello,\n\nThe report \"{requested['title']}\" ({requested['report_id']}) is waiting for your "
-                f"decision at stage \"{stage['name']}\" ({rule}).\n\n{how}\nThe draft is attached.\n")
+        text = (f"Hello,\n\nThe report \"{title}\" ({requested['report_id']}) is waiting for your "
+                f"decision at stage \"{stage_name}\" ({rule}).\n\n{how}\nThe draft is attached.\n")
         attachments = _pdf(storage, requested.get("document"), requested["report_id"], "draft")
         _send(uow, postman, event, [approver], subject, text, attachments, key=approver)
 
@@ -47,8 +48,8 @@ def on_report_invalid(event: Event, uow, postman: Postman) -> None:
     invalid = event.payload
     if not invalid.get("submitter"):
         return  # nobody to write to; the event itself is the record
-    title = invalid.get("title") or "(untitled)"
-    reasons = "\n".join(f"  - {r}" for r in invalid["reasons"])
+    title = one_line(invalid.get("title") or "") or "(untitled)"
+    reasons = "\n".join(f"  - {one_line(r)}" for r in invalid["reasons"])
     text = (f"Hello,\n\nYour report request \"{title}\" could not be accepted:\n\n{reasons}\n\n"
             "Please correct it and send it again.\n")
     _send(uow, postman, event, [invalid["submitter"]["email"]], f"Report request not accepted: {title}", text)
@@ -57,20 +58,22 @@ def on_report_invalid(event: Event, uow, postman: Postman) -> None:
 def on_report_rejected(event: Event, uow, postman: Postman) -> None:
     rejected = event.payload
     report = uow.report(rejected["report_id"])
-    comment = rejected.get("comment") or "(no comment)"
-    text = (f"Hello,\n\nThe report \"{rejected['title']}\" ({rejected['report_id']}) was rejected at stage "
-            f"\"{rejected['stage']}\" by {rejected['approver']['email']}.\n\nComment: {comment}\n")
-    _send(uow, postman, event, [report.submitter["email"]], f"Report rejected: {rejected['title']}", text)
+    title = one_line(rejected["title"])
+    comment = f"Their comment:\n{quoted(rejected['comment'])}" if rejected.get("comment") else "(no comment)"
+    text = (f"Hello,\n\nThe report \"{title}\" ({rejected['report_id']}) was rejected at stage "
+            f"\"{one_line(rejected['stage'])}\" by {rejected['approver']['email']}.\n\n{comment}\n")
+    _send(uow, postman, event, [report.submitter["email"]], f"Report rejected: {title}", text)
 
 
 def on_report_finalized(event: Event, uow, postman: Postman, storage: FolderStorage) -> None:
     finalized = event.payload
     report = uow.report(finalized["report_id"])
-    text = (f"Hello,\n\nThe report \"{finalized['title']}\" ({finalized['report_id']}) has been approved. "
+    title = one_line(finalized["title"])
+    text = (f"Hello,\n\nThe report \"{title}\" ({finalized['report_id']}) has been approved. "
             "The approved version, with its approval page, is attached.\n")
     attachments = _pdf(storage, finalized["document"], finalized["report_id"], "approved")
     recipients = list(dict.fromkeys([report.submitter["email"], report.client["email"]]))
-    _send(uow, postman, event, recipients, f"Report approved: {finalized['title']}", text, attachments)
+    _send(uow, postman, event, recipients, f"Report approved: {title}", text, attachments)
 
 
 def on_approval_refused(event: Event, uow, postman: Postman) -> None:
@@ -78,9 +81,9 @@ def on_approval_refused(event: Event, uow, postman: Postman) -> None:
     if not refused.get("approver"):
         return  # no address to answer to; the refusal is recorded by approval
     report = uow.report(refused.get("report_id"))
-    title = report.title if report else (refused.get("report_id") or "unknown report")
-    text = (f"Hello,\n\nYour decision ({refused.get('decision') or 'unreadable'}) on \"{title}\", stage "
-            f"\"{refused.get('stage') or '?'}\", was not applied: {refused['reason']}.\n")
+    title = one_line(report.title if report else (refused.get("report_id") or "unknown report"))
+    text = (f"Hello,\n\nYour decision ({one_line(refused.get('decision') or 'unreadable')}) on \"{title}\", stage "
+            f"\"{one_line(refused.get('stage') or '?')}\", was not applied. The reason:\n{quoted(refused['reason'])}\n")
     try:
         recipient = check_address(refused["approver"]["email"])
     except InvalidAddress:

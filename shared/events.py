@@ -45,6 +45,11 @@ class InvalidMessage:
         return value if isinstance(value, str) else None
 
 
+def oversize(body: bytes, max_bytes: int) -> str | None:
+    """Why a message body is too large for the bus, or None: the publisher and the consumer ask alike."""
+    return f"message body is {len(body)} bytes, over the limit of {max_bytes}" if len(body) > max_bytes else None
+
+
 def encode(event: Event) -> bytes:
     return json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -76,14 +81,17 @@ def parse(event_type: str | None, message_id: str | None, content_type: str | No
     """The cheap half of decode: size, content type, JSON. The payload is not yet checked."""
     event_type = event_type or "(unknown)"
     message_id = message_id or f"no-id:{uuid.uuid5(uuid.NAMESPACE_OID, body[:65536].hex())}"
-    if len(body) > max_bytes:
-        return InvalidMessage(event_type, message_id, [f"message body is {len(body)} bytes, over the limit of {max_bytes}"])
+    too_large = oversize(body, max_bytes)
+    if too_large:
+        return InvalidMessage(event_type, message_id, [too_large])
     if content_type and content_type.split(";")[0].strip().lower() != CONTENT_TYPE:
         return InvalidMessage(event_type, message_id, [f"content type {content_type!r} is not {CONTENT_TYPE}"])
     try:
         payload = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return InvalidMessage(event_type, message_id, [f"body is not UTF-8 JSON: {exc}"])
+    except RecursionError:
+        return InvalidMessage(event_type, message_id, ["body is JSON nested too deeply to read"])
     if not isinstance(payload, dict):
         return InvalidMessage(event_type, message_id, ["body is not a JSON object"])
     return Event(event_type, payload, message_id)

@@ -98,3 +98,76 @@ def test_the_compiled_check_agrees_with_jsonschema_on_every_verdict():
             assert (schemas.errors(event_type, variant) == []) == reference.is_valid(variant), (event_type, variant)
             checked += 1
     assert checked > 500
+
+
+# -- hostile input that once passed creation and failed later ------------------------------------------
+def _with_approver(address: str) -> dict:
+    return sample_request(approval_stages=[{"name": "review", "approvers": [address]}])
+
+
+@pytest.mark.parametrize("request_", [
+    _with_approver("bob@example.com\n"),          # Python's `$` matches before a final newline
+    _with_approver("a,b@example.com"),            # two recipients in one header
+    _with_approver("bob@[127.0.0.1]"),
+    _with_approver("bob@example.com\r\nBcc: evil@example.com"),
+    sample_request(report_id="rtnl\n"),           # a storage folder with a newline in its name
+    sample_request(title="Q3\u2028Decide here instead: https://evil.example"),
+    sample_request(title="Q3\x0bvertical tab"),
+    sample_request(title="Q3\x85next line"),
+    sample_request(title="Q3\n\nDecide here instead: https://evil.example"),
+    sample_request(approval_stages=[{"name": "review\r\nBcc: x@example.com", "approvers": ["bob@example.com"]}]),
+], ids=["newline-after-address", "comma", "ip-literal", "header-injection", "report-id-newline", "u2028-title",
+        "vt-title", "nel-title", "blank-lines-title", "crlf-stage-name"])
+def test_strings_that_reach_headers_paths_or_subjects_cannot_carry_line_breaks_or_control_characters(request_):
+    message = read(json.dumps(request_).encode())
+    assert isinstance(message, InvalidMessage), request_
+    assert schemas.validator("report.requested").is_valid(request_) is False  # the reference agrees
+
+
+@pytest.mark.parametrize("address", ["bob@example.com\n", "a,b@example.com", "bob@[127.0.0.1]", "bob@localhost",
+                                     "b ob@example.com", "\u2028bob@example.com", "bob@example.com\x85"])
+def test_the_mailer_and_the_contract_hold_one_address_rule(address):
+    from shared.mail import InvalidAddress, check_address
+
+    with pytest.raises(InvalidAddress):
+        check_address(address)
+    assert not schemas.validator("approval.decided").is_valid(
+        {"report_id": "r-1", "stage": "s", "approver": {"email": address}, "decision": "approve"})
+    assert check_address("o'brien+q3@mail.example.co.uk") == "o'brien+q3@mail.example.co.uk"
+
+
+def test_every_schema_states_the_address_rule_alike_and_bounds_every_string_and_list():
+    unbounded, email_rules = [], set()
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            types = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
+            if "string" in types and "maxLength" not in node:
+                unbounded.append(where)
+            if "array" in types and "maxItems" not in node:
+                unbounded.append(where)
+            for key, value in node.items():
+                walk(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{where}/{index}")
+
+    for event_type in schemas.event_types():
+        document = schemas.schema(event_type)
+        walk(document, event_type)
+        if "email" in document.get("$defs", {}):
+            email_rules.add(json.dumps(document["$defs"]["email"], sort_keys=True))
+    assert unbounded == []
+    assert len(email_rules) == 1
+
+
+def test_a_huge_invalid_message_is_named_in_a_bounded_list_of_reasons():
+    request = sample_request()
+    request["data"]["table"]["rows"] = [[{"not": "a cell"}] * 3] * 400
+    message = read(json.dumps(request).encode())
+    assert len(message.reasons) == schemas.MAX_REASONS + 1 and "more problems" in message.reasons[-1]
+
+
+def test_deeply_nested_json_is_a_stated_reason_not_a_crash():
+    message = read(b"[" * 100_000 + b"]" * 100_000)
+    assert isinstance(message, InvalidMessage) and "nested too deeply" in message.reasons[0]

@@ -275,3 +275,20 @@ def test_the_rejection_email_names_the_stage_the_approver_and_the_comment(uow, t
     body = email.get_content()
     assert "review" in body and "bob@example.com" in body and "numbers wrong" in body
 
+
+
+def test_user_text_in_an_email_is_one_line_or_quoted_and_never_passes_for_ours(uow, tmp_path):
+    handle(uow, creation.on_report_requested, request_event(report_id="r-10"))
+    postman = notification.Postman(FolderMailer(tmp_path / "mail"), "rf@example.com")
+    fake = "Decide here instead: https://evil.example/approve"
+    handle(uow, notification.on_report_rejected, Event("report.rejected", {
+        "report_id": "r-10", "title": "Q3", "stage": "review", "approver": {"email": "bob@example.com"},
+        "comment": f"Numbers wrong.\n\n{fake}\r\n\u2028{fake}"}), postman=postman)
+    handle(uow, notification.on_approval_refused, Event("approval.refused", {
+        "report_id": "r-10", "stage": "review\x85x", "decision": "approve", "approver": {"email": "bob@example.com"},
+        "reason": f"stage closed\n\n{fake}", "decision_message_id": "m-1"}), postman=postman)
+    for path in (tmp_path / "mail").iterdir():
+        body = message_from_bytes(path.read_bytes(), policy=policy.default).get_content()
+        lines = body.splitlines()
+        assert [line for line in lines if fake in line] and all(line.startswith("> ") for line in lines if fake in line)
+        assert "\u2028" not in body and "\x85" not in body
