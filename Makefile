@@ -8,6 +8,10 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: run demo test bench bench-quick install services clean
 
+# make run and make demo are development, said out loud: only there do the published development
+# secrets (link key, API token) work. Without REPORTFLOW_ENV a process runs as in production.
+run demo: export REPORTFLOW_ENV ?= development
+
 $(STAMP): pyproject.toml constraints.txt
 	infra/ensure-system-packages.sh
 	$(PYTHON) -m venv $(VENV)

@@ -20,9 +20,12 @@ def on_approval_decided(event: Event, uow) -> None:
     decided = event.payload
     report = uow.report(decided["report_id"], for_update=True)
     approver = decided["approver"]["email"].lower()
-    stage, reason = _stage_open_to(report, decided["stage"], approver)
-    if reason:
-        _refuse(uow, event.message_id, decided, reason)
+    if report is None:
+        _refuse(uow, event.message_id, decided, "unknown report")
+        return
+    stage, refused = report.stage_open_to(decided["stage"], approver)
+    if refused:
+        _refuse(uow, event.message_id, decided, refused.reason)
         return
 
     stage.decisions.append(Decision(
@@ -51,28 +54,6 @@ def on_approval_decided(event: Event, uow) -> None:
 
 def on_unreadable_decision(message: InvalidMessage, uow) -> None:
     _refuse(uow, message.message_id, message.payload or {}, "; ".join(message.reasons))
-
-
-def _stage_open_to(report: Report | None, stage_name: str, approver: str) -> tuple[ApprovalStage | None, str]:
-    """The stage this approver may decide now, or the reason they may not."""
-    if report is None:
-        return None, "unknown report"
-    if report.status == "rejected":
-        return None, "the report was already rejected"
-    if report.status in ("approved", "finalized"):
-        return None, "the report's approval is complete"
-    stage = next((s for s in report.stages if s.name == stage_name), None)
-    if stage is None:
-        return None, f"the report has no stage named {stage_name!r}"
-    if stage.status == "pending":
-        return None, f"stage {stage_name!r} is not open yet"
-    if stage.status != "open":
-        return None, f"stage {stage_name!r} is closed"
-    if approver not in stage.approvers:
-        return None, f"{approver} is not an approver of stage {stage_name!r}"
-    if any(d.approver_email == approver for d in stage.decisions):
-        return None, f"{approver} has already decided stage {stage_name!r}"
-    return stage, ""
 
 
 def _stage_complete(stage: ApprovalStage) -> bool:

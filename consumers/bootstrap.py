@@ -34,8 +34,8 @@ def dependencies(stage, settings: Settings) -> dict:
 
 def _approval_links(settings: Settings):
     """Approval emails carry personal links when links can be signed: with a secret key, or in development."""
-    if settings.secret_key or settings.environment == "development":
-        return settings.approval_links()
+    if settings.secret_key or settings.development:
+        return settings.approval_links()  # refuses a weak key outside development
     log.warning("no REPORTFLOW_SECRET_KEY: approval emails will not carry links to the gateway")
     return None
 

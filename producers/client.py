@@ -11,7 +11,7 @@ from opentelemetry.trace import SpanKind
 
 import schemas
 from shared.config import Settings
-from shared.events import Event, encode, message_properties
+from shared.events import Event, encode, message_properties, oversize
 from shared.tracing import carrier_of_current
 
 _tracer = trace.get_tracer("reportflow.producer")
@@ -21,6 +21,10 @@ class InvalidEvent(ValueError):
     def __init__(self, event_type: str, reasons: list[str]):
         super().__init__(f"invalid {event_type}: " + "; ".join(reasons))
         self.reasons = reasons
+
+
+class MessageTooLarge(InvalidEvent):
+    """Larger than REPORTFLOW_MAX_MESSAGE_BYTES: the consumers would refuse it, so it is not sent."""
 
 
 class Unroutable(RuntimeError):
@@ -37,13 +41,14 @@ class PublishedEvent:
 
 class ReportflowClient:
     def __init__(self, amqp_url: str | None = None, exchange: str | None = None, app_id: str = "upstream",
-                 validate: bool = True):
+                 validate: bool = True, max_message_bytes: int | None = None):
         settings = Settings.load()
         self._connection = kombu.Connection(amqp_url or settings.amqp_url,
                                             transport_options={"confirm_publish": True})
         self._exchange = kombu.Exchange(exchange or settings.exchange, type="topic", durable=True)
         self._app_id = app_id
         self._validate = validate
+        self._max_bytes = max_message_bytes or settings.max_message_bytes
         self._returned: list[str] = []
         self._producer = kombu.Producer(self._connection, exchange=self._exchange, on_return=self._on_return)
 
@@ -76,6 +81,10 @@ class ReportflowClient:
             if reasons:
                 raise InvalidEvent(event_type, reasons)
         event = Event(event_type, payload, message_id or str(uuid.uuid4()))
+        body = encode(event)
+        too_large = oversize(body, self._max_bytes)
+        if too_large:
+            raise MessageTooLarge(event_type, [too_large])
         destination = f"{self._exchange.name}:{event_type}"
         with _tracer.start_as_current_span(f"publish {destination}", kind=SpanKind.PRODUCER, attributes={
                 "messaging.system": "rabbitmq", "messaging.operation.type": "send",
@@ -86,7 +95,6 @@ class ReportflowClient:
         }) as span:
             properties = message_properties(event, carrier_of_current(), app_id=self._app_id)
             headers = properties.pop("headers")
-            body = encode(event)
             self._returned.clear()
             self._producer.publish(body, routing_key=event_type, headers=headers, mandatory=True,
                                    retry=True, retry_policy={"max_retries": 3}, **properties)

@@ -6,21 +6,28 @@ publishes the same events any upstream would, and reads reports from the databas
     GET  /reports/{id}/document    the approved PDF, else the draft (Bearer token)
     GET  /approve/{token}          an approver's page, from the personal link in their email
     POST /approve/{token}          the decision: approval.decided
-    GET  /approve/{token}/document the draft the approver is asked about"""
+    GET  /approve/{token}/document the draft the approver is asked about
+
+An approval link's token is a credential. Before anything else sees a request (the tracing
+instrumentation, Flask's routing and logging), the token is taken out of the path: routes, spans and
+log lines only ever show /approve and /approve/document."""
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import json
 import logging
+import re
 import signal
 from contextlib import contextmanager
 
 import kombu.exceptions
-from flask import Flask, Response, abort, jsonify, render_template, request, send_file, url_for
+from flask import Flask, Response, jsonify, render_template, request, send_file
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from werkzeug.exceptions import RequestEntityTooLarge
 
-import schemas
-from producers.client import ReportflowClient, Unroutable
+from producers.client import InvalidEvent, MessageTooLarge, ReportflowClient, Unroutable
 from shared.config import Settings
 from shared.db import make_engine
 from shared.documents import ASSETS, FolderStorage
@@ -29,53 +36,115 @@ from shared.models import Report, UsedLink
 
 log = logging.getLogger("reportflow.gateway")
 BROKER_DOWN = (kombu.exceptions.OperationalError, ConnectionError, OSError, Unroutable)
+LINK_TOKEN = "reportflow.link_token"  # where the environ keeps a link's token once it is out of the path
+_LINK_PATH = re.compile(r"^/approve/(?P<token>[^/]+)(?P<rest>/document)?/?$")
+# Pages and answers are private and never framed; the pages' only other resource is their stylesheet.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class Gateway(Flask):
+    def __call__(self, environ, start_response):
+        # Outside every wsgi_app wrapper (the Flask instrumentation wraps that), so nothing downstream sees it.
+        return super().__call__(token_out_of_path(environ), start_response)
+
+
+def token_out_of_path(environ: dict) -> dict:
+    """/approve/TOKEN[/document] becomes /approve[/document], the token kept in environ[LINK_TOKEN]."""
+    found = _LINK_PATH.match(environ.get("PATH_INFO", ""))
+    if found:
+        environ[LINK_TOKEN] = found["token"]
+        environ["PATH_INFO"] = "/approve" + (found["rest"] or "")
+        query = environ.get("QUERY_STRING")
+        for raw in ("REQUEST_URI", "RAW_URI"):
+            if raw in environ:
+                environ[raw] = environ.get("SCRIPT_NAME", "") + environ["PATH_INFO"] + (f"?{query}" if query else "")
+    return environ
+
+
+class Refused(Exception):
+    """A request answered with a page or a JSON error that says why, and nothing published."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 def create_app(settings: Settings, client_factory=None) -> Flask:
-    if not settings.secret_key and settings.environment != "development":
-        raise ValueError("REPORTFLOW_SECRET_KEY is required outside development")
-    app = Flask(__name__, template_folder=str(ASSETS / "gateway"))
+    links = settings.approval_links()          # refuses a missing or weak secret outside development
+    api_token = settings.checked_api_token()   # likewise a weak token
+    app = Gateway(__name__, template_folder=str(ASSETS / "gateway"), static_folder=str(ASSETS / "gateway" / "static"))
+    # A body larger than a message may be is refused before it is read (waitress is capped alike, in serve()).
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_message_bytes
     engine = make_engine(settings.database_url)
     storage = FolderStorage(settings.storage_dir)
-    links = settings.approval_links()
-    client_factory = client_factory or (lambda: ReportflowClient(settings.amqp_url, settings.exchange,
-                                                                 app_id="reportflow-gateway"))
+    public_url = settings.gateway_url.rstrip("/")
+    client_factory = client_factory or (lambda: ReportflowClient(
+        settings.amqp_url, settings.exchange, app_id="reportflow-gateway",
+        max_message_bytes=settings.max_message_bytes))
 
-    def api_caller() -> None:
-        expected = settings.api_token
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
-            abort(Response('{"error": "a valid Bearer token is required"}', 401, {
-                "Content-Type": "application/json", "WWW-Authenticate": 'Bearer realm="reportflow"'}))
+    def require_api_token() -> None:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if not (api_token and scheme.lower() == "bearer" and _same(given.strip(), api_token)):
+            raise Refused("a valid Bearer token is required", 401)
+
+    def is_page() -> bool:
+        return request.path.startswith("/approve")
+
+    @app.errorhandler(Refused)
+    def refusal(refused: Refused):
+        if is_page():
+            return render_template("refused.html", message=str(refused)), refused.status
+        headers = {"WWW-Authenticate": 'Bearer realm="reportflow"'} if refused.status == 401 else {}
+        return jsonify(error=str(refused)), refused.status, headers
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(_):
+        return refusal(Refused(f"the body is larger than {settings.max_message_bytes} bytes, "
+                               "the most a message may carry", 413))
+
+    @app.after_request
+    def security_headers(response: Response) -> Response:
+        response.headers.update(SECURITY_HEADERS)
+        if request.endpoint != "static":
+            response.headers["Cache-Control"] = "no-store"
+        return response
 
     @app.post("/reports")
     def request_report():
-        api_caller()
-        body = request.get_json(silent=True)
+        require_api_token()
+        try:
+            body = json.loads(request.get_data(cache=False))
+        except (ValueError, RecursionError):
+            raise Refused("the body is not JSON (or is nested too deeply)", 400) from None
         if not isinstance(body, dict):
-            return jsonify(error="the body must be a JSON object"), 422
-        body = {**body, "report_id": body.get("report_id") or None}
-        if body["report_id"] is None:
-            body.pop("report_id")
-        problems = schemas.errors("report.requested", body)
-        if problems:
-            return jsonify(error="the request does not match the report.requested schema", reasons=problems), 422
+            raise Refused("the body must be a JSON object", 422)
+        if not body.get("report_id"):
+            body.pop("report_id", None)
         try:
             with client_factory() as client:
                 published = client.request_report(body)
+        except MessageTooLarge as exc:
+            return jsonify(error="the report is larger than a message may be", reasons=exc.reasons), 413
+        except InvalidEvent as exc:
+            return jsonify(error="the request does not match the report.requested schema", reasons=exc.reasons), 422
         except BROKER_DOWN as exc:
             log.warning("broker unavailable for POST /reports: %r", exc)
-            return jsonify(error="the message broker is unavailable; nothing was accepted, try again"), 503
+            raise Refused("the message broker is unavailable; nothing was accepted, try again", 503) from None
         return jsonify(report_id=published.report_id, trace_id=published.trace_id,
                        message_id=published.message_id), 202
 
     @app.get("/reports/<report_id>")
     def report_status(report_id: str):
-        api_caller()
+        require_api_token()
         with Session(engine) as session:
             report = session.get(Report, report_id)
             if report is None:
-                return jsonify(error=f"no report {report_id!r}"), 404
+                raise Refused(f"no report {report_id!r}", 404)
             return jsonify(
                 report_id=report.id, title=report.title, status=report.status, trace_id=report.trace_id,
                 stages=[{"position": s.position, "name": s.name, "rule": s.rule, "status": s.status,
@@ -83,60 +152,48 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
                          "decisions": [{"approver": d.approver_email, "decision": d.decision, "comment": d.comment,
                                         "decided_at": d.decided_at.isoformat()} for d in s.decisions]}
                         for s in report.stages],
+                # From the configured public URL, never from the request's Host header.
                 documents=[{"kind": d.kind, "pages": d.pages, "size_bytes": d.size_bytes, "sha256": d.sha256,
-                            "url": url_for("report_document", report_id=report.id, _external=True)}
-                           for d in report.documents])
+                            "url": f"{public_url}/reports/{report.id}/document"} for d in report.documents])
 
     @app.get("/reports/<report_id>/document")
     def report_document(report_id: str):
-        api_caller()
+        require_api_token()
         with Session(engine) as session:
             report = session.get(Report, report_id)
             document = report and (report.document("final") or report.document("draft"))
             if document is None:
-                return jsonify(error=f"no document for report {report_id!r}"), 404
+                raise Refused(f"no document for report {report_id!r}", 404)
             return send_file(storage.path(document.storage_key), mimetype="application/pdf",
                              download_name=f"{report_id}-{document.kind}.pdf")
 
-    class Refused(Exception):
-        """A link that cannot be used now: answered with a page that says why, and nothing published."""
-
-        def __init__(self, message: str, status: int):
-            super().__init__(message)
-            self.status = status
-
-    @app.errorhandler(Refused)
-    def refusal_page(refused: Refused):
-        return render_template("refused.html", message=str(refused)), refused.status
-
     @contextmanager
-    def open_stage(token: str):
-        """The claim in a link, its report and its open stage, in a session closed afterwards."""
+    def open_stage():
+        """The link's claim, its report and its open stage, in a session closed afterwards."""
+        token = request.environ.get(LINK_TOKEN, "")
         try:
             claim = links.claim(token)
         except LinkRefused as refused:
             raise Refused(str(refused), 403) from None
         with Session(engine) as session:
             report = session.get(Report, claim.report_id)
-            stage = report and next((s for s in report.stages if s.name == claim.stage), None)
-            if stage is None:
+            if report is None or report.stage_named(claim.stage) is None:
                 raise Refused("This approval link names a report or stage that does not exist.", 404)
-            if session.get(UsedLink, claim.nonce) is not None:
-                raise Refused("This approval link was already used. Each link works once.", 409)
-            if report.status == "rejected" or stage.status != "open":
-                state = "was rejected" if report.status == "rejected" else \
-                    ("is not open yet" if stage.status == "pending" else "is closed")
-                raise Refused(f"This stage ({stage.name}) {state}; nothing can be decided here now.", 409)
-            if claim.approver not in stage.approvers:
-                raise Refused("This link is not for an approver of this stage.", 403)
-            yield claim, session, report, stage
+            used = session.get(UsedLink, claim.nonce)
+            if used is not None:
+                raise Refused(f"This approval link was already used, to {used.decision}. Each link works once.", 409)
+            stage, not_decidable = report.stage_open_to(claim.stage, claim.approver)
+            if not_decidable:
+                raise Refused(f"Nothing can be decided with this link: {not_decidable.reason}.",
+                              {"not_approver": 403, "unknown": 404}.get(not_decidable.kind, 409))
+            yield token, claim, session, report, stage
 
-    @app.get("/approve/<token>")
-    def approval_page(token: str):
-        with open_stage(token) as (claim, _, report, stage):
-            form_token = links.form_token(token)
+    @app.get("/approve")
+    def approval_page():
+        with open_stage() as (token, claim, _, report, stage):
+            form_token = links.form_token(claim)
             page = render_template("approve.html", report=report, stage=stage, approver=claim.approver,
-                                   form_token=form_token, document_url=url_for("approval_document", token=token))
+                                   form_token=form_token, document_url=f"/approve/{token}/document")
         response = Response(page)
         # Double submit: the form's token must match this cookie, which another site can neither read
         # nor set for this one.
@@ -144,38 +201,45 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
                             secure=request.is_secure, path=f"/approve/{token}")
         return response
 
-    @app.get("/approve/<token>/document")
-    def approval_document(token: str):
-        with open_stage(token) as (_, _, report, _):
+    @app.get("/approve/document")
+    def approval_document():
+        with open_stage() as (_, _, _, report, _):
             draft = report.document("draft")
             if draft is None:
                 raise Refused("The draft is not ready yet.", 404)
             return send_file(storage.path(draft.storage_key), mimetype="application/pdf",
                              download_name=f"{report.id}-draft.pdf")
 
-    @app.post("/approve/<token>")
-    def decide(token: str):
-        form_token = request.form.get("form_token")
-        if not links.check_form_token(token, form_token) or request.cookies.get("reportflow_form") != form_token:
-            raise Refused("This form did not come from the approval page; nothing was sent.", 403)
+    @app.post("/approve")
+    def decide():
         decision = request.form.get("decision")
-        if decision not in ("approve", "reject"):
-            raise Refused("Choose Approve or Reject.", 400)
         comment = (request.form.get("comment") or "").strip()[:5000] or None
-        with open_stage(token) as (claim, session, report, stage):
+        with open_stage() as (_, claim, session, report, stage):
+            form_token = request.form.get("form_token")
+            if not links.check_form_token(claim, form_token) or request.cookies.get("reportflow_form") != form_token:
+                raise Refused("This form did not come from the approval page; nothing was sent.", 403)
+            if decision not in ("approve", "reject"):
+                raise Refused("Choose Approve or Reject.", 400)
             title, stage_name = report.title, stage.name  # the session expires them at commit
+            # The link is claimed before the decision is published: the same link submitted twice at once
+            # waits here on the row, then finds it used and is told what was recorded.
+            session.add(UsedLink(nonce=claim.nonce, report_id=report.id, stage_name=stage_name,
+                                 approver_email=claim.approver, decision=decision))
+            try:
+                session.flush()
+            except IntegrityError:
+                session.rollback()
+                recorded = session.get(UsedLink, claim.nonce)
+                return render_template("decided.html", report_title=title, stage=stage_name,
+                                       decision=recorded.decision, already=True), 409
             try:
                 with client_factory() as client:
-                    client.decide(report.id, stage.name, claim.approver, approve=decision == "approve",
+                    client.decide(report.id, stage_name, claim.approver, approve=decision == "approve",
                                   comment=comment, message_id=claim.decision_message_id)
-                session.add(UsedLink(nonce=claim.nonce, report_id=report.id, stage_name=stage.name,
-                                     approver_email=claim.approver, decision=decision))
-                session.commit()
             except BROKER_DOWN as exc:
                 log.warning("broker unavailable for a decision: %r", exc)
                 raise Refused("The decision could not be sent just now; nothing was recorded. Try again.", 503) from None
-            except IntegrityError:
-                pass  # the same link, submitted twice at once: one message id, so one decision
+            session.commit()
         return render_template("decided.html", report_title=title, stage=stage_name, decision=decision), 200
 
     @app.get("/healthz")
@@ -183,6 +247,19 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
         return jsonify(status="ok")
 
     return app
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def serve(settings: Settings | None = None) -> None:
@@ -194,13 +271,20 @@ def serve(settings: Settings | None = None) -> None:
 
     settings = settings or Settings.load()
     setup_logging(settings.log_level, settings.log_format, "reportflow-gateway")
+    if settings.development:
+        if not _loopback(settings.gateway_bind):
+            raise SystemExit(f"REPORTFLOW_ENV=development: the gateway signs links with the published development "
+                             f"key, so it listens on loopback only, not {settings.gateway_bind!r}")
+        log.warning("development mode: approval links are signed with the published development key unless "
+                    "REPORTFLOW_SECRET_KEY is set, and the development API token works; loopback only")
     provider = setup_tracing("reportflow-gateway", settings.tracing, settings.environment)
     app = create_app(settings)
     if provider is not None:
         FlaskInstrumentor().instrument_app(app, tracer_provider=provider)
     log.info("gateway listening on http://%s:%d (public URL %s)", settings.gateway_bind, settings.gateway_port,
              settings.gateway_url)
-    server = waitress.create_server(app, host=settings.gateway_bind, port=settings.gateway_port, threads=8)
+    server = waitress.create_server(app, host=settings.gateway_bind, port=settings.gateway_port, threads=8,
+                                    max_request_body_size=settings.max_message_bytes)
 
     def stop(*_):
         raise SystemExit(0)  # out of the server loop, so the spans still queued are flushed below

@@ -5,9 +5,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
+
+# Development is a choice made out loud (REPORTFLOW_ENV=development, as `make run` does): only there do the
+# published development secrets work. With REPORTFLOW_ENV unset, a process runs as in production.
+DEVELOPMENT = "development"
+DEFAULT_ENVIRONMENT = "production"
+MIN_SECRET_BYTES = 32
+DEVELOPMENT_API_TOKEN = "dev-token"
+
+
+class InsecureSettings(ValueError):
+    """A secret that must not be used where this process runs."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,7 @@ class Settings:
     # Well under RabbitMQ's 30-minute consumer timeout, past which the broker closes the channel.
     render_time_limit_seconds: int = 300
     outbox_relay_seconds: int = 10
-    environment: str = "development"
+    environment: str = DEFAULT_ENVIRONMENT
     log_level: str = "INFO"
     log_format: str = "text"  # or "json", for log shippers
     jaeger_ui_url: str = "http://localhost:16686"
@@ -69,7 +80,7 @@ class Settings:
     def load(cls, environ: dict | None = None) -> "Settings":
         """The effective settings of this process: the YAML files, then the environment."""
         environ = os.environ if environ is None else environ
-        environment = environ.get("REPORTFLOW_ENV") or cls.environment
+        environment = environ.get("REPORTFLOW_ENV", "").strip() or DEFAULT_ENVIRONMENT
         folder = Path(environ.get("REPORTFLOW_CONFIG_DIR") or "config")
         values: dict = {}
         for name in ("app.yaml", f"{environment}.yaml"):
@@ -90,12 +101,34 @@ class Settings:
             shown[key] = ("***" if text else "") if key in SECRETS else (mask_url(text) if "://" in text else text)
         return shown
 
+    @property
+    def development(self) -> bool:
+        return self.environment == DEVELOPMENT
+
     def approval_links(self):
+        """The signer of approval links. Outside development it needs a strong REPORTFLOW_SECRET_KEY."""
         from shared.links import DEVELOPMENT_SECRET, ApprovalLinks
 
-        if not self.secret_key and self.environment != "development":
-            raise ValueError("REPORTFLOW_SECRET_KEY is required outside development: it signs approval links")
-        return ApprovalLinks(self.secret_key or DEVELOPMENT_SECRET, self.gateway_url, self.link_max_age_seconds)
+        if self.development:
+            return ApprovalLinks(self.secret_key or DEVELOPMENT_SECRET, self.gateway_url, self.link_max_age_seconds)
+        if not self.secret_key:
+            raise InsecureSettings("REPORTFLOW_SECRET_KEY is required outside development: it signs approval links")
+        self._refuse_weak("REPORTFLOW_SECRET_KEY", self.secret_key, DEVELOPMENT_SECRET)
+        return ApprovalLinks(self.secret_key, self.gateway_url, self.link_max_age_seconds)
+
+    def checked_api_token(self) -> str:
+        """The gateway's Bearer token ("" for none). Outside development a weak one is refused."""
+        if self.api_token and not self.development:
+            self._refuse_weak("REPORTFLOW_API_TOKEN", self.api_token, DEVELOPMENT_API_TOKEN)
+        return self.api_token
+
+    def _refuse_weak(self, name: str, value: str, development_value: str) -> None:
+        if value == development_value:
+            raise InsecureSettings(f"{name} is the published development value; it works only with "
+                                   f"REPORTFLOW_ENV={DEVELOPMENT} (this process runs as {self.environment!r})")
+        if len(value.encode()) < MIN_SECRET_BYTES:
+            raise InsecureSettings(f"{name} is shorter than {MIN_SECRET_BYTES} bytes; outside development use a "
+                                   "random one, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
 
 
 # Setting -> environment variables that set it, first one present wins. YAML files use the same
@@ -186,9 +219,18 @@ def _coerce(default, value):
     return str(value)
 
 
+# Query parameters that carry a credential in the URLs drivers accept (libpq's password, an SMTP token, ...).
+_SECRET_QUERY_WORDS = ("pass", "pwd", "secret", "token", "key", "credential", "auth")
+
+
 def mask_url(url: str) -> str:
+    """The URL with its password and any credential-like query parameter replaced by ***."""
     parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        parts = parts._replace(netloc=netloc)
+    if parts.query:
+        query = [(k, "***" if any(w in k.lower() for w in _SECRET_QUERY_WORDS) else v)
+                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)

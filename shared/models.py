@@ -1,6 +1,7 @@
 """The tables: reports and their stages, decisions, refusals, documents, notifications, inbox, outbox."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
@@ -45,6 +46,36 @@ class Report(Base):
     def document(self, kind: str) -> Document | None:
         return next((d for d in self.documents if d.kind == kind), None)
 
+    def stage_named(self, name: str) -> ApprovalStage | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    def stage_open_to(self, stage_name: str, approver: str) -> tuple[ApprovalStage | None, NotDecidable | None]:
+        """The stage this approver may decide now, or why they may not: the one rule for who decides."""
+        if self.status == "rejected":
+            return None, NotDecidable("closed", "the report was already rejected")
+        if self.status in ("approved", "finalized"):
+            return None, NotDecidable("closed", "the report's approval is complete")
+        stage = self.stage_named(stage_name)
+        if stage is None:
+            return None, NotDecidable("unknown", f"the report has no stage named {stage_name!r}")
+        if stage.status == "pending":
+            return None, NotDecidable("closed", f"stage {stage_name!r} is not open yet")
+        if stage.status != "open":
+            return None, NotDecidable("closed", f"stage {stage_name!r} is closed")
+        if approver not in stage.approvers:
+            return None, NotDecidable("not_approver", f"{approver} is not an approver of stage {stage_name!r}")
+        if stage.decision_of(approver) is not None:
+            return None, NotDecidable("already_decided", f"{approver} has already decided stage {stage_name!r}")
+        return stage, None
+
+
+@dataclass(frozen=True)
+class NotDecidable:
+    """Why an approver cannot decide a stage now: kind is unknown, closed, not_approver or already_decided."""
+
+    kind: str
+    reason: str
+
 
 class ApprovalStage(Base):
     __tablename__ = "approval_stages"
@@ -63,6 +94,9 @@ class ApprovalStage(Base):
     report: Mapped[Report] = relationship(back_populates="stages")
     decisions: Mapped[list[Decision]] = relationship(
         back_populates="stage", order_by="Decision.id", cascade="all, delete-orphan")
+
+    def decision_of(self, approver: str) -> Decision | None:
+        return next((d for d in self.decisions if d.approver_email == approver), None)
 
 
 class Decision(Base):

@@ -22,6 +22,9 @@ from shared.db import UnitOfWork, make_engine
 from shared.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tests are an environment of their own: no config/<environment>.yaml applies to what they start
+# (without this, a process run from the repository would read config/production.yaml).
+os.environ["REPORTFLOW_ENV"] = "test"
 TEST_VHOST = os.environ.get("REPORTFLOW_TEST_VHOST", "reportflow-test")
 TEST_AMQP_URL = os.environ.get("REPORTFLOW_TEST_AMQP_URL", f"amqp://guest:guest@127.0.0.1:5672/{TEST_VHOST}")
 TEST_PG_URL = os.environ.get("REPORTFLOW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/reportflow_test")

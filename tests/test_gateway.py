@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 from http.cookiejar import CookieJar
 from pathlib import Path
-from unittest import mock
 
 import pytest
 from pypdf import PdfReader
@@ -26,7 +25,7 @@ from tests.conftest import ROOT, TEST_AMQP_URL, free_port, sample_request, wait_
 from tests.pipeline import Pipeline
 from tests.test_handlers import TWO_STAGES, handle, open_first_stage
 
-SECRET, TOKEN = "test-secret-key-for-links", "test-api-token"
+SECRET, TOKEN = "test-secret-key-for-approval-links-0123456789", "test-api-token-0123456789abcdefghijklmnop"
 pytestmark = pytest.mark.e2e
 
 
@@ -180,13 +179,12 @@ def test_forged_expired_closed_stage_outsider_and_cross_site_posts_publish_nothi
     links = links_for(base)
     good = links.url("r-gw", "review", "bob@example.com")
     forged = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
-    with mock.patch("itsdangerous.timed.time.time", return_value=time.time() - 8 * 24 * 3600):
-        expired = links.url("r-gw", "review", "bob@example.com")
+    expired = links.url("r-gw", "review", "bob@example.com", issued_at=time.time() - 8 * 24 * 3600)
     pages = {
         "forged": (forged, 403, b"not valid"),
         "expired": (expired, 403, b"expired"),
         "closed stage": (links.url("r-gw", "sign-off", "carol@example.com"), 409, b"not open yet"),
-        "outsider": (links.url("r-gw", "review", "mallory@example.com"), 403, b"not for an approver"),
+        "outsider": (links.url("r-gw", "review", "mallory@example.com"), 403, b"is not an approver"),
         "other secret": (links_for(base).__class__("another-secret", base, 3600).url("r-gw", "review", "bob@example.com"),
                          403, b"not valid"),
     }
@@ -264,9 +262,146 @@ def test_an_approver_decides_from_the_email_in_a_browser_and_the_report_is_final
     finally:
         pipeline.close()
     # The click is a trace of its own; the report's trace links to it at the decision.
-    [click] = [s for s in otlp.spans if s["name"].startswith("POST /approve/")]
+    [click] = [s for s in otlp.spans if s["name"] == "POST /approve"]
     [request_span] = [s for s in otlp.spans if s["name"] == "POST /reports"]
     [decided] = [s for s in otlp.spans if s["name"].startswith("process ") and "approval.decided" in s["name"]]
     assert click["trace_id"] != request_span["trace_id"] and click["service"] == "reportflow-gateway"
     assert decided["trace_id"] == request_span["trace_id"]
     assert [link["trace_id"] for link in decided["links"]] == [click["trace_id"]]
+
+
+# -- hardening ---------------------------------------------------------------------------------------------
+def _pieces(token: str, size: int = 12) -> set[str]:
+    return {token[i:i + size] for i in range(len(token) - size + 1)}
+
+
+def test_no_part_of_a_link_token_reaches_the_spans_or_the_log(gateway, report_in_approval, otlp, tap):
+    base, pipeline = gateway
+    links = links_for(base)
+    approver = links.url("r-gw", "review", "bob@example.com")
+    opened, used = open_link(approver), None
+    assert opened[0] == 200
+    assert call("GET", f"{approver}/document", token=None, opener=opened[2])[0] == 200
+    assert call("POST", approver, token=None, opener=opened[2],
+                form={"form_token": opened[3], "decision": "approve"})[0] == 200
+    used = call("GET", approver, token=None)
+    expired = links.url("r-gw", "review", "eve@example.com", issued_at=time.time() - 8 * 24 * 3600)
+    outsider = links.url("r-gw", "review", "mallory@example.com")
+    garbled = approver[:-10] + "A" * 10
+    unexpected = f"{base}/approve/" + links._fernet.encrypt(b"[1, 2, 3]").decode()  # our key, not our payload
+    answers = {url: call("GET", url, token=None)[0] for url in (expired, outsider, garbled, unexpected)}
+    assert used[0] == 409 and list(answers.values()) == [403, 403, 403, 403], answers
+    assert pipeline.stop()["gateway"] == 0  # flushes its spans
+    tokens = [url.rsplit("/", 1)[1] for url in (approver, expired, outsider, garbled, unexpected)]
+
+    wire = json.dumps(otlp.spans)
+    log = pipeline.logs()
+    assert [s for s in otlp.spans if s["name"] == "GET /approve"], "the link's requests were traced"
+    for token in tokens:
+        leaked = [piece for piece in _pieces(token) if piece in wire or piece in log]
+        assert not leaked, f"part of a link token left the request: {leaked[:3]}"
+    # And the token itself says nothing to whoever reads it.
+    import base64
+    readable = base64.urlsafe_b64decode(tokens[0] + "=" * (-len(tokens[0]) % 4))
+    assert not any(word in readable for word in (b"r-gw", b"review", b"bob@example.com"))
+
+
+def test_a_body_larger_than_a_message_is_refused_before_it_is_read(gateway, tap):
+    import socket
+
+    base, _ = gateway
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(b"POST /reports HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 300000000\r\n\r\n{")  # 300 MB announced, one byte sent
+        answer = connection.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+def test_a_report_the_bus_would_refuse_for_its_size_is_a_413_and_nothing_is_published(gateway, tap):
+    base, _ = gateway
+    request = sample_request()
+    request.pop("report_id", None)
+    request["data"]["table"] = {"columns": ["text"], "rows": []}
+    limit = 1_048_576
+    size = lambda: len(json.dumps(request, separators=(",", ":")).encode())  # noqa: E731
+    while size() < limit - 1000:
+        request["data"]["table"]["rows"].append(["x" * 1000])
+    request["data"]["table"]["rows"].append(["x" * (limit - 10 - size() - len(',[""]'))])
+    # Under the HTTP cap by 10 bytes: the message, with the report id the gateway adds, is what is too large.
+    body = json.dumps(request, separators=(",", ":")).encode()
+    assert len(body) == limit - 10
+    http = urllib.request.Request(f"{base}/reports", data=body, method="POST", headers={
+        "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(http, timeout=30)
+        raise AssertionError("accepted")
+    except urllib.error.HTTPError as error:
+        assert error.code == 413 and "over the limit" in json.loads(error.read())["reasons"][0]
+    time.sleep(0.5)
+    assert not [e for e in tap.drain() if e[0] == "report.requested"]
+
+
+def test_bad_bodies_bearer_schemes_hosts_and_headers_get_clear_answers(gateway, report_in_approval):
+    base, _ = gateway
+    nested = b"[" * 50_000 + b"]" * 50_000
+    http = urllib.request.Request(f"{base}/reports", data=nested, method="POST", headers={
+        "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(http, timeout=10)
+    except urllib.error.HTTPError as error:
+        assert error.code == 400 and "not JSON" in json.loads(error.read())["error"]
+
+    def with_authorization(value: str) -> int:
+        request = urllib.request.Request(f"{base}/reports/r-gw", headers={"Authorization": value})
+        try:
+            return urllib.request.urlopen(request, timeout=10).status
+        except urllib.error.HTTPError as error:
+            return error.code
+    assert with_authorization(f"bearer {TOKEN}") == 200 and with_authorization(f"BEARER {TOKEN}") == 200
+    assert with_authorization(TOKEN) == 401 and with_authorization(f"Basic {TOKEN}") == 401
+
+    # Document URLs come from REPORTFLOW_GATEWAY_URL, whatever Host the request names.
+    request = urllib.request.Request(f"{base}/reports/r-gw", headers={"Authorization": f"Bearer {TOKEN}",
+                                                                      "Host": "evil.example"})
+    report = json.loads(urllib.request.urlopen(request, timeout=10).read())
+    assert report["documents"][0]["url"] == f"{base}/reports/r-gw/document"
+
+    page = call("GET", links_for(base).url("r-gw", "review", "bob@example.com"), token=None)
+    for status, _, headers in (page, call("GET", f"{base}/reports/r-gw"), call("GET", f"{base}/nowhere")):
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], status
+        assert headers["X-Content-Type-Options"] == "nosniff" and headers["Referrer-Policy"] == "no-referrer"
+    assert page[0] == 200 and page[2]["Cache-Control"] == "no-store"
+    assert b"<style" not in page[1]  # the page's style is a file, so the policy allows no inline style
+
+
+def test_a_link_submitted_twice_at_once_is_told_what_was_recorded(gateway, report_in_approval, tap):
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, _ = gateway
+    url = links_for(base).url("r-gw", "review", "bob@example.com")
+    _, _, opener, form_token = open_link(url)
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda decision: call("POST", url, token=None, opener=opener, form={
+            "form_token": form_token, "decision": decision}), ["approve", "reject"] * 3))
+    sent = [a for a in answers if a[0] == 200]
+    assert len(sent) == 1 and sorted(a[0] for a in answers) == [200, 409, 409, 409, 409, 409]
+    recorded = re.search(rb"decision to <strong>(\w+)</strong>", sent[0][1]).group(1).decode()
+    for status, page, _ in answers:
+        assert f"<strong>{recorded}</strong>".encode() in page or f"to {recorded}".encode() in page, page
+    [(_, decided, _)] = tap.wait_for("approval.decided")
+    time.sleep(0.5)
+    assert decided["decision"] == recorded and len([e for e in tap.drain() if e[0] == "approval.decided"]) == 1
+
+
+def test_an_approver_who_already_decided_elsewhere_is_told_so_and_nothing_is_sent(
+        gateway, report_in_approval, postgres_url, uow_on, tap):
+    from consumers import approval
+    from tests.test_handlers import decide
+
+    base, _ = gateway
+    handle(uow_on(postgres_url), approval.on_approval_decided, decide("r-gw", "review", "bob@example.com"))
+    status, page, _ = call("GET", links_for(base).url("r-gw", "review", "bob@example.com"), token=None)
+    assert status == 409 and b"has already decided stage" in page
+    time.sleep(0.3)
+    assert not [e for e in tap.drain() if e[0] == "approval.decided"]

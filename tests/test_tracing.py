@@ -22,7 +22,7 @@ from opentelemetry.trace import StatusCode
 from consumers import creation
 from shared import tracing
 from shared.cli import main as cli
-from shared.config import Settings, TracingSettings
+from shared.config import TracingSettings
 from shared.events import Event
 from shared.traces import load_from_files, spans_from_otlp_json, waterfall
 from tests.conftest import TEST_AMQP_URL, free_port, sample_request, wait_until
@@ -269,29 +269,6 @@ def test_decorators_record_errors_and_cost_nothing_when_tracing_is_off(finished_
         assert len(finished_spans()) == before
     finally:
         tracing._enabled = enabled
-
-
-def test_settings_layer_files_then_environment_and_mask_secrets(tmp_path):
-    (tmp_path / "app.yaml").write_text("prefetch: 2\ntracing:\n  sampling_ratio: 0.5\n  late_messages: link\n")
-    (tmp_path / "staging.yaml").write_text("prefetch: 3\namqp_url: amqp://svc:hunter2@mq:5672/prod\n")
-    settings = Settings.load({"REPORTFLOW_CONFIG_DIR": str(tmp_path), "REPORTFLOW_ENV": "staging",
-                                  "TRACING_ENABLED": "false", "REPORTFLOW_TRACING_SAMPLING_RATIO": "0.1"})
-    assert settings.prefetch == 3 and settings.environment == "staging"
-    assert settings.tracing.enabled is False and settings.tracing.sampling_ratio == 0.1
-    assert settings.tracing.late_messages == "link"
-    shown = settings.masked()
-    assert shown["amqp_url"] == "amqp://svc:***@mq:5672/prod" and "hunter2" not in json.dumps(shown)
-    (tmp_path / "app.yaml").write_text("prefetchh: 2\n")
-    with pytest.raises(ValueError, match="unknown settings: prefetchh"):
-        Settings.load({"REPORTFLOW_CONFIG_DIR": str(tmp_path)})
-
-
-def test_config_show_prints_the_effective_settings_masked(tmp_path):
-    result = CliRunner().invoke(cli, ["config", "show"], env={
-        "REPORTFLOW_CONFIG_DIR": str(tmp_path), "REPORTFLOW_SMTP_URL": "smtp://mailer:s3cret@mail:587"})
-    assert result.exit_code == 0, result.output
-    assert "smtp_url = smtp://mailer:***@mail:587" in result.output and "s3cret" not in result.output
-    assert "tracing.enabled = True" in result.output
 
 
 # -- from a report to its trace -------------------------------------------------------------------------------
