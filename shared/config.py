@@ -226,11 +226,16 @@ _SECRET_QUERY_WORDS = ("pass", "pwd", "secret", "token", "key", "credential", "a
 def mask_url(url: str) -> str:
     """The URL with its password and any credential-like query parameter replaced by ***."""
     parts = urlsplit(url)
+    masked = parts
     if parts.password:
         netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        parts = parts._replace(netloc=netloc)
-    if parts.query:
-        query = [(k, "***" if any(w in k.lower() for w in _SECRET_QUERY_WORDS) else v)
-                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-        parts = parts._replace(query=urlencode(query, safe="*"))
-    return urlunsplit(parts)
+        masked = masked._replace(netloc=netloc)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(_secret_word(key) for key, _ in query):
+        masked = masked._replace(query=urlencode([(k, "***" if _secret_word(k) else v) for k, v in query], safe="*"))
+    # Rebuilt only when something was masked: urlunsplit would turn sqlite:///x into sqlite:/x.
+    return url if masked == parts else urlunsplit(masked)
+
+
+def _secret_word(key: str) -> bool:
+    return any(word in key.lower() for word in _SECRET_QUERY_WORDS)

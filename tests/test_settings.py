@@ -108,3 +108,8 @@ def test_in_development_the_gateway_listens_on_loopback_only_and_says_so():
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_urls_with_nothing_to_mask_are_shown_as_they_are():
+    for url in ("sqlite:///var/reportflow.db", "amqp://guest@127.0.0.1:5672/%2F", "smtp://mail:25?starttls=true"):
+        assert mask_url(url) == url
