@@ -11,12 +11,9 @@ from dataclasses import dataclass
 import pika
 import pika.exceptions
 
+from shared import failures
 from shared.topology import Topology
 from shared.tracing import trace_business_operation
-
-FAILURE_HEADERS = ("x-reportflow-attempt", "x-reportflow-first-failure", "x-reportflow-error",
-                   "x-reportflow-dead-lettered-at", "x-death", "x-first-death-exchange", "x-first-death-queue",
-                   "x-first-death-reason", "x-delivery-count")
 
 
 @dataclass(frozen=True)
@@ -36,16 +33,16 @@ class DeadLetter:
     def of(cls, properties: pika.BasicProperties, body: bytes) -> "DeadLetter":
         headers = dict(properties.headers or {})
         death = (headers.get("x-death") or [{}])[0]  # set by the broker, e.g. past a quorum delivery limit
-        queue = headers.get("x-reportflow-queue") or _text(death.get("queue"))
+        queue = headers.get(failures.QUEUE) or _text(death.get("queue"))
         return cls(
             message_id=properties.message_id or "(none)",
-            event_type=properties.type or headers.get("x-reportflow-routing-key") or "(unknown)",
-            stage=headers.get("x-reportflow-stage"),
+            event_type=properties.type or headers.get(failures.ROUTING_KEY) or "(unknown)",
+            stage=headers.get(failures.STAGE),
             queue=queue,
-            error=headers.get("x-reportflow-error") or f"broker: {_text(death.get('reason')) or 'unknown'}",
-            attempts=int(headers.get("x-reportflow-attempt") or death.get("count") or 1),
-            first_failure=headers.get("x-reportflow-first-failure"),
-            dead_lettered_at=headers.get("x-reportflow-dead-lettered-at"),
+            error=headers.get(failures.ERROR) or f"broker: {_text(death.get('reason')) or 'unknown'}",
+            attempts=int(headers.get(failures.FAILURES) or death.get("count") or 1),
+            first_failure=headers.get(failures.FIRST_FAILURE),
+            dead_lettered_at=headers.get(failures.DEAD_LETTERED_AT),
             headers=headers, body=body)
 
 
@@ -87,11 +84,10 @@ class DeadLetterQueue:
                 destination = self._destination(letter)
                 if destination is None:
                     continue
-                headers = {k: v for k, v in letter.headers.items()
-                           if k not in FAILURE_HEADERS and not k.startswith("x-reportflow-")}
-                headers["x-reportflow-replayed"] = True
+                headers = {**failures.without_failures(letter.headers), failures.REPLAYED: True}
                 try:
-                    self._republish(channel, *destination, body, properties, letter, headers)
+                    channel.basic_publish(*destination, body, failures.same_message(
+                        properties, letter.event_type, headers), mandatory=True)
                 except pika.exceptions.UnroutableError:
                     continue  # still no queue for it: left in the dead-letter queue
                 channel.basic_ack(method.delivery_tag)
@@ -105,18 +101,9 @@ class DeadLetterQueue:
         exchange again, to whatever is bound for it now. (exchange, routing key), or None: nowhere known."""
         if letter.queue:
             return "", letter.queue
-        if letter.headers.get("x-reportflow-unroutable"):
+        if letter.headers.get(failures.UNROUTABLE):
             return self._topology.exchange, letter.event_type
         return None
-
-    @staticmethod
-    def _republish(channel, exchange: str, routing_key: str, body: bytes, properties, letter: DeadLetter,
-                   headers: dict) -> None:
-        channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(
-            content_type=properties.content_type, content_encoding=properties.content_encoding,
-            delivery_mode=2, message_id=properties.message_id, type=letter.event_type,
-            timestamp=properties.timestamp, app_id=properties.app_id,
-            correlation_id=properties.correlation_id, headers=headers), mandatory=True)
 
     def purge(self) -> int:
         with _channel(self._url) as channel:
