@@ -8,6 +8,7 @@ import sys
 
 from consumers.bootstrap import session_factory
 from consumers.runtime import Consumer
+from consumers.descriptions import describe
 from consumers.stage import Stage
 from shared.config import Settings
 from shared.tracing import setup_logging, setup_tracing
@@ -39,7 +40,7 @@ def main(stage_name: str, consumed: str) -> None:
     settings = Settings.load()
     setup_logging("WARNING")
     provider = setup_tracing(f"bench-{stage_name}", settings.tracing, "bench")
-    consumer = Consumer(Stage(stage_name, {consumed: pass_through(consumed)}), settings,
+    consumer = Consumer(Stage(stage_name, {consumed: pass_through(consumed)}, describe=describe), settings,
                         session_factory(settings, provider), {}, tracer_provider=provider,
                         bindings={stage_name: [consumed]}, concurrency=settings.worker_threads)
     try:

@@ -1,6 +1,6 @@
 """What tracing costs per message per hop, in CPU time (all threads, the exporter's included), so broker
-and database latency do not blur it. It drives the runtime's own code for one delivery, Consumer._process
-and Consumer._settle, on a pass-through stage with PostgreSQL, the real SDK, the pika and SQLAlchemy
+and database latency do not blur it. It drives the runtime's own code for one delivery, the consumer's
+processor and settler, on a pass-through stage with PostgreSQL, the real SDK, the pika and SQLAlchemy
 instrumentations and a real OTLP export to a local sink; only the broker is left out (a channel that
 sends nothing). Run once with tracing on and once off: the difference is tracing's.
 
@@ -20,6 +20,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from bench.passthrough import first_event, pass_through
 from consumers.bootstrap import session_factory
+from consumers.descriptions import describe
 from consumers.runtime import Consumer, Delivery
 from consumers.stage import Stage
 from shared.config import Settings, TracingSettings
@@ -63,21 +64,15 @@ class _NetworklessConfirms:
         self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
 
 
-class _NetworklessConnection:
-    def channel(self) -> _NetworklessChannel:
-        return _NetworklessChannel()
-
-
 def main(port: int, iterations: int, enabled: bool, ratio: float, database_url: str) -> dict:
     os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{port}"
     upgrade(database_url)
     settings = Settings(database_url=database_url, exchange="bench-tracing-cost",
                         tracing=TracingSettings(enabled=enabled, sampling_ratio=ratio))
     provider = setup_tracing("bench-tracing-cost", settings.tracing)
-    consumer = Consumer(Stage("tracing-cost", {"report.created": pass_through("report.created")}), settings,
-                        session_factory(settings, provider), {}, tracer_provider=provider)
-    consumer._publish_channel = consumer._open_publish_channel(_NetworklessConnection())
-    consumer._outbox_channel = _NetworklessConfirms(consumer._instrument)
+    stage = Stage("tracing-cost", {"report.created": pass_through("report.created")}, describe=describe)
+    consumer = Consumer(stage, settings, session_factory(settings, provider), {}, tracer_provider=provider)
+    consumer.settler.attach(_NetworklessChannel(), _NetworklessConfirms(consumer.telemetry.instrument))
     run = uuid.uuid4().hex[:8]
 
     def one_message(n: int) -> None:
@@ -85,9 +80,9 @@ def main(port: int, iterations: int, enabled: bool, ratio: float, database_url: 
         event = Event("report.created", first_event(f"r-{run}-{n}"))
         properties = pika.BasicProperties(**message_properties(event))
         delivery = Delivery(_NetworklessChannel(), n, settings.exchange, event.type, properties, encode(event), False)
-        outcome = consumer._process(delivery)
+        outcome = consumer.processor.process(delivery)
         assert outcome.publish and outcome.dead_letter_reason is None, outcome
-        consumer._settle(delivery, outcome)
+        consumer.settler.settle(delivery, outcome)
 
     for n in range(200):  # warm
         one_message(-n - 1)

@@ -3,6 +3,9 @@ on approval.decided, refuse what is not allowed (recorded, approval.refused), el
 and wait for more, open the next stage, emit report.approved after the last, or report.rejected."""
 from __future__ import annotations
 
+from sqlalchemy import select
+
+from consumers.descriptions import describe
 from consumers.stage import Stage
 from shared.events import Event, InvalidMessage
 from shared.mail import InvalidAddress, check_address
@@ -101,8 +104,17 @@ def _is_address(value: str | None) -> bool:
     except InvalidAddress:
         return False
 
+def report_trace(message, session) -> dict | None:
+    """A decision arrives in its approver's trace, maybe days later: it belongs in the report's."""
+    if message.type != "approval.decided":
+        return None
+    return session.scalar(select(Report.trace_context).where(Report.id == message.report_id))
+
+
 STAGE = Stage(
     name="approval",
     handlers={"report.generated": on_report_generated, "approval.decided": on_approval_decided},
     on_invalid={"approval.decided": on_unreadable_decision},
+    describe=describe,
+    stored_trace=report_trace,
 )

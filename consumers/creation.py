@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from consumers.descriptions import describe
 from consumers.stage import Stage
 from shared.documents import TEMPLATES
 from shared.events import Event, InvalidMessage
@@ -87,4 +88,5 @@ STAGE = Stage(
     name="creation",
     handlers={"report.requested": on_report_requested},
     on_invalid={"report.requested": on_unreadable_request},
+    describe=describe,
 )

@@ -2,6 +2,7 @@
 on report.approved, render the approved version with its approval page, store it, emit report.finalized."""
 from __future__ import annotations
 
+from consumers.descriptions import describe
 from consumers.stage import Stage
 from shared.documents import DocumentRenderer, FolderStorage, document_key
 from shared.events import Event
@@ -62,4 +63,5 @@ def _store(uow, report: Report, kind: str, rendered, storage) -> Document:
 STAGE = Stage(
     name="generation",
     handlers={"report.created": on_report_created, "report.approved": on_report_approved},
+    describe=describe,
 )

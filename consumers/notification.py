@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from consumers.descriptions import describe
 from consumers.stage import Stage
 from shared.documents import FolderStorage
 from shared.events import Event
@@ -132,4 +133,5 @@ STAGE = Stage(
         "report.finalized": on_report_finalized,
         "approval.refused": on_approval_refused,
     },
+    describe=describe,
 )

@@ -1,4 +1,6 @@
-"""What a stage is: a name and the handlers it runs for each event type. Nothing about brokers or spans."""
+"""What a stage is: a name, the handlers it runs for each event type, and what it can tell the runtime
+about a message (what operators filter on, where a follow-up event's trace lives). Nothing about
+brokers or spans."""
 from __future__ import annotations
 
 import inspect
@@ -19,6 +21,11 @@ class Stage:
     # event type -> handler(invalid_message, uow, **dependencies), for messages that cannot be read;
     # a type with no entry here sends such messages to the dead-letter queue with the reasons.
     on_invalid: dict[str, Callable] = field(default_factory=dict)
+    # message -> {"approval.stage": ..., ...}: the business facts operators filter on, for its process span.
+    describe: Callable[[object], dict] | None = None
+    # (message, session) -> the stored trace context of what the message is about, when it may arrive
+    # in another trace (a decision days later): the message is then processed in that trace.
+    stored_trace: Callable[[object, object], dict | None] | None = None
 
     @property
     def event_types(self) -> list[str]:

@@ -9,9 +9,6 @@ from dataclasses import dataclass, field
 import schemas
 
 CONTENT_TYPE = "application/json"
-# Events an upstream publishes about a report that already exists, maybe days later, in a trace of its
-# own: processed in the report's trace (see the trace model), so the runtime looks that trace up.
-FOLLOW_UP_EVENTS = frozenset({"approval.decided"})
 
 
 @dataclass(frozen=True)

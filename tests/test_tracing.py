@@ -369,5 +369,5 @@ def test_reportflow_publish_starts_the_reports_trace_and_flushes_it_on_exit(tmp_
     ({}, False),
 ])
 def test_a_stored_context_is_read_as_sampled_or_not_in_any_format(stored, sampled):
-    from consumers.runtime import _sampled
-    assert _sampled(stored) is sampled
+    from consumers.runtime.telemetry import sampled as is_sampled
+    assert is_sampled(stored) is sampled

@@ -1,0 +1,95 @@
+"""The consumer's connection to the broker, kept open: opened, handed to whoever serves on it, and opened
+again with backoff when the broker goes away.
+
+pika's BlockingConnection is not thread-safe, so the thread that runs it does nothing but I/O (which keeps
+heartbeats flowing during a long PDF render); other threads hand it work with call_on_io."""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import pika
+import pika.exceptions
+
+log = logging.getLogger("reportflow.consumer")
+
+RECONNECT_BACKOFF_SECONDS = (1, 2, 5, 10, 30)
+
+
+class ConnectionLost(RuntimeError):
+    pass
+
+
+class BrokerConnection:
+    def __init__(self, amqp_url: str, heartbeat_seconds: int, name: str):
+        self._url = amqp_url
+        self._heartbeat = heartbeat_seconds
+        self.name = name
+        self.opened = 0  # more than one means the connection was re-established
+        self._lock = threading.Lock()
+        self._connection: pika.BlockingConnection | None = None
+        self._pending: set[Future] = set()
+
+    def run(self, serve: Callable[[pika.BlockingConnection], None], stopping: threading.Event) -> None:
+        """serve(connection) on every connection opened, until stopping is set."""
+        attempt = 0
+        while not stopping.is_set():
+            try:
+                self._serve_one(serve)
+                attempt = 0
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                if stopping.is_set():
+                    break
+                delay = RECONNECT_BACKOFF_SECONDS[min(attempt, len(RECONNECT_BACKOFF_SECONDS) - 1)]
+                attempt += 1
+                log.warning("%s: broker connection lost (%r); reconnecting in %ss", self.name, exc, delay)
+                stopping.wait(delay)
+
+    def _serve_one(self, serve) -> None:
+        params = pika.URLParameters(self._url)
+        params.heartbeat = self._heartbeat
+        params.client_properties = {"connection_name": self.name}
+        connection = pika.BlockingConnection(params)
+        with self._lock:
+            self._connection = connection
+        self.opened += 1
+        try:
+            serve(connection)
+        finally:
+            self._fail_pending()
+            if connection.is_open:
+                try:
+                    connection.close()
+                except pika.exceptions.AMQPError:
+                    pass
+
+    def call_on_io(self, fn) -> Future:
+        """Run fn on the I/O thread; the returned future fails if the connection is lost first."""
+        future: Future = Future()
+
+        def run() -> None:
+            with self._lock:
+                self._pending.discard(future)
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                    future.set_exception(exc)
+
+        with self._lock:
+            connection = self._connection
+            if connection is None or not connection.is_open:
+                raise ConnectionLost("no broker connection")
+            self._pending.add(future)
+        connection.add_callback_threadsafe(run)
+        return future
+
+    def _fail_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, set()
+            self._connection = None
+        for future in pending:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(ConnectionLost("broker connection closed before the message was settled"))

@@ -1,0 +1,164 @@
+"""The consumer: runs one stage on RabbitMQ, a thin front over the runtime's parts.
+
+    connection  the broker connection, reopened with backoff; its thread does only I/O
+    processing  a delivery -> an Outcome: handler, inbox and outbox in one transaction, in its span
+    settling    an Outcome -> publish, retry or dead-letter, then ack, on the I/O thread
+    outbox      marking confirmed rows, relaying what a crash left, on a thread of its own
+    telemetry   every span the runtime makes
+
+Order per message: handler + inbox record + outbox rows commit in one transaction; then the outbox rows
+are published (confirms pipelined, not waited for) and the delivery is acked; as confirms arrive, the
+rows are marked published. A crash at any point redelivers the message (the inbox makes it a no-op) or
+leaves outbox rows unmarked (the relay publishes them again; downstream inboxes absorb the duplicate)."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pika
+
+from consumers.retries import RetryPolicy
+from consumers.runtime.connection import BrokerConnection, ConnectionLost
+from consumers.runtime.messages import Delivery
+from consumers.runtime.outbox import OutboxRelay
+from consumers.runtime.processing import Processor
+from consumers.runtime.settling import Settler
+from consumers.runtime.telemetry import Telemetry
+from consumers.stage import Stage
+from shared.config import Settings
+from shared.topology import Topology, declare
+
+log = logging.getLogger("reportflow.consumer")
+
+STOP_WAITS_FOR_CONFIRMS_SECONDS = 5
+
+
+class Consumer:
+    def __init__(self, stage: Stage, settings: Settings, session_factory, dependencies: dict, *,
+                 tracer_provider=None, bindings: dict[str, list[str]] | None = None, concurrency: int = 1,
+                 retry_policy: RetryPolicy | None = None):
+        self.stage = stage
+        self.settings = settings
+        self.retry_policy = retry_policy or RetryPolicy(settings.retry_delays)
+        self.topology = Topology.of(settings, self.retry_policy.delays)
+        self.queue = self.topology.queue(stage.name)
+        self._bindings = bindings or {stage.name: stage.event_types}
+        broker = pika.URLParameters(settings.amqp_url)
+        self.telemetry = Telemetry(stage, settings.tracing, session_factory, (broker.host, broker.port),
+                                   tracer_provider)
+        self.processor = Processor(stage, session_factory, dependencies, self.telemetry, self.retry_policy,
+                                   queue=self.queue, exchange=self.topology.exchange,
+                                   max_message_bytes=settings.max_message_bytes)
+        self.settler = Settler(stage.name, self.topology, self.telemetry)
+        self.broker = BrokerConnection(settings.amqp_url, settings.heartbeat_seconds,
+                                       f"reportflow-{stage.name}-{os.getpid()}")
+        self.outbox = OutboxRelay(stage.name, session_factory, settings.outbox_relay_seconds, self._publish_on_io)
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"{stage.name}-worker")
+        self._stopping = threading.Event()
+        self.ready = threading.Event()
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self.messages_settled = 0
+
+    @property
+    def connections_opened(self) -> int:
+        return self.broker.opened
+
+    def run(self) -> None:
+        """Consume until stop(); reconnect with backoff when the broker goes away."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self.stop())
+            signal.signal(signal.SIGINT, lambda *_: self.stop())
+        self.outbox.start()
+        self.broker.run(self._serve, self._stopping)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.outbox.stop()
+        log.info("%s: stopped", self.stage.name)
+
+    def stop(self) -> None:
+        """Stop taking messages, finish the one in hand, then return from run()."""
+        self._stopping.set()
+
+    def _serve(self, connection: pika.BlockingConnection) -> None:
+        """One connection's life, on the I/O thread: declare, consume, do I/O, sort confirms; on stop, wait
+        for the messages in hand and, a while, for confirms still due (so a clean stop leaves the relay nothing)."""
+        consume_channel = connection.channel()
+        self.settler.open_channels(connection)
+        declare(consume_channel, self.topology, self._bindings)
+        consume_channel.basic_qos(prefetch_count=self.settings.effective_prefetch)
+        consumer_tag = consume_channel.basic_consume(self.queue, on_message_callback=self._on_message)
+        log.info("%s: consuming %s (prefetch %d, %d worker threads)", self.stage.name, self.queue,
+                 self.settings.effective_prefetch, self._executor._max_workers)
+        self.ready.set()
+        stopped_at = None
+        try:
+            while True:
+                connection.process_data_events(time_limit=0.25)
+                self.outbox.confirmed(self.settler.take_confirmations())
+                if self._stopping.is_set():
+                    if consumer_tag:
+                        consume_channel.basic_cancel(consumer_tag)
+                        consumer_tag, stopped_at = None, time.monotonic()
+                    if self._in_flight_count() == 0 and (
+                            self.settler.outbox.unconfirmed == 0
+                            or time.monotonic() - stopped_at > STOP_WAITS_FOR_CONFIRMS_SECONDS):
+                        break
+        finally:
+            self.ready.clear()
+
+    def _publish_on_io(self, messages) -> Future:
+        return self.broker.call_on_io(lambda: [self.settler.publish(m) for m in messages])
+
+    # -- from the I/O thread to a worker and back ----------------------------------------------
+    def _on_message(self, channel, method, properties, body) -> None:
+        delivery = Delivery(channel, method.delivery_tag, method.exchange, method.routing_key,
+                            properties, body, method.redelivered)
+        with self._lock:
+            self._in_flight += 1
+        self._executor.submit(self._work, delivery)
+
+    def _work(self, delivery: Delivery) -> None:
+        """Process one delivery on a worker thread, then hand its settling to the I/O thread."""
+        try:
+            if self._stopping.is_set():
+                self._done()  # not started: left unacked, so the broker gives it to another consumer
+                return
+            outcome = self.processor.process(delivery)
+            future = self.broker.call_on_io(lambda: self.settler.settle(delivery, outcome))
+        except ConnectionLost as exc:
+            log.warning("%s: %s; message %s will be redelivered", self.stage.name, exc, delivery.properties.message_id)
+            self._done()
+            return
+        except Exception:  # noqa: BLE001 - the worker must survive anything
+            log.exception("%s: message %s could not be handled", self.stage.name, delivery.properties.message_id)
+            self._done()
+            return
+        future.add_done_callback(lambda f: self._settled(delivery, f))
+
+    def _settled(self, delivery: Delivery, future: Future) -> None:
+        """Runs where the settle finished: on the I/O thread, or where a lost connection failed it."""
+        try:
+            error = future.exception()
+            if error is None:
+                with self._lock:
+                    self.messages_settled += 1
+            elif isinstance(error, ConnectionLost):
+                log.warning("%s: %s; message %s will be redelivered", self.stage.name, error,
+                            delivery.properties.message_id)
+            else:
+                log.error("%s: could not settle message %s: %r", self.stage.name, delivery.properties.message_id, error)
+                self.settler.settle_failed(delivery, error)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _in_flight_count(self) -> int:
+        with self._lock:
+            return self._in_flight

@@ -1,0 +1,97 @@
+"""Processing one delivery: read it, run the stage's handler in a unit of work (inbox claim, state change,
+outbox) inside its process span, and say what is to become of it. Nothing here talks to the broker, so
+a delivery can be processed on its own: by a worker thread, a test or a benchmark."""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from opentelemetry import context
+
+from consumers.retries import RetryPolicy
+from consumers.runtime.messages import Delivery, OutgoingMessage, Outcome
+from consumers.runtime.telemetry import Telemetry
+from consumers.stage import Stage, dependency_names
+from shared import failures
+from shared.db import UnitOfWork
+from shared.events import Event, InvalidMessage, parse, validate
+from shared.tracing import carrier_of_current
+
+log = logging.getLogger("reportflow.consumer")
+
+
+class Processor:
+    def __init__(self, stage: Stage, session_factory, dependencies: dict, telemetry: Telemetry,
+                 retry_policy: RetryPolicy, *, queue: str, exchange: str, max_message_bytes: int):
+        self.stage = stage
+        self._session_factory = session_factory
+        self._handler_kwargs = {h: _injected(h, dependencies) for h in stage.all_handlers}
+        self._telemetry = telemetry
+        self._retry_policy = retry_policy
+        self._queue, self._exchange = queue, exchange
+        self._max_message_bytes = max_message_bytes
+
+    def process(self, delivery: Delivery) -> Outcome:
+        """Handle one delivery; whatever happens, say what is to become of it."""
+        props = delivery.properties
+        event_type = props.type or delivery.routing_key
+        message = parse(event_type, props.message_id, props.content_type, delivery.body, self._max_message_bytes)
+        exchange = delivery.exchange or self._exchange  # retries come back through the default exchange
+        with self._telemetry.process(delivery, message, exchange, self._queue) as span:
+            try:
+                if isinstance(message, Event):
+                    with self._telemetry.child("validate", {"event.type": event_type}):
+                        message = validate(message)
+                return self._handle(message, span)
+            except Exception as exc:  # noqa: BLE001 - any handler failure ends in a stated outcome
+                return self._failed(delivery, message, span, exc)
+
+    def _handle(self, message: Event | InvalidMessage, span) -> Outcome:
+        carrier = carrier_of_current()  # the process span's: what the handler stores, and its events carry
+        if isinstance(message, InvalidMessage):
+            span.set_attribute("reportflow.invalid_reasons", message.reasons[:20])
+            handler = self.stage.on_invalid.get(message.type)
+            if handler is None:
+                self._telemetry.error(span, "InvalidMessage", "unreadable message")
+                return Outcome(context.get_current(), dead_letter_reason="; ".join(message.reasons))
+        else:
+            handler = self.stage.handlers.get(message.type)
+            if handler is None:
+                return Outcome(context.get_current(),
+                               dead_letter_reason=f"stage {self.stage.name} has no handler for {message.type}")
+            message = replace(message, trace_context=carrier)
+
+        with UnitOfWork(self._session_factory, self.stage.name) as uow:
+            if not uow.claim(message.message_id, message.type):
+                span.set_attribute("reportflow.duplicate", True)
+                log.info("%s: %s %s was processed before; acknowledged without effect",
+                         self.stage.name, message.type, message.message_id)
+                return Outcome(context.get_current())
+            handler(message, uow, **self._handler_kwargs[handler])
+            if uow.refusal:
+                span.set_attribute("reportflow.refused", uow.refusal)
+                span.add_event("refused", {"reason": uow.refusal})
+                log.warning("%s: refused %s %s: %s", self.stage.name, message.type, message.message_id, uow.refusal)
+            return Outcome(context.get_current(), publish=[
+                OutgoingMessage(outbox_id, e.message_id, e.type, e.payload, carrier)
+                for outbox_id, e in uow.commit(carrier)])
+
+    def _failed(self, delivery: Delivery, message, span, exc: Exception) -> Outcome:
+        reason = f"{type(exc).__name__}: {exc}"
+        self._telemetry.failed(span, exc, reason)
+        failed_so_far = failures.failures(delivery.properties) + 1
+        delay = self._retry_policy.delay_after(failed_so_far) if self._retry_policy.is_transient(exc) else None
+        if delay is not None:
+            log.warning("%s: handling %s %s failed (%s)", self.stage.name, message.type, message.message_id, reason)
+            return Outcome(context.get_current(), retry_after=delay, failure=reason)
+        log.exception("%s: handling %s %s failed for good", self.stage.name, message.type, message.message_id)
+        return Outcome(context.get_current(), dead_letter_reason=reason)
+
+
+def _injected(handler, dependencies: dict) -> dict:
+    """The dependencies a handler names after (message, uow), looked up by parameter name."""
+    names = dependency_names(handler)
+    missing = [n for n in names if n not in dependencies]
+    if missing:
+        raise TypeError(f"{handler.__qualname__} needs {missing}, which the bootstrap does not provide")
+    return {n: dependencies[n] for n in names}

@@ -1,0 +1,175 @@
+"""Telemetry, the runtime's one place for spans: the process span of each delivery (its parent, its
+attributes), the spans of retries and dead letters, and the publish spans of what a stage emits.
+
+What a span says about the business (which stage, which decision, who acted) and where a follow-up
+event's trace lives are the stage's to say, through Stage.describe and Stage.stored_trace."""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+from opentelemetry import context, trace
+from opentelemetry.instrumentation.pika import PikaInstrumentor
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from consumers.stage import Stage
+from shared import failures
+from shared.config import TracingSettings
+from shared.tracing import context_from
+
+PRIVATE_ATTRIBUTES = {"user.email"}  # personal data: recorded only when tracing.record_emails says so
+
+
+class Telemetry:
+    def __init__(self, stage: Stage, settings: TracingSettings, session_factory, broker_address: tuple[str, int],
+                 tracer_provider=None):
+        self.stage = stage
+        self.settings = settings
+        self._session_factory = session_factory
+        self._broker_address = broker_address
+        self._provider = tracer_provider
+        self.tracer = trace.get_tracer("reportflow.consumer", tracer_provider=tracer_provider)
+
+    def instrument(self, channel) -> None:
+        # Per channel, not global instrument(): only publishing is instrumented this way. Consuming is traced
+        # by process() below, because the process span must be able to join a report's stored trace.
+        PikaInstrumentor.instrument_channel(channel, tracer_provider=self._provider,
+                                            publish_hook=_publish_hook(*self._broker_address))
+
+    @contextmanager
+    def process(self, delivery, message, exchange: str, queue: str):
+        """The span a delivery is processed in. Library instrumentation (SQL, publishes) runs only inside a
+        sampled one: unsampled, it would make spans nobody exports; the context still travels on."""
+        try:
+            parent, links = self._parent(delivery.properties, message)
+        except Exception:  # noqa: BLE001 - the database may be away; the handler's own try will tell
+            parent, links = context_from(delivery.properties.headers), []
+        with self.tracer.start_as_current_span(
+                f"process {exchange}:{message.type}:{queue}", context=parent, kind=SpanKind.CONSUMER, links=links,
+                attributes=self._attributes(delivery, message, exchange, queue),
+                record_exception=False, set_status_on_exception=False) as span, \
+                (nullcontext() if span.is_recording() else suppress_instrumentation()):
+            yield span
+
+    def child(self, name: str, attributes: dict):
+        """A span under the current one, or nothing when that one is not sampled: an unsampled span still
+        costs the SDK's bookkeeping, and nobody will see it."""
+        if trace.get_current_span().is_recording():
+            return self.tracer.start_as_current_span(name, attributes=attributes)
+        return nullcontext()
+
+    @staticmethod
+    def failed(span, exc: Exception, reason: str) -> None:
+        span.record_exception(exc)
+        Telemetry.error(span, type(exc).__qualname__, reason)
+
+    @staticmethod
+    def error(span, error_type: str, reason: str) -> None:
+        span.set_status(Status(StatusCode.ERROR, reason))
+        span.set_attribute("error.type", error_type)
+
+    def retry(self, queue: str, delay: int, headers: dict, reason: str):
+        return self.tracer.start_as_current_span(f"retry {queue}", kind=SpanKind.INTERNAL, attributes={
+            "reportflow.retry.delay_seconds": delay, "reportflow.attempts": headers[failures.FAILURES],
+            "reportflow.retry.reason": reason[:1000]})
+
+    def dead_letter(self, name: str, reason: str, headers: dict, parent: context.Context | None = None):
+        return self.tracer.start_as_current_span(f"dead-letter {name}", context=parent, kind=SpanKind.INTERNAL,
+                                                 attributes={"reportflow.dead_letter.reason": reason[:1000],
+                                                             "reportflow.attempts": headers[failures.FAILURES]})
+
+    @contextmanager
+    def publishing(self, stored_headers: dict):
+        """Publish an outbox row under the span that emitted it; unsampled, with no publish span at all."""
+        if not sampled(stored_headers):
+            with suppress_instrumentation():
+                yield dict(stored_headers)  # carried on as it is
+            return
+        token = context.attach(context_from(stored_headers))
+        try:
+            yield {}
+        finally:
+            context.detach(token)
+
+    def _parent(self, props, message) -> tuple[context.Context, list[Link]]:
+        """The message's own context; or, for a message about a report that lives in another trace (a late
+        decision), the report's trace with a link to the message's ("continue", the default), or the
+        message's trace with a link to the report's ("link", for those who sample by trace)."""
+        incoming = context_from(props.headers)
+        if self.stage.stored_trace is None or not message.report_id:
+            return incoming, []
+        with suppress_instrumentation(), self._session_factory() as session:
+            stored = self.stage.stored_trace(message, session)
+        if not stored:
+            return incoming, []
+        incoming_span = trace.get_current_span(incoming).get_span_context()
+        report_span = trace.get_current_span(context_from(stored)).get_span_context()
+        if not report_span.is_valid or (incoming_span.is_valid and incoming_span.trace_id == report_span.trace_id):
+            return incoming, []
+        if self.settings.late_messages == "link" and incoming_span.is_valid:
+            return incoming, [Link(report_span, {"reportflow.link.reason": "the report's trace"})]
+        links = [Link(incoming_span, {"reportflow.link.reason": "message arrived in this trace"})] \
+            if incoming_span.is_valid else []
+        return context_from(stored), links
+
+    def _attributes(self, delivery, message, exchange: str, queue: str) -> dict:
+        host, port = self._broker_address
+        attributes = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": f"{exchange}:{message.type}:{queue}",
+            "messaging.consumer.group.name": queue,
+            "messaging.rabbitmq.destination.routing_key": message.type,
+            "messaging.rabbitmq.message.delivery_tag": delivery.delivery_tag,
+            "messaging.message.id": message.message_id,
+            "messaging.message.body.size": len(delivery.body),
+            "server.address": host,
+            "server.port": port,
+        }
+        if message.report_id:
+            attributes["messaging.message.conversation_id"] = message.report_id
+            attributes["report.id"] = message.report_id
+        if self.stage.describe is not None and isinstance(message.payload, dict):
+            attributes.update({k: v for k, v in self.stage.describe(message).items()
+                               if self.settings.record_emails or k not in PRIVATE_ATTRIBUTES})
+        if delivery.redelivered:
+            attributes["reportflow.redelivered"] = True
+        if failures.failures(delivery.properties):
+            attributes["reportflow.attempt"] = failures.failures(delivery.properties) + 1
+        return attributes
+
+
+def sampled(stored_headers: dict) -> bool:
+    """Whether the context stored with an outbox row is sampled. It is asked for every message published,
+    so the W3C flags (bit 0) are read directly; another format (OTEL_PROPAGATORS) takes full extraction."""
+    traceparent = (stored_headers or {}).get("traceparent")
+    if traceparent is None:
+        return trace.get_current_span(context_from(stored_headers)).get_span_context().trace_flags.sampled
+    try:
+        return bool(int(traceparent.rsplit("-", 1)[1], 16) & 1)
+    except (IndexError, ValueError):
+        return False
+
+
+def _publish_hook(host: str, port: int):
+    """Brings the pika instrumentation's publish span to the current messaging conventions: its name,
+    operation, destination, server and conversation. (Its older attributes stay; these go beside them.)"""
+    def hook(span, body, properties) -> None:
+        exchange = getattr(span, "name", "").removesuffix(" send")
+        routing_key = properties.type or ""
+        destination = f"{exchange}:{routing_key}" if exchange and routing_key else (exchange or routing_key)
+        span.update_name(f"publish {destination}")
+        span.set_attribute("messaging.operation.type", "send")
+        span.set_attribute("messaging.operation.name", "publish")
+        span.set_attribute("messaging.destination.name", destination)
+        span.set_attribute("messaging.destination.temporary", False)
+        span.set_attribute("messaging.temp_destination", False)
+        span.set_attribute("messaging.rabbitmq.destination.routing_key", routing_key)
+        span.set_attribute("messaging.message.body.size", len(body))
+        span.set_attribute("server.address", host)
+        span.set_attribute("server.port", port)
+        if properties.correlation_id:
+            span.set_attribute("messaging.message.conversation_id", properties.correlation_id)
+            span.set_attribute("report.id", properties.correlation_id)
+    return hook
