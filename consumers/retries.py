@@ -7,13 +7,12 @@ data a handler could not refuse) and a transient one that has used its tiers go 
 queue with the reason."""
 from __future__ import annotations
 
-import os
 import smtplib
 from dataclasses import dataclass
 
 from sqlalchemy import exc as sa
 
-DEFAULT_DELAYS_SECONDS = (1, 5, 30, 120)
+from shared.config import Settings
 
 
 class TransientError(Exception):
@@ -29,21 +28,12 @@ TRANSIENT = (
     # A unique constraint lost to another worker handling a copy of the same message (a redelivery and
     # a relayed duplicate at once): on the next attempt the inbox sees the copy that won, and acks.
     sa.IntegrityError,
-    smtplib.SMTPServerDisconnected,
-    smtplib.SMTPConnectError,
-    ConnectionError,
-    TimeoutError,
-)
+)  # Lost connections, timeouts and SMTP answers are decided in is_transient, before this list.
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    delays: tuple[int, ...] = DEFAULT_DELAYS_SECONDS
-
-    @classmethod
-    def from_env(cls) -> "RetryPolicy":
-        raw = os.environ.get("REPORTFLOW_RETRY_DELAYS", "").strip()
-        return cls(tuple(int(d) for d in raw.split(",") if d.strip()) if raw else DEFAULT_DELAYS_SECONDS)
+    delays: tuple[int, ...] = Settings.retry_delays
 
     @property
     def max_attempts(self) -> int:

@@ -59,11 +59,10 @@ def topology_declare() -> None:
     import pika
 
     import consumers
-    from consumers.retries import RetryPolicy
     from shared.topology import Topology, declare
 
     settings = Settings.load()
-    topo = Topology.from_env(settings.exchange, RetryPolicy.from_env().delays)
+    topo = Topology.of(settings)
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     try:
         declare(connection.channel(), topo, consumers.bindings())
@@ -88,12 +87,11 @@ def dlq() -> None:
 
 
 def _dead_letter_queue():
-    from consumers.retries import RetryPolicy
     from shared.dead_letters import DeadLetterQueue
     from shared.topology import Topology
 
     settings = Settings.load()
-    return DeadLetterQueue(settings.amqp_url, Topology.from_env(settings.exchange, RetryPolicy.from_env().delays))
+    return DeadLetterQueue(settings.amqp_url, Topology.of(settings))
 
 
 @dlq.command("list")
@@ -215,12 +213,11 @@ def status() -> None:
     import pika
 
     import consumers
-    from consumers.retries import RetryPolicy
     from shared.status import read_status_files
     from shared.topology import Topology
 
     settings = Settings.load()
-    topo = Topology.from_env(settings.exchange, RetryPolicy.from_env().delays)
+    topo = Topology.of(settings)
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     try:
         click.echo(f"{'queue':<40} {'ready':>8} {'consumers':>9}")

@@ -53,6 +53,11 @@ class Settings:
     # Well under RabbitMQ's 30-minute consumer timeout, past which the broker closes the channel.
     render_time_limit_seconds: int = 300
     outbox_relay_seconds: int = 10
+    # Seconds before each retry of a transient failure: one delay queue per tier, so a long one never holds
+    # up a short one. Past the last, the message is dead-lettered.
+    retry_delays: tuple[int, ...] = (1, 5, 30, 120)
+    queue_type: str = "classic"      # or "quorum": replicated work queues, with a delivery limit
+    delivery_limit: int = 20         # quorum queues: deliveries before the broker dead-letters a message
     environment: str = DEFAULT_ENVIRONMENT
     log_level: str = "INFO"
     log_format: str = "text"  # or "json", for log shippers
@@ -97,7 +102,7 @@ class Settings:
         """Every setting as text, secrets and passwords in URLs replaced: fit for logs and `config show`."""
         shown = {}
         for key, value in _flatten(_as_dict(self)).items():
-            text = str(value)
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
             shown[key] = ("***" if text else "") if key in SECRETS else (mask_url(text) if "://" in text else text)
         return shown
 
@@ -146,6 +151,9 @@ ENVIRONMENT_VARIABLES = {
     "max_message_bytes": ["REPORTFLOW_MAX_MESSAGE_BYTES"],
     "render_time_limit_seconds": ["REPORTFLOW_RENDER_TIME_LIMIT_SECONDS"],
     "outbox_relay_seconds": ["REPORTFLOW_OUTBOX_RELAY_SECONDS"],
+    "retry_delays": ["REPORTFLOW_RETRY_DELAYS"],
+    "queue_type": ["REPORTFLOW_QUEUE_TYPE"],
+    "delivery_limit": ["REPORTFLOW_DELIVERY_LIMIT"],
     "log_level": ["REPORTFLOW_LOG_LEVEL"],
     "log_format": ["REPORTFLOW_LOG_FORMAT"],
     "jaeger_ui_url": ["JAEGER_UI_URL"],
@@ -208,6 +216,9 @@ def _build(defaults: Settings, values: dict) -> Settings:
 
 
 def _coerce(default, value):
+    if isinstance(default, tuple):  # "1,5,30" from the environment, [1, 5, 30] from YAML
+        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
+        return tuple(int(v) for v in items)
     if isinstance(default, bool):
         return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
     if isinstance(default, int):

@@ -2,24 +2,22 @@
 type, a delay queue per stage and retry tier, and the dead-letter route every work queue has."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-DEFAULT_DELIVERY_LIMIT = 20
+from shared.config import Settings
 
 
 @dataclass(frozen=True)
 class Topology:
-    exchange: str = "reportflow"
-    queue_type: str = "classic"  # or "quorum" (replicated; needs a delivery limit against poison loops)
-    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    exchange: str = Settings.exchange
+    queue_type: str = Settings.queue_type  # or "quorum" (replicated; needs a delivery limit against poison loops)
+    delivery_limit: int = Settings.delivery_limit
     retry_delays: tuple[int, ...] = ()
 
     @classmethod
-    def from_env(cls, exchange: str, retry_delays: tuple[int, ...]) -> "Topology":
-        return cls(exchange=exchange, queue_type=os.environ.get("REPORTFLOW_QUEUE_TYPE", "classic"),
-                   delivery_limit=int(os.environ.get("REPORTFLOW_DELIVERY_LIMIT", DEFAULT_DELIVERY_LIMIT)),
-                   retry_delays=retry_delays)
+    def of(cls, settings: Settings, retry_delays: tuple[int, ...] | None = None) -> "Topology":
+        return cls(exchange=settings.exchange, queue_type=settings.queue_type, delivery_limit=settings.delivery_limit,
+                   retry_delays=settings.retry_delays if retry_delays is None else retry_delays)
 
     def queue(self, stage: str) -> str:
         return f"{self.exchange}.{stage}"

@@ -222,12 +222,11 @@ def postgres_behind_proxy(postgres_url):
 
 
 def test_a_database_outage_is_retried_through_and_nothing_reaches_the_dead_letter_queue(
-        settings_for, postgres_behind_proxy, tap, exchange, broker, monkeypatch):
+        settings_for, postgres_behind_proxy, tap, exchange, broker):
     import time
 
     proxy, url = postgres_behind_proxy
-    monkeypatch.setenv("REPORTFLOW_RETRY_DELAYS", "1,2,4,8")
-    consumer = build_consumer("creation", settings_for(url))
+    consumer = build_consumer("creation", settings_for(url, retry_delays=(1, 2, 4, 8)))
     with running(consumer):
         with ReportflowClient(TEST_AMQP_URL, exchange) as client:
             client.request_report(sample_request(report_id="r-before"))
@@ -264,11 +263,8 @@ def test_the_relay_publishes_what_a_crash_left_in_the_outbox(settings_for, sqlit
         assert session.get(OutboxMessage, 1).published_at is not None
 
 
-def test_quorum_work_queues_carry_a_delivery_limit_and_serve(settings_for, sqlite_url, tap, exchange, broker,
-                                                            monkeypatch):
-    monkeypatch.setenv("REPORTFLOW_QUEUE_TYPE", "quorum")
-    monkeypatch.setenv("REPORTFLOW_DELIVERY_LIMIT", "5")
-    with running(build_consumer("creation", settings_for(sqlite_url))):
+def test_quorum_work_queues_carry_a_delivery_limit_and_serve(settings_for, sqlite_url, tap, exchange, broker):
+    with running(build_consumer("creation", settings_for(sqlite_url, queue_type="quorum", delivery_limit=5))):
         with ReportflowClient(TEST_AMQP_URL, exchange) as client:
             client.request_report(sample_request(report_id="r-quorum"))
         tap.wait_for("report.created")

@@ -113,3 +113,12 @@ def test_in_development_the_gateway_listens_on_loopback_only_and_says_so():
 def test_urls_with_nothing_to_mask_are_shown_as_they_are():
     for url in ("sqlite:///var/reportflow.db", "amqp://guest@127.0.0.1:5672/%2F", "smtp://mail:25?starttls=true"):
         assert mask_url(url) == url
+
+
+def test_retries_and_queues_are_settings_like_any_other(tmp_path):
+    (tmp_path / "app.yaml").write_text("retry_delays: [2, 10]\nqueue_type: quorum\n")
+    settings = Settings.load({"REPORTFLOW_CONFIG_DIR": str(tmp_path), "REPORTFLOW_DELIVERY_LIMIT": "7"})
+    assert (settings.retry_delays, settings.queue_type, settings.delivery_limit) == ((2, 10), "quorum", 7)
+    assert Settings.load({"REPORTFLOW_RETRY_DELAYS": "1,3"}).retry_delays == (1, 3)
+    result = CliRunner().invoke(cli, ["config", "show"], env={"REPORTFLOW_RETRY_DELAYS": "1,3"})
+    assert "retry_delays = 1,3" in result.output and "queue_type = classic" in result.output, result.output
