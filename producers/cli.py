@@ -1,12 +1,15 @@
-"""`reportflow publish`: what an upstream system sends, from the command line."""
+"""The producers' commands, joined under `reportflow` (see shared/cli.py): publish, gateway, demo."""
 from __future__ import annotations
 
 import json
 import sys
+import time
+from pathlib import Path
 
 import click
 
 from producers.client import InvalidEvent, ReportflowClient, Unroutable
+from shared.config import Settings
 from shared.tracing import setup_command_tracing
 
 
@@ -56,3 +59,54 @@ def _send(action, validate: bool = True) -> None:
         sys.exit(3)
     click.echo(json.dumps({"event": published.event_type, "message_id": published.message_id,
                            "report_id": published.report_id, "trace_id": published.trace_id}))
+
+
+@click.command()
+def gateway() -> None:
+    """Run the HTTP gateway: POST /reports, report status, and approvers' decision pages."""
+    from producers.gateway import serve
+
+    serve()
+
+
+@click.command()
+@click.option("--timeout", default=120, show_default=True, help="Seconds to wait for each step.")
+@click.option("--request-file", type=click.Path(exists=True, dir_okay=False),
+              default=str(Path(__file__).resolve().parent / "examples" / "q3-revenue.json"))
+def demo(timeout: int, request_file: str) -> None:
+    """Publish a sample request, approve both stages as the approvers would, and print the outcome."""
+    from producers.client import ReportflowClient
+    from shared.report_views import as_text, report_summary
+    from shared.tracing import setup_command_tracing
+
+    setup_command_tracing()
+    settings = Settings.load()
+    request = json.loads(Path(request_file).read_text())
+
+    def wait_for(report_id: str, done, what: str) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            summary = report_summary(settings, report_id)
+            if summary and done(summary):
+                return summary
+            time.sleep(0.5)
+        raise click.ClickException(f"timed out waiting for {what}; is `make run` going?")
+
+    def stage_open(name):
+        return lambda s: any(st["name"] == name and st["status"] == "open" for st in s["stages"])
+
+    with ReportflowClient() as client:
+        published = client.request_report(request)
+        report_id = published.report_id
+        click.echo(f"requested {report_id} (trace {published.trace_id})")
+        for stage in request["approval_stages"]:
+            wait_for(report_id, stage_open(stage["name"]), f"stage {stage['name']} to open")
+            approvers = stage["approvers"] if stage.get("rule", "all") == "all" else stage["approvers"][:1]
+            for approver in approvers:
+                client.decide(report_id, stage["name"], approver, approve=True, comment="Looks right to me.")
+                click.echo(f"  {approver} approved stage {stage['name']}")
+    summary = wait_for(report_id, lambda s: s["status"] == "finalized" and len(s["notifications"]) >= 4,
+                       "the approved PDF and its emails")
+    click.echo(as_text(summary))
+
+commands = [publish, gateway, demo]

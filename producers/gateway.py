@@ -33,6 +33,7 @@ from shared.db import make_engine
 from shared.documents import ASSETS, FolderStorage
 from shared.links import LinkRefused
 from shared.models import Report, UsedLink
+from shared.report_views import report_view
 
 log = logging.getLogger("reportflow.gateway")
 BROKER_DOWN = (kombu.exceptions.OperationalError, ConnectionError, OSError, Unroutable)
@@ -145,16 +146,11 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
             report = session.get(Report, report_id)
             if report is None:
                 raise Refused(f"no report {report_id!r}", 404)
-            return jsonify(
-                report_id=report.id, title=report.title, status=report.status, trace_id=report.trace_id,
-                stages=[{"position": s.position, "name": s.name, "rule": s.rule, "status": s.status,
-                         "approvers": s.approvers,
-                         "decisions": [{"approver": d.approver_email, "decision": d.decision, "comment": d.comment,
-                                        "decided_at": d.decided_at.isoformat()} for d in s.decisions]}
-                        for s in report.stages],
+            view = report_view(report)
+            for document in view["documents"]:
                 # From the configured public URL, never from the request's Host header.
-                documents=[{"kind": d.kind, "pages": d.pages, "size_bytes": d.size_bytes, "sha256": d.sha256,
-                            "url": f"{public_url}/reports/{report.id}/document"} for d in report.documents])
+                document["url"] = f"{public_url}/reports/{report.id}/document"
+            return jsonify(view)
 
     @app.get("/reports/<report_id>/document")
     def report_document(report_id: str):

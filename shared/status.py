@@ -12,10 +12,12 @@ STATUS_INTERVAL_SECONDS = 5
 
 
 class StatusFile(threading.Thread):
-    def __init__(self, storage_dir: Path, stage: str, consumer, provider):
+    """snapshot() says what the process is doing (connected, messages settled, ...), as a dict."""
+
+    def __init__(self, storage_dir: Path, stage: str, snapshot, provider):
         super().__init__(name="status-file", daemon=True)
         self.path = Path(storage_dir) / "status" / f"{stage}-{os.getpid()}.json"
-        self.stage, self.consumer, self.provider = stage, consumer, provider
+        self.stage, self.snapshot, self.provider = stage, snapshot, provider
         self.started_at = time.time()
 
     def run(self) -> None:
@@ -26,9 +28,7 @@ class StatusFile(threading.Thread):
 
     def write(self) -> None:
         status = {"stage": self.stage, "pid": os.getpid(), "started_at": self.started_at, "updated_at": time.time(),
-                  "connected": self.consumer.ready.is_set(), "messages_settled": self.consumer.messages_settled,
-                  "connections_opened": self.consumer.connections_opened,
-                  "spans": self.provider.stats.snapshot() if self.provider is not None else None}
+                  **self.snapshot(), "spans": self.provider.stats.snapshot() if self.provider is not None else None}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(status))
         os.replace(tmp, self.path)

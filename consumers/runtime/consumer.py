@@ -68,6 +68,11 @@ class Consumer:
     def connections_opened(self) -> int:
         return self.broker.opened
 
+    def snapshot(self) -> dict:
+        """What this consumer is doing, for `reportflow status`."""
+        return {"connected": self.ready.is_set(), "messages_settled": self.messages_settled,
+                "connections_opened": self.connections_opened, "in_flight": self._in_flight_count()}
+
     def run(self) -> None:
         """Consume until stop(); reconnect with backoff when the broker goes away."""
         if threading.current_thread() is threading.main_thread():

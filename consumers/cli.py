@@ -1,0 +1,139 @@
+"""The consumers' commands, joined under `reportflow` (see shared/cli.py): consume, topology, dlq, status."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from consumers import STAGE_NAMES
+from shared.config import Settings
+
+
+@click.command()
+@click.argument("stage", type=click.Choice(STAGE_NAMES))
+def consume(stage: str) -> None:
+    """Run one stage's consumer until SIGTERM or Ctrl-C."""
+    from consumers.bootstrap import run
+
+    run(stage)
+
+
+@click.group()
+def topology() -> None:
+    """Exchanges, queues and bindings on the broker."""
+
+
+@topology.command("declare")
+def topology_declare() -> None:
+    """Declare reportflow's exchange, queues and dead-letter route (idempotent)."""
+    import pika
+
+    import consumers
+    from shared.topology import Topology, declare
+
+    settings = Settings.load()
+    topo = Topology.of(settings)
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        declare(connection.channel(), topo, consumers.bindings())
+    finally:
+        connection.close()
+    for stage, types in consumers.bindings().items():
+        click.echo(f"{topo.queue(stage)} <- {', '.join(types)}")
+    click.echo(f"{topo.dead_letter_queue} <- dead letters")
+
+
+@click.group()
+def dlq() -> None:
+    """The dead-letter queue: what failed for good, and why."""
+
+
+def _dead_letter_queue():
+    from shared.dead_letters import DeadLetterQueue
+    from shared.topology import Topology
+
+    settings = Settings.load()
+    return DeadLetterQueue(settings.amqp_url, Topology.of(settings))
+
+
+@dlq.command("list")
+def dlq_list() -> None:
+    """One line per dead letter: message id, event, stage, attempts, error."""
+    letters = _dead_letter_queue().list()
+    for d in letters:
+        click.echo(f"{d.message_id}  {d.event_type}  stage={d.stage or '?'}  attempts={d.attempts}  "
+                   f"at={d.dead_lettered_at or '?'}  {d.error}")
+    click.echo(f"{len(letters)} dead letter(s)")
+
+
+@dlq.command("show")
+@click.argument("message_id")
+def dlq_show(message_id: str) -> None:
+    """Headers and body of one dead letter."""
+    letter = _dead_letter_queue().show(message_id)
+    if letter is None:
+        raise click.ClickException(f"no dead letter {message_id!r}")
+    click.echo(json.dumps({"message_id": letter.message_id, "event": letter.event_type, "stage": letter.stage,
+                           "queue": letter.queue, "error": letter.error, "attempts": letter.attempts,
+                           "first_failure": letter.first_failure, "dead_lettered_at": letter.dead_lettered_at,
+                           "headers": letter.headers}, indent=2, default=str))
+    click.echo(letter.body.decode("utf-8", errors="replace"))
+
+
+@dlq.command("replay")
+@click.argument("message_id", required=False)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
+def dlq_replay(message_id: str | None, replay_all: bool) -> None:
+    """Send a dead letter (or --all) back to the queue it died in, trace context and all."""
+    if bool(message_id) == replay_all:
+        raise click.UsageError("name one MESSAGE_ID or give --all")
+    replayed = _dead_letter_queue().replay(None if replay_all else message_id)
+    for d in replayed:
+        click.echo(f"replayed {d.message_id} ({d.event_type}) to {d.queue}")
+    if message_id and not replayed:
+        raise click.ClickException(f"no dead letter {message_id!r}")
+
+
+@dlq.command("purge")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+def dlq_purge(yes: bool) -> None:
+    """Delete every dead letter."""
+    if not yes:
+        click.confirm("Delete every dead letter?", abort=True)
+    click.echo(f"purged {_dead_letter_queue().purge()} dead letter(s)")
+
+
+@click.command()
+def status() -> None:
+    """Queue depths, consumer processes and their span pipelines."""
+    import pika
+
+    import consumers
+    from shared.status import read_status_files
+    from shared.topology import Topology
+
+    settings = Settings.load()
+    topo = Topology.of(settings)
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        click.echo(f"{'queue':<40} {'ready':>8} {'consumers':>9}")
+        for queue in [*(topo.queue(s) for s in consumers.STAGES), topo.dead_letter_queue]:
+            channel = connection.channel()
+            try:
+                declared = channel.queue_declare(queue, passive=True).method
+                click.echo(f"{queue:<40} {declared.message_count:>8} {declared.consumer_count:>9}")
+            except pika.exceptions.ChannelClosedByBroker:
+                click.echo(f"{queue:<40} {'(not declared)':>18}")
+    finally:
+        connection.close()
+    click.echo("")
+    for process in read_status_files(settings.storage_dir):
+        state = "stale" if process["stale"] else ("connected" if process["connected"] else "connecting")
+        spans = process.get("spans") or {}
+        click.echo(f"{process['stage']:<13} pid {process['pid']:<7} {state:<10} settled {process['messages_settled']:<7} "
+                   f"reconnects {process['connections_opened'] - 1:<3} spans: " +
+                   (", ".join(f"{k} {v}" for k, v in spans.items()) if spans else "tracing off"))
+
+
+
+commands = [consume, topology, dlq, status]
