@@ -15,7 +15,8 @@ from typing import Generic, TypeVar
 
 import pika
 import pika.exceptions
-import pika.spec
+
+from shared.publishing import ConfirmLedger
 
 Item = TypeVar("Item")
 
@@ -34,9 +35,7 @@ class PipelinedConfirms(Generic[Item]):
             connection.process_data_events(time_limit=0.1)
         self._channel.add_on_return_callback(self._on_return)
         instrument(self._channel)
-        self._sequence = 0
-        self._unconfirmed: dict[int, tuple[str, Item]] = {}  # publish sequence number -> (message id, item)
-        self._returned: set[str] = set()  # message ids the broker returned; their confirm is still to come
+        self._ledger: ConfirmLedger[Item] = ConfirmLedger()
         self.confirmed: list[Item] = []   # taken by some queue
         self.returned: list[Item] = []    # no queue takes them
         self.refused: list[Item] = []     # nacked by the broker
@@ -46,12 +45,11 @@ class PipelinedConfirms(Generic[Item]):
         """Send now; item lands in confirmed, returned or refused when the broker answers. mandatory: a
         message no queue takes comes back instead of vanishing."""
         self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
-        self._sequence += 1
-        self._unconfirmed[self._sequence] = (properties.message_id, item)
+        self._ledger.published(properties.message_id, item)
 
     @property
     def unconfirmed(self) -> int:
-        return len(self._unconfirmed)
+        return self._ledger.unconfirmed
 
     def take(self) -> tuple[list[Item], list[Item], list[Item]]:
         """What the broker has answered since the last take: (confirmed, returned, refused)."""
@@ -60,23 +58,8 @@ class PipelinedConfirms(Generic[Item]):
         return answered
 
     def _on_return(self, _channel, _method, properties, _body) -> None:
-        # The broker sends Basic.Return before the Basic.Ack of the same message.
-        self._returned.add(properties.message_id)
+        self._ledger.returned(properties.message_id)
 
     def _on_confirmation(self, frame) -> None:
-        method = frame.method
-        if method.multiple:
-            sequences = [s for s in self._unconfirmed if s <= method.delivery_tag]
-        else:
-            sequences = [method.delivery_tag]
-        for sequence in sequences:
-            message_id, item = self._unconfirmed.pop(sequence, (None, None))
-            if item is None:
-                continue
-            if isinstance(method, pika.spec.Basic.Nack):
-                self.refused.append(item)
-            elif message_id in self._returned:
-                self._returned.discard(message_id)
-                self.returned.append(item)
-            else:
-                self.confirmed.append(item)
+        for outcome, item in self._ledger.answered(frame.method):
+            {"confirmed": self.confirmed, "returned": self.returned, "refused": self.refused}[outcome].append(item)

@@ -2,18 +2,12 @@
 a request that cannot be accepted emits report.invalid with the reasons, so the submitter hears why."""
 from __future__ import annotations
 
-import uuid
-
 from consumers.descriptions import describe
 from consumers.stage import Stage
 from shared.documents import TEMPLATES
-from shared.events import Event, InvalidMessage
+from shared.events import Event, InvalidMessage, new_report_id
 from shared.mail import InvalidAddress, check_address, one_line
 from shared.models import ApprovalStage, Report
-
-
-def new_report_id() -> str:
-    return f"rpt-{uuid.uuid4().hex[:16]}"
 
 
 def on_report_requested(event: Event, uow) -> None:

@@ -4,7 +4,6 @@ unconfirmed at a time, instead of waiting for each confirm in turn (which caps n
 Each message still gets its own producer span and trace context, so each report keeps its own trace."""
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -13,7 +12,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from shared.config import Settings
-from shared.events import Event, encode, message_properties
+from shared.events import Event, encode, message_properties, new_report_id
+from shared.publishing import ConfirmLedger, publish_span_attributes, publish_span_name
 from shared.tracing import carrier_of_current
 
 _tracer = trace.get_tracer("reportflow.producer")
@@ -52,8 +52,8 @@ class BulkPublisher:
         return run.result
 
     def requests(self, requests: Iterable[dict]) -> BulkResult:
-        return self.publish(Event("report.requested", {**r, "report_id": r.get("report_id") or
-                                                       f"rpt-{uuid.uuid4().hex[:16]}"}) for r in requests)
+        return self.publish(Event("report.requested", {**r, "report_id": r.get("report_id") or new_report_id()})
+                            for r in requests)
 
 
 class _Run:
@@ -65,8 +65,7 @@ class _Run:
         self.channel = None
         self.result = BulkResult()
         self.error: Exception | None = None
-        self.outstanding: dict[int, str] = {}  # delivery tag -> message id
-        self.next_tag = 1
+        self.ledger: ConfirmLedger[str] = ConfirmLedger()  # of message ids
         self.exhausted = False
 
     def on_open(self, connection) -> None:
@@ -85,7 +84,7 @@ class _Run:
         channel.confirm_delivery(self.on_confirm, callback=lambda _frame: self.fill())
 
     def fill(self) -> None:
-        while not self.exhausted and len(self.outstanding) < self.window:
+        while not self.exhausted and self.ledger.unconfirmed < self.window:
             event = next(self.events, None)
             if event is None:
                 self.exhausted = True
@@ -94,32 +93,26 @@ class _Run:
         self.finish_if_done()
 
     def send(self, event: Event) -> None:
-        with _tracer.start_as_current_span(f"publish {self.exchange}:{event.type}", kind=SpanKind.PRODUCER, attributes={
-                "messaging.system": "rabbitmq", "messaging.operation.type": "send",
-                "messaging.destination.name": f"{self.exchange}:{event.type}",
-                "messaging.message.id": event.message_id}):
+        body = encode(event)
+        with _tracer.start_as_current_span(publish_span_name(self.exchange, event.type), kind=SpanKind.PRODUCER,
+                                           attributes=publish_span_attributes(
+                                               self.exchange, event.type, message_id=event.message_id,
+                                               report_id=event.report_id, body_size=len(body))):
             properties = pika.BasicProperties(**message_properties(event, carrier_of_current(), app_id=self.app_id))
-        self.channel.basic_publish(self.exchange, event.type, encode(event), properties, mandatory=True)
-        self.outstanding[self.next_tag] = event.message_id
-        self.next_tag += 1
+            self.channel.basic_publish(self.exchange, event.type, body, properties, mandatory=True)
+        self.ledger.published(event.message_id, event.message_id)
 
     def on_return(self, _channel, _method, properties, _body) -> None:
-        self.result.unroutable.append(properties.message_id)
+        self.ledger.returned(properties.message_id)
 
     def on_confirm(self, frame) -> None:
-        method = frame.method
-        acked = isinstance(method, pika.spec.Basic.Ack)
-        tags = [t for t in self.outstanding if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
-        for tag in tags:
-            message_id = self.outstanding.pop(tag, None)
-            if message_id is None:
-                continue
-            if acked:
+        for outcome, message_id in self.ledger.answered(frame.method):
+            if outcome == "confirmed":
                 self.result.confirmed += 1
             else:
-                self.result.nacked.append(message_id)
+                (self.result.unroutable if outcome == "returned" else self.result.nacked).append(message_id)
         self.fill()
 
     def finish_if_done(self) -> None:
-        if self.exhausted and not self.outstanding and self.connection.is_open:
+        if self.exhausted and not self.ledger.unconfirmed and self.connection.is_open:
             self.connection.close()

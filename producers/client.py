@@ -11,7 +11,8 @@ from opentelemetry.trace import SpanKind
 
 import schemas
 from shared.config import Settings
-from shared.events import Event, encode, message_properties, oversize
+from shared.events import Event, encode, message_properties, new_report_id, oversize
+from shared.publishing import publish_span_attributes, publish_span_name
 from shared.tracing import carrier_of_current
 
 _tracer = trace.get_tracer("reportflow.producer")
@@ -63,7 +64,7 @@ class ReportflowClient:
 
     def request_report(self, request: dict, message_id: str | None = None) -> PublishedEvent:
         """Ask for a report. A report_id is chosen here when the request has none, so the caller knows it."""
-        request = {**request, "report_id": request.get("report_id") or f"rpt-{uuid.uuid4().hex[:16]}"}
+        request = {**request, "report_id": request.get("report_id") or new_report_id()}
         return self.publish("report.requested", request, message_id)
 
     def decide(self, report_id: str, stage: str, approver_email: str, approve: bool, comment: str | None = None,
@@ -85,14 +86,11 @@ class ReportflowClient:
         too_large = oversize(body, self._max_bytes)
         if too_large:
             raise MessageTooLarge(event_type, [too_large])
-        destination = f"{self._exchange.name}:{event_type}"
-        with _tracer.start_as_current_span(f"publish {destination}", kind=SpanKind.PRODUCER, attributes={
-                "messaging.system": "rabbitmq", "messaging.operation.type": "send",
-                "messaging.operation.name": "publish", "messaging.destination.name": destination,
-                "messaging.rabbitmq.destination.routing_key": event_type,
-                "messaging.message.id": event.message_id,
-                **({"messaging.message.conversation_id": event.report_id} if event.report_id else {}),
-        }) as span:
+        exchange = self._exchange.name
+        with _tracer.start_as_current_span(publish_span_name(exchange, event_type), kind=SpanKind.PRODUCER,
+                                           attributes=publish_span_attributes(
+                                               exchange, event_type, message_id=event.message_id,
+                                               report_id=event.report_id, body_size=len(body))) as span:
             properties = message_properties(event, carrier_of_current(), app_id=self._app_id)
             headers = properties.pop("headers")
             self._returned.clear()

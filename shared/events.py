@@ -1,4 +1,4 @@
-"""Events as handlers see them, and as they travel: the wire format of DESIGN.md §2."""
+"""Events as handlers see them, and as they travel: the wire format of the event contract (README)."""
 from __future__ import annotations
 
 import json
@@ -42,6 +42,11 @@ class InvalidMessage:
         return value if isinstance(value, str) else None
 
 
+def new_report_id() -> str:
+    """The id of a report whose request named none: chosen by whoever publishes the request first."""
+    return f"rpt-{uuid.uuid4().hex[:16]}"
+
+
 def oversize(body: bytes, max_bytes: int) -> str | None:
     """Why a message body is too large for the bus, or None: the publisher and the consumer ask alike."""
     return f"message body is {len(body)} bytes, over the limit of {max_bytes}" if len(body) > max_bytes else None
@@ -66,16 +71,9 @@ def message_properties(event: Event, headers: dict | None = None, app_id: str = 
     }
 
 
-def decode(event_type: str | None, message_id: str | None, content_type: str | None, body: bytes,
-           max_bytes: int) -> Event | InvalidMessage:
-    """Read one delivery into an Event, or say exactly why it cannot be one."""
-    read = parse(event_type, message_id, content_type, body, max_bytes)
-    return read if isinstance(read, InvalidMessage) else validate(read)
-
-
 def parse(event_type: str | None, message_id: str | None, content_type: str | None, body: bytes,
           max_bytes: int) -> InvalidMessage | Event:
-    """The cheap half of decode: size, content type, JSON. The payload is not yet checked."""
+    """Read one delivery: size, content type, JSON. The payload is checked by validate()."""
     event_type = event_type or "(unknown)"
     message_id = message_id or f"no-id:{uuid.uuid5(uuid.NAMESPACE_OID, body[:65536].hex())}"
     too_large = oversize(body, max_bytes)

@@ -15,6 +15,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from consumers.stage import Stage
 from shared import failures
 from shared.config import TracingSettings
+from shared.publishing import publish_span_attributes, publish_span_name
 from shared.tracing import context_from
 
 PRIVATE_ATTRIBUTES = {"user.email"}  # personal data: recorded only when tracing.record_emails says so
@@ -158,18 +159,9 @@ def _publish_hook(host: str, port: int):
     def hook(span, body, properties) -> None:
         exchange = getattr(span, "name", "").removesuffix(" send")
         routing_key = properties.type or ""
-        destination = f"{exchange}:{routing_key}" if exchange and routing_key else (exchange or routing_key)
-        span.update_name(f"publish {destination}")
-        span.set_attribute("messaging.operation.type", "send")
-        span.set_attribute("messaging.operation.name", "publish")
-        span.set_attribute("messaging.destination.name", destination)
-        span.set_attribute("messaging.destination.temporary", False)
-        span.set_attribute("messaging.temp_destination", False)
-        span.set_attribute("messaging.rabbitmq.destination.routing_key", routing_key)
-        span.set_attribute("messaging.message.body.size", len(body))
-        span.set_attribute("server.address", host)
-        span.set_attribute("server.port", port)
-        if properties.correlation_id:
-            span.set_attribute("messaging.message.conversation_id", properties.correlation_id)
-            span.set_attribute("report.id", properties.correlation_id)
+        span.update_name(publish_span_name(exchange, routing_key))
+        span.set_attribute("messaging.temp_destination", False)  # the instrumentation's older name, kept beside
+        span.set_attributes(publish_span_attributes(
+            exchange, routing_key, message_id=properties.message_id, report_id=properties.correlation_id,
+            body_size=len(body), server=(host, port)))
     return hook
