@@ -414,7 +414,7 @@ def end_to_end(n: int) -> tuple[float, list[float]]:
     from aiosmtpd.controller import Controller
 
     from producers import ReportflowClient
-    from tests.conftest import free_port
+    from tests.helpers import free_port
     from tests.pipeline import AutoApprover
 
     fresh_database()
@@ -537,7 +537,7 @@ def main() -> None:
     only = set(filter(None, args.only.split(","))) or set(SECTIONS)
     if only - set(SECTIONS):
         parser.error(f"unknown sections: {sorted(only - set(SECTIONS))}")
-    from tests.conftest import free_port
+    from tests.helpers import free_port
     OTLP_PORT = free_port()
     collector = spawn([PYTHON, "-m", "bench.otlp_sink", str(OTLP_PORT)], name="otlp-sink")
     from shared.config import TracingSettings
@@ -601,7 +601,7 @@ def main() -> None:
                             stage / bare, "<= 1.10x", stage / bare <= 1.10)
                 figures.add(f"bare write_pdf, {label}", bare * 1000, "ms", "itself")
             figures.add("generation consumer peak RSS (with its render process)", peak, "MB", "itself")
-            approved = approved_version_ratio(3 if q else 10)
+            approved = final_version_ratio(3 if q else 10)
             figures.add("approved version vs a draft render, 5-page 200-row", approved, "x", "draft render", approved,
                         "<= 0.25x", approved <= 0.25)
 
@@ -639,7 +639,7 @@ def main() -> None:
     write(figures, q, partial=only != set(SECTIONS))
 
 
-def approved_version_ratio(repeat: int) -> float:
+def final_version_ratio(repeat: int) -> float:
     from shared.documents import DocumentRenderer
     from shared.models import Report
 
@@ -657,7 +657,7 @@ def approved_version_ratio(repeat: int) -> float:
     draft_seconds = (time.perf_counter() - started) / repeat
     started = time.perf_counter()
     for _ in range(repeat):
-        renderer.approved_version(report, draft.pdf, draft.pages, approval)
+        renderer.final_version(report, draft.pdf, draft.pages, approval)
     return (time.perf_counter() - started) / repeat / draft_seconds
 
 

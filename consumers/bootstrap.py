@@ -7,12 +7,11 @@ import os
 from sqlalchemy.orm import sessionmaker
 
 import consumers
-from consumers.notification import Postman
 from consumers.runtime import Consumer
 from shared.config import Settings
 from shared.db import make_engine
 from shared.documents import FolderStorage, IsolatedRenderer
-from shared.mail import mailer_from_settings
+from shared.mail import Postman, mailer_from_settings
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
 from shared.status import StatusFile
@@ -75,7 +74,7 @@ def run(stage_name: str) -> None:
     log.info("%s: starting with %s", stage_name, settings.masked())
     consumer = build_consumer(stage_name, settings, provider)
     log_span_stats_periodically(provider, settings.tracing.stats_interval_seconds)
-    StatusFile(settings.storage_dir, stage_name, consumer, provider).start()
+    StatusFile(settings.storage_dir, stage_name, consumer.snapshot, provider).start()
     try:
         consumer.run()
     finally:

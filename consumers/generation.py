@@ -1,5 +1,5 @@
 """generation: on report.created, render the draft PDF, store it, emit report.generated;
-on report.approved, render the approved version with its approval page, store it, emit report.finalized."""
+on report.approved, render the final version (the approved draft and its approval page), store it, emit report.finalized."""
 from __future__ import annotations
 
 from consumers.descriptions import describe
@@ -25,8 +25,8 @@ def on_report_approved(event: Event, uow, renderer: DocumentRenderer, storage: F
     draft = report.document("draft")
     if draft is None:
         raise ReportNotFound(f"report {report.id!r} has no draft to approve")
-    approved = renderer.approved_version(report, storage.get(draft.storage_key), draft.pages, approval_record(report))
-    document = _store(uow, report, "final", approved, storage)
+    final = renderer.final_version(report, storage.get(draft.storage_key), draft.pages, approval_record(report))
+    document = _store(uow, report, "final", final, storage)
     report.status = "finalized"
     uow.emit("report.finalized", {"report_id": report.id, "title": report.title, "document": document.as_event()})
 

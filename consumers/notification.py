@@ -8,24 +8,12 @@ sent, with a Message-ID derived from the event, and marked sent after. A crash b
 and the mark sends that one email once more, with the same Message-ID; nothing else repeats one."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from consumers.descriptions import describe
 from consumers.stage import Stage
 from shared.documents import FolderStorage
 from shared.events import Event
-from shared.mail import InvalidAddress, build_email, check_address, one_line, quoted, stable_message_id
+from shared.mail import InvalidAddress, Postman, build_email, check_address, one_line, quoted, stable_message_id
 from shared.models import Notification, utcnow
-
-
-@dataclass(frozen=True)
-class Postman:
-    """How notification sends: a mailer (SMTP or folder), the From address, and the signer of approval
-    links (None where no gateway is configured)."""
-
-    mailer: object
-    sender: str
-    links: object = None
 
 
 def on_approval_requested(event: Event, uow, postman: Postman, storage: FolderStorage) -> None:
@@ -41,7 +29,7 @@ def on_approval_requested(event: Event, uow, postman: Postman, storage: FolderSt
                f"--approver {approver} --approve|--reject --comment \"...\"\n")
         text = (f"Hello,\n\nThe report \"{title}\" ({requested['report_id']}) is waiting for your "
                 f"decision at stage \"{stage_name}\" ({rule}).\n\n{how}\nThe draft is attached.\n")
-        attachments = _pdf(storage, requested.get("document"), requested["report_id"], "draft")
+        attachments = _pdf(storage, requested.get("document"), requested["report_id"])
         _send(uow, postman, event, [approver], subject, text, attachments, key=approver)
 
 
@@ -72,7 +60,7 @@ def on_report_finalized(event: Event, uow, postman: Postman, storage: FolderStor
     title = one_line(finalized["title"])
     text = (f"Hello,\n\nThe report \"{title}\" ({finalized['report_id']}) has been approved. "
             "The approved version, with its approval page, is attached.\n")
-    attachments = _pdf(storage, finalized["document"], finalized["report_id"], "approved")
+    attachments = _pdf(storage, finalized["document"], finalized["report_id"])
     recipients = list(dict.fromkeys([report.submitter["email"], report.client["email"]]))
     _send(uow, postman, event, recipients, f"Report approved: {title}", text, attachments)
 
@@ -92,10 +80,11 @@ def on_approval_refused(event: Event, uow, postman: Postman) -> None:
     _send(uow, postman, event, [recipient], f"Decision not applied: {title}", text)
 
 
-def _pdf(storage: FolderStorage, document: dict | None, report_id: str, label: str) -> list[tuple[str, bytes, str]]:
+def _pdf(storage: FolderStorage, document: dict | None, report_id: str) -> list[tuple[str, bytes, str]]:
+    """A document as an attachment, named by its kind: the draft, or the final (approved) version."""
     if not document:
         return []
-    return [(f"{report_id}-{label}.pdf", storage.get(document["storage_key"]), "application/pdf")]
+    return [(f"{report_id}-{document['kind']}.pdf", storage.get(document["storage_key"]), "application/pdf")]
 
 
 def _send(uow, postman: Postman, event: Event, to: list[str], subject: str, text: str,
@@ -103,13 +92,13 @@ def _send(uow, postman: Postman, event: Event, to: list[str], subject: str, text
     message_id = stable_message_id(f"{event.message_id}.{key}")
     email = build_email(sender=postman.sender, to=to, subject=subject, text=text,
                         message_id=message_id, attachments=attachments)
-    with uow.separately() as session:
+    with uow.commit_now() as session:
         if _locked_record(session, message_id) is None:
             session.add(Notification(report_id=event.report_id, event_type=event.type,
                                      event_message_id=event.message_id, recipients=to, subject=email["Subject"],
                                      email_message_id=message_id, attachments=[a[0] for a in attachments],
                                      transport=postman.mailer.transport))
-    with uow.separately() as session:
+    with uow.commit_now() as session:
         # Locked until this block commits the mark: a copy of this event handled at the same time waits
         # here and then finds the email sent. Only a crash (its lock gone with its connection) leaves one
         # pending, to be sent again with the same Message-ID.

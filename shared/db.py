@@ -97,10 +97,11 @@ class UnitOfWork:
         return emitted
 
     @contextmanager
-    def separately(self):
-        """A transaction of its own, committed when the block ends, whatever becomes of the message:
-        for effects that cannot join the handler's transaction (an email: record the intent, commit,
-        act, record the result, commit). It never commits the message's inbox claim."""
+    def commit_now(self):
+        """Writes committed when the block ends, whatever becomes of the message: for effects that cannot
+        join the handler's transaction (an email: record the intent, commit, act, record the result,
+        commit). It never commits the message's inbox claim. On PostgreSQL it is a transaction of its
+        own; on SQLite, the handler's session committing what it has so far."""
         if self._inbox_pending is not None or self.session.bind.dialect.name != "postgresql":
             # SQLite: the claim is written only at commit, and a second connection would break this
             # one's snapshot, so the session itself commits.
@@ -123,7 +124,6 @@ class UnitOfWork:
         PostgreSQL: claimed first thing, so a copy of the message handled at the same moment waits on
         the row and then finds it. SQLite: checked now and written at commit, because a write this early
         would hold SQLite's single write lock through the whole handler (a PDF render, say)."""
-        self._message = (message_id, event_type)
         values = {"consumer": self.consumer, "message_id": message_id, "event_type": event_type,
                   "processed_at": utcnow()}
         if self.session.bind.dialect.name == "postgresql":

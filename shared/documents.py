@@ -87,8 +87,8 @@ class DocumentRenderer:
             span.set_attribute("report.template", report.template)
             return self._jinja.get_template(name).render(report=report, data=report.data)
 
-    def approved_version(self, report, draft_pdf: bytes, draft_pages: int, approval: list[dict]) -> RenderedDocument:
-        """The approved version: the draft's pages, unchanged, and an approval record after them.
+    def final_version(self, report, draft_pdf: bytes, draft_pages: int, approval: list[dict]) -> RenderedDocument:
+        """The final version, the one the client gets: the approved draft's pages, unchanged, and an approval record after them.
         Only the record is rendered; the client receives exactly the pages the approvers approved."""
         with _tracer.start_as_current_span("render template") as span:
             span.set_attribute("report.id", report.id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import smtplib
 import ssl
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
@@ -64,6 +65,16 @@ def stable_message_id(key: str, domain: str = "reportflow.local") -> str:
     return f"<{safe}@{domain}>"
 
 
+@dataclass(frozen=True)
+class Postman:
+    """How notification sends: a mailer (SMTP or folder), the From address, and the signer of approval
+    links (None where no gateway is configured)."""
+
+    mailer: object
+    sender: str
+    links: object = None
+
+
 class SmtpMailer:
     """smtp://host:port (STARTTLS when ?starttls=true), smtps://host:port (TLS from the start);
     user:password in the URL logs in."""
@@ -102,7 +113,7 @@ class SmtpMailer:
 
 
 class FolderMailer:
-    """With no SMTP server configured, emails are written where a person can open them."""
+    """With no SMTP server configured, emails are written as .eml files where a person can open them."""
 
     transport = "file"
 
@@ -117,5 +128,5 @@ class FolderMailer:
 
 
 def mailer_from_settings(smtp_url: str, storage_dir: Path):
-    return SmtpMailer(smtp_url) if smtp_url else FolderMailer(Path(storage_dir) / "outbox-mail")
+    return SmtpMailer(smtp_url) if smtp_url else FolderMailer(Path(storage_dir) / "mail")
 
