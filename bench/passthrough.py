@@ -7,25 +7,21 @@ from __future__ import annotations
 import sys
 
 from consumers.bootstrap import session_factory
-from consumers.runtime import Consumer
 from consumers.descriptions import describe
+from consumers.runtime import Consumer
 from consumers.stage import Stage
 from shared.config import Settings
 from shared.tracing import setup_logging, setup_tracing
+from tests.helpers import example_payloads
 
-DOCUMENT = {"id": 1, "kind": "draft", "storage_key": "bench", "size_bytes": 1, "sha256": "0" * 64, "pages": 1}
 # A four-hop chain of real event types, so every payload is checked against its schema as in production.
-NEXT = {
-    "report.created": ("report.generated", lambda rid: {"report_id": rid, "document": DOCUMENT}),
-    "report.generated": ("report.approved", lambda rid: {"report_id": rid, "stages": []}),
-    "report.approved": ("report.finalized", lambda rid: {"report_id": rid, "title": "t", "document": DOCUMENT}),
-    "report.finalized": ("report.invalid", lambda rid: {"report_id": rid, "submitter": None, "reasons": ["end"]}),
-}
+CHAIN = ("report.created", "report.generated", "report.approved", "report.finalized", "report.invalid")
+NEXT = {consumed: (emitted, lambda rid, emitted=emitted: example_payloads(rid)[emitted])
+        for consumed, emitted in zip(CHAIN, CHAIN[1:])}
 
 
 def first_event(report_id: str) -> dict:
-    return {"report_id": report_id, "title": "t", "template": "standard",
-            "submitter": {"email": "a@example.com"}, "stages": ["s"]}
+    return example_payloads(report_id)[CHAIN[0]]
 
 
 def pass_through(consumed: str):

@@ -25,6 +25,12 @@ class Topology:
     def retry_queue(self, stage: str, delay_seconds: int) -> str:
         return f"{self.exchange}.{stage}.retry.{delay_seconds}s"
 
+    def all_queues(self, stages) -> list[str]:
+        """Every queue this topology has for these stages: work, retry tiers, dead letters."""
+        return [*(q for stage in stages for q in (self.queue(stage), *(self.retry_queue(stage, d)
+                                                                      for d in self.retry_delays))),
+                self.dead_letter_queue]
+
     @property
     def dead_letter_exchange(self) -> str:
         return f"{self.exchange}.dead-letter"

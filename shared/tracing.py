@@ -3,6 +3,7 @@ a span pipeline that watches itself, and decorators for the project's own code a
 from __future__ import annotations
 
 import atexit
+import contextlib
 
 import functools
 import json
@@ -65,6 +66,23 @@ class UpstreamFriendlyPropagator(TextMapPropagator):
     @property
     def fields(self):
         return {f for w in self._writers for f in w.fields}
+
+
+def enabled() -> bool:
+    """Whether this process traces: setup_tracing installed a provider."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def switched(on: bool):
+    """Tracing's decorators on or off for a block, whatever setup_tracing said: for a process that embeds
+    reportflow's code and for tests; the switch is put back after."""
+    global _enabled
+    before, _enabled = _enabled, on
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 def version() -> str:
@@ -315,12 +333,6 @@ def trace_function(function=None, *, name: str | None = None):
     """A span around a function, named after it: `@trace_function` or `@trace_function(name=...)`."""
     decorate = _traced(name, None)
     return decorate(function) if function is not None else decorate
-
-
-def trace_database_operation(operation: str, table: str):
-    """A span for a database operation the SQLAlchemy instrumentation does not see as one."""
-    return _traced(f"{operation} {table}", {"db.operation.name": operation, "db.collection.name": table},
-                   trace.SpanKind.CLIENT)
 
 
 def trace_external_call(service: str, operation: str):

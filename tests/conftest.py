@@ -4,46 +4,28 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
-import time
 import uuid
 from email import message_from_bytes, policy
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pika
 import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import sessionmaker
 
+import consumers
 from shared.config import Settings, TracingSettings
 from shared.db import UnitOfWork, make_engine
 from shared.migrate import upgrade
-
-ROOT = Path(__file__).resolve().parents[1]
-# The tests are an environment of their own: no config/<environment>.yaml applies to what they start
-# (without this, a process run from the repository would read config/production.yaml).
-os.environ["REPORTFLOW_ENV"] = "test"
-TEST_VHOST = os.environ.get("REPORTFLOW_TEST_VHOST", "reportflow-test")
-TEST_AMQP_URL = os.environ.get("REPORTFLOW_TEST_AMQP_URL", f"amqp://guest:guest@127.0.0.1:5672/{TEST_VHOST}")
-TEST_PG_URL = os.environ.get("REPORTFLOW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/reportflow_test")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(condition, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+from shared.topology import Topology
+from tests.helpers import (
+    TEST_AMQP_URL,
+    TEST_PG_URL,
+    TEST_RETRY_TIERS,
+    free_port,
+    wait_until,
+)
 
 
 # -- tracing in the test process -------------------------------------------------------------
@@ -51,7 +33,9 @@ def wait_until(condition, timeout: float = 30.0, interval: float = 0.1, what: st
 def tracer_provider():
     """The SDK, as every reportflow process installs it; spans kept in memory for the tests to read."""
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+        InMemorySpanExporter,
+    )
 
     from shared.tracing import setup_tracing
 
@@ -130,10 +114,20 @@ def session_factory(database_url):
     engine.dispose()
 
 
+class Units:
+    """Units of work on one database, as the runtime makes them: units() opens one; session_factory is
+    what the runtime's processing is given."""
+
+    def __init__(self, session_factory):
+        self.session_factory = session_factory
+
+    def __call__(self, consumer: str = "test") -> UnitOfWork:
+        return UnitOfWork(self.session_factory, consumer)
+
+
 @pytest.fixture
-def uow(session_factory):
-    """A unit of work as the runtime gives one to a handler."""
-    return lambda consumer="test": UnitOfWork(session_factory, consumer)
+def uow(session_factory) -> Units:
+    return Units(session_factory)
 
 
 @pytest.fixture
@@ -141,10 +135,9 @@ def uow_on():
     """Units of work on a database the test names (for tests that prepare state in PostgreSQL)."""
     engines = []
 
-    def make(url):
+    def make(url) -> Units:
         engines.append(make_engine(url))
-        factory = sessionmaker(engines[-1], expire_on_commit=False)
-        return lambda consumer="test": UnitOfWork(factory, consumer)
+        return Units(sessionmaker(engines[-1], expire_on_commit=False))
     yield make
     for engine in engines:
         engine.dispose()
@@ -165,14 +158,14 @@ def broker(exchange):
     try:
         channel = connection.channel() if connection.is_open else \
             pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL)).channel()
-        for stage in ("creation", "generation", "approval", "notification"):
-            channel.queue_delete(f"{exchange}.{stage}")
-            for delay in (1, 2, 4, 5, 8, 30, 120):  # the retry tiers the tests use, and the defaults
-                channel.queue_delete(f"{exchange}.{stage}.retry.{delay}s")
-        for queue in ("dead-letter", "tap", "auto-approver"):
+        # Every tier the tests use (theirs and the default ones) of every stage, and the test's own queues.
+        topology = Topology(exchange, retry_delays=tuple(sorted({*TEST_RETRY_TIERS, *Settings.retry_delays})))
+        for queue in topology.all_queues(consumers.STAGE_NAMES):
+            channel.queue_delete(queue)
+        for queue in ("tap", "auto-approver"):
             channel.queue_delete(f"{exchange}.{queue}")
-        channel.exchange_delete(exchange)
-        channel.exchange_delete(f"{exchange}.dead-letter")
+        channel.exchange_delete(topology.exchange)
+        channel.exchange_delete(topology.dead_letter_exchange)
         connection.close()
     except pika.exceptions.AMQPError:
         pass
@@ -263,7 +256,9 @@ class OtlpReceiver:
 
     def __init__(self):
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceRequest, ExportTraceServiceResponse)
+            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
+        )
 
         self.spans: list[dict] = []
         self.requests = 0
@@ -329,7 +324,3 @@ def otlp():
     receiver.stop()
 
 
-def sample_request(**overrides) -> dict:
-    request = json.loads((ROOT / "producers" / "examples" / "q3-revenue.json").read_text())
-    request.update(overrides)
-    return request

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pika
 
-from tests.conftest import ROOT, TEST_AMQP_URL, wait_until
+from consumers import STAGE_NAMES
+from tests.helpers import ROOT, TEST_AMQP_URL, wait_until
 
-STAGES = ("creation", "generation", "approval", "notification")
+STAGES = STAGE_NAMES
 
 
 def procfile_commands() -> dict[str, str]:

@@ -7,9 +7,14 @@ from datetime import datetime, timezone
 import pytest
 from pypdf import PdfReader
 
-from shared.documents import AssetsOnlyFetcher, DocumentRenderer, FolderStorage, UnknownTemplate
+from shared.documents import (
+    AssetsOnlyFetcher,
+    DocumentRenderer,
+    FolderStorage,
+    UnknownTemplate,
+)
 from shared.models import Report
-from tests.conftest import sample_request
+from tests.helpers import sample_request
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@ the spans they export over OTLP/HTTP, decoded from protobuf as a collector would
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 import io
 import json
+from collections import Counter
 
 import pika
 import pytest
@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from producers import ReportflowClient
 from shared.db import make_engine
 from shared.models import Report
-from tests.conftest import TEST_AMQP_URL, sample_request, wait_until
+from tests.helpers import TEST_AMQP_URL, sample_request, wait_until
 from tests.pipeline import STAGES, Pipeline
 
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,7 @@ from producers.bulk import BulkPublisher
 from shared.db import make_engine
 from shared.events import Event
 from shared.models import Decision, Document, Notification, Report
-from tests.conftest import TEST_AMQP_URL, sample_request, wait_until
+from tests.helpers import TEST_AMQP_URL, TEST_RETRY_TIERS, sample_request, wait_until
 from tests.pipeline import STAGES, AutoApprover, Pipeline
 
 pytestmark = pytest.mark.fault
@@ -36,7 +36,7 @@ def faulty_pipeline(postgres_url, exchange, broker, smtp, tmp_path):
         "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange,
         "REPORTFLOW_DATABASE_URL": postgres_url, "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
         "REPORTFLOW_SMTP_URL": smtp.url, "REPORTFLOW_OUTBOX_RELAY_SECONDS": "2",
-        "REPORTFLOW_RETRY_DELAYS": "1,2,4,8", "REPORTFLOW_HEARTBEAT_SECONDS": "10"})
+        "REPORTFLOW_RETRY_DELAYS": ",".join(map(str, TEST_RETRY_TIERS)), "REPORTFLOW_HEARTBEAT_SECONDS": "10"})
     approver = AutoApprover(exchange)
     try:
         pipeline.start()

@@ -16,14 +16,22 @@ from pathlib import Path
 import pytest
 from pypdf import PdfReader
 
-from consumers import creation, generation
+from consumers import STAGE_NAMES, creation, generation
 from shared.config import Settings
 from shared.documents import DocumentRenderer, FolderStorage
 from shared.events import Event
 from shared.topology import Topology, declare
-from tests.conftest import ROOT, TEST_AMQP_URL, free_port, sample_request, wait_until
+from tests.helpers import (
+    ROOT,
+    TEST_AMQP_URL,
+    TWO_STAGES,
+    free_port,
+    handle,
+    open_first_stage,
+    sample_request,
+    wait_until,
+)
 from tests.pipeline import Pipeline
-from tests.test_handlers import TWO_STAGES, handle, open_first_stage
 
 SECRET, TOKEN = "test-secret-key-for-approval-links-0123456789", "test-api-token-0123456789abcdefghijklmnop"
 pytestmark = pytest.mark.e2e
@@ -219,7 +227,7 @@ def test_an_approver_decides_from_the_email_in_a_browser_and_the_report_is_final
         "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"), "REPORTFLOW_ENV": "test", "REPORTFLOW_SMTP_URL": smtp.url,
         "REPORTFLOW_SECRET_KEY": SECRET, "REPORTFLOW_API_TOKEN": TOKEN, "REPORTFLOW_GATEWAY_PORT": str(port),
         "REPORTFLOW_GATEWAY_URL": base, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint},
-        names=("creation", "generation", "approval", "notification", "gateway"))
+        names=(*STAGE_NAMES, "gateway"))
     try:
         pipeline.start()
         pipeline.wait_consuming(broker, exchange)
@@ -397,7 +405,7 @@ def test_a_link_submitted_twice_at_once_is_told_what_was_recorded(gateway, repor
 def test_an_approver_who_already_decided_elsewhere_is_told_so_and_nothing_is_sent(
         gateway, report_in_approval, postgres_url, uow_on, tap):
     from consumers import approval
-    from tests.test_handlers import decide
+    from tests.helpers import decide
 
     base, _ = gateway
     handle(uow_on(postgres_url), approval.on_approval_decided, decide("r-gw", "review", "bob@example.com"))

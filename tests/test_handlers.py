@@ -11,35 +11,16 @@ from sqlalchemy import func, select
 from consumers import approval, creation, generation, notification
 from shared.documents import DocumentRenderer, FolderStorage
 from shared.events import Event, InvalidMessage
-from shared.mail import FolderMailer
+from shared.mail import FolderMailer, Postman
 from shared.models import Decision, Notification, Refusal
-from tests.conftest import sample_request
-
-TWO_STAGES = [
-    {"name": "review", "approvers": ["bob@example.com", "eve@example.com"], "rule": "all"},
-    {"name": "sign-off", "approvers": ["carol@example.com", "dan@example.com"], "rule": "any"},
-]
-
-
-def handle(uow, handler, message, **deps) -> list[Event]:
-    """Run one handler the way the runtime does: one transaction, emitted events returned."""
-    with uow(handler.__module__) as unit:
-        assert unit.claim(message.message_id, message.type)
-        handler(message, unit, **deps)
-        unit.commit({})
-        return unit.emitted
-
-
-def request_event(**overrides) -> Event:
-    return Event("report.requested", sample_request(**overrides),
-                 trace_context={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
-
-
-def decide(report_id, stage, email, decision="approve", comment=None) -> Event:
-    payload = {"report_id": report_id, "stage": stage, "approver": {"email": email}, "decision": decision}
-    if comment:
-        payload["comment"] = comment
-    return Event("approval.decided", payload)
+from tests.helpers import (
+    TWO_STAGES,
+    decide,
+    handle,
+    open_first_stage,
+    request_event,
+    sample_request,
+)
 
 
 @pytest.fixture
@@ -50,12 +31,6 @@ def created(uow) -> str:
         unit.report("r-1").status = "generated"
         unit.session.commit()
     return "r-1"
-
-
-def open_first_stage(uow, report_id: str) -> list[Event]:
-    document = {"id": 1, "kind": "draft", "storage_key": "k", "size_bytes": 10, "sha256": "0" * 64, "pages": 1}
-    return handle(uow, approval.on_report_generated,
-                  Event("report.generated", {"report_id": report_id, "document": document}))
 
 
 def refusals(uow) -> list[str]:
@@ -239,7 +214,7 @@ def test_the_approved_version_is_the_approved_pages_and_an_approval_record(uow, 
 def test_each_approver_gets_a_personal_email_with_the_draft(uow, tmp_path):
     storage = FolderStorage(tmp_path)
     storage.put("reports/r-7/draft.pdf", b"%PDF-1.7 draft")
-    postman = notification.Postman(FolderMailer(tmp_path / "mail"), "reportflow <rf@example.com>")
+    postman = Postman(FolderMailer(tmp_path / "mail"), "reportflow <rf@example.com>")
     requested = {"report_id": "r-7", "title": "Q3 revenue review",
                  "stage": {"name": "sign-off", "position": 2, "rule": "any", "of": 2},
                  "approvers": ["carol@example.com", "dan@example.com"],
@@ -257,7 +232,7 @@ def test_each_approver_gets_a_personal_email_with_the_draft(uow, tmp_path):
 
 
 def test_an_invalid_request_without_a_submitter_sends_nothing(uow, tmp_path):
-    postman = notification.Postman(FolderMailer(tmp_path / "mail"), "rf@example.com")
+    postman = Postman(FolderMailer(tmp_path / "mail"), "rf@example.com")
     handle(uow, notification.on_report_invalid,
            Event("report.invalid", {"report_id": None, "submitter": None, "reasons": ["x"]}), postman=postman)
     assert not (tmp_path / "mail").exists()
@@ -265,7 +240,7 @@ def test_an_invalid_request_without_a_submitter_sends_nothing(uow, tmp_path):
 
 def test_the_rejection_email_names_the_stage_the_approver_and_the_comment(uow, tmp_path):
     handle(uow, creation.on_report_requested, request_event(report_id="r-8"))
-    postman = notification.Postman(FolderMailer(tmp_path / "mail"), "rf@example.com")
+    postman = Postman(FolderMailer(tmp_path / "mail"), "rf@example.com")
     handle(uow, notification.on_report_rejected, Event("report.rejected", {
         "report_id": "r-8", "title": "Q3 revenue review", "stage": "review",
         "approver": {"email": "bob@example.com"}, "comment": "numbers wrong"}), postman=postman)
@@ -279,7 +254,7 @@ def test_the_rejection_email_names_the_stage_the_approver_and_the_comment(uow, t
 
 def test_user_text_in_an_email_is_one_line_or_quoted_and_never_passes_for_ours(uow, tmp_path):
     handle(uow, creation.on_report_requested, request_event(report_id="r-10"))
-    postman = notification.Postman(FolderMailer(tmp_path / "mail"), "rf@example.com")
+    postman = Postman(FolderMailer(tmp_path / "mail"), "rf@example.com")
     fake = "Decide here instead: https://evil.example/approve"
     handle(uow, notification.on_report_rejected, Event("report.rejected", {
         "report_id": "r-10", "title": "Q3", "stage": "review", "approver": {"email": "bob@example.com"},

@@ -45,7 +45,7 @@ def test_the_mailer_logs_in_when_the_url_has_credentials():
     from aiosmtpd.controller import Controller
     from aiosmtpd.smtp import AuthResult
 
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     logins, received = [], []
 

@@ -18,9 +18,18 @@ from producers import ReportflowClient
 from shared.dead_letters import DeadLetterQueue
 from shared.models import InboxRecord, OutboxMessage, Report
 from shared.topology import Topology
-from tests.conftest import TEST_AMQP_URL, sample_request, wait_until
+from tests.helpers import (
+    TEST_AMQP_URL,
+    TEST_RETRY_TIERS,
+    count,
+    dead_letters,
+    raw_publish,
+    running,
+    sample_request,
+    settled,
+    wait_until,
+)
 from tests.proxy import TcpProxy
-from tests.test_runtime import count, dead_letters, raw_publish, running, settled
 
 FAST = RetryPolicy(delays=(1, 1))
 
@@ -226,7 +235,7 @@ def test_a_database_outage_is_retried_through_and_nothing_reaches_the_dead_lette
     import time
 
     proxy, url = postgres_behind_proxy
-    consumer = build_consumer("creation", settings_for(url, retry_delays=(1, 2, 4, 8)))
+    consumer = build_consumer("creation", settings_for(url, retry_delays=TEST_RETRY_TIERS))
     with running(consumer):
         with ReportflowClient(TEST_AMQP_URL, exchange) as client:
             client.request_report(sample_request(report_id="r-before"))

@@ -4,12 +4,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from contextlib import contextmanager
 
 import pika
 import pytest
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from consumers.bootstrap import build_consumer, session_factory
 from consumers.confirms import PipelinedConfirms
@@ -17,55 +14,16 @@ from consumers.runtime import Consumer
 from consumers.stage import Stage
 from producers import ReportflowClient, Unroutable
 from producers.client import InvalidEvent
-from shared.db import make_engine
 from shared.models import InboxRecord, OutboxMessage, Report
-from tests.conftest import TEST_AMQP_URL, sample_request, wait_until
-
-
-@contextmanager
-def running(consumer: Consumer):
-    thread = threading.Thread(target=consumer.run, daemon=True)
-    thread.start()
-    assert consumer.ready.wait(15), "consumer did not start"
-    try:
-        yield consumer
-    finally:
-        consumer.stop()
-        thread.join(30)
-        assert not thread.is_alive(), "consumer did not stop"
-
-
-def settled(consumer: Consumer, count: int, timeout: float = 30):
-    wait_until(lambda: consumer.messages_settled >= count, timeout, what=f"{count} settled messages")
-
-
-def raw_publish(exchange: str, routing_key: str, body: bytes, **properties) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(**properties))
-    finally:
-        connection.close()
-
-
-def dead_letters(broker, exchange: str) -> list[tuple[dict, bytes]]:
-    channel = broker.channel()
-    found = []
-    while True:
-        method, properties, body = channel.basic_get(f"{exchange}.dead-letter", auto_ack=True)
-        if method is None:
-            return found
-        found.append((properties.headers, body))
-
-
-def count(database_url: str, model, *where) -> int:
-    engine = make_engine(database_url)
-    try:
-        with Session(engine) as session:
-            return session.scalar(select(func.count()).select_from(model).where(*where))
-    finally:
-        engine.dispose()
+from tests.helpers import (
+    TEST_AMQP_URL,
+    count,
+    dead_letters,
+    raw_publish,
+    running,
+    sample_request,
+    settled,
+)
 
 
 def test_a_request_is_stored_and_report_created_published_after_the_commit(settings_for, database_url, tap, exchange):
@@ -200,3 +158,19 @@ def test_pipelined_confirms_sort_every_publish_into_taken_or_returned(broker, ex
     confirmed, returned, refused = answered
     assert sorted(confirmed) == [n for n in range(200) if n != 57] and returned == [57] and refused == []
     assert channel.queue_declare(f"{exchange}.confirms", passive=True).method.message_count == 199
+
+
+def test_the_bulk_publisher_sorts_confirms_alike(broker, exchange):
+    from producers.bulk import BulkPublisher
+    from shared.events import Event
+    from tests.helpers import example_payloads
+
+    channel = broker.channel()
+    channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+    channel.queue_declare(f"{exchange}.confirms", exclusive=True)
+    channel.queue_bind(f"{exchange}.confirms", exchange, routing_key="report.created")
+    events = [Event("report.created", example_payloads(f"r-{n}")["report.created"]) for n in range(300)]
+    events.insert(123, Event("report.generated", example_payloads("r-nowhere")["report.generated"]))
+    result = BulkPublisher(TEST_AMQP_URL, exchange, window=50).publish(events)
+    assert (result.confirmed, result.unroutable, result.nacked) == (300, [events[123].message_id], [])
+    assert not result.ok

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from shared.cli import main as cli
 from shared.config import DEVELOPMENT_API_TOKEN, InsecureSettings, Settings, mask_url
 from shared.links import DEVELOPMENT_SECRET
-from tests.conftest import free_port, wait_until
+from tests.helpers import free_port, wait_until
 
 STRONG = "a-production-secret-of-more-than-32-bytes"
 

@@ -25,10 +25,17 @@ from shared.cli import main as cli
 from shared.config import TracingSettings
 from shared.events import Event
 from shared.traces import load_from_files, spans_from_otlp_json, waterfall
-from tests.conftest import TEST_AMQP_URL, free_port, sample_request, wait_until
+from tests.helpers import (
+    TEST_AMQP_URL,
+    TWO_STAGES,
+    free_port,
+    handle,
+    open_first_stage,
+    raw_publish,
+    sample_request,
+    wait_until,
+)
 from tests.pipeline import Pipeline
-from tests.test_handlers import TWO_STAGES, handle, open_first_stage
-from tests.test_runtime import raw_publish
 
 DATA = Path(__file__).parent / "data"
 UPSTREAM_TRACE = "80f198ee56343ba864fe8b2a57d3eff7"
@@ -116,15 +123,14 @@ def test_tracing_disabled_exports_nothing_and_installs_no_exporter(stage_process
     assert "tracing is off: no tracer provider, no exporter" in pipeline.logs()
     # The context still passes through, so the traces of upstream and downstream stay whole.
     assert UPSTREAM_TRACE in properties.headers["traceparent"]
-    enabled = tracing._enabled
-    try:
-        assert tracing.setup_tracing("x", TracingSettings(enabled=False)) is None
-        assert tracing._enabled is False
-        os.environ["OTEL_SDK_DISABLED"] = "true"
-        assert tracing.setup_tracing("x", TracingSettings(enabled=True)) is None
-    finally:
-        os.environ.pop("OTEL_SDK_DISABLED", None)
-        tracing._enabled = enabled
+    with tracing.switched(tracing.enabled()):  # setup_tracing below turns this process's switch
+        try:
+            assert tracing.setup_tracing("x", TracingSettings(enabled=False)) is None
+            assert tracing.enabled() is False
+            os.environ["OTEL_SDK_DISABLED"] = "true"
+            assert tracing.setup_tracing("x", TracingSettings(enabled=True)) is None
+        finally:
+            os.environ.pop("OTEL_SDK_DISABLED", None)
 
 
 # -- late decisions -----------------------------------------------------------------------------------
@@ -203,7 +209,10 @@ def test_spans_also_travel_over_otlp_grpc(stage_process, sqlite_url, exchange, t
     from concurrent import futures
 
     import grpc
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+    from opentelemetry.proto.collector.trace.v1 import (
+        trace_service_pb2,
+        trace_service_pb2_grpc,
+    )
 
     received = []
 
@@ -230,11 +239,8 @@ def test_spans_also_travel_over_otlp_grpc(stage_process, sqlite_url, exchange, t
 def test_resource_attributes_follow_the_standard_variables(monkeypatch):
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=staging,team=reports")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "reports-generation")
-    enabled = tracing._enabled
-    try:
+    with tracing.switched(tracing.enabled()):
         provider = tracing.setup_tracing("reportflow-generation", TracingSettings(sampling_ratio=0.5), "test")
-    finally:
-        tracing._enabled = enabled
     attributes = provider.resource.attributes
     assert attributes["service.name"] == "reports-generation"
     assert attributes["deployment.environment.name"] == "staging" and attributes["team"] == "reports"
@@ -262,13 +268,10 @@ def test_decorators_record_errors_and_cost_nothing_when_tracing_is_off(finished_
     assert spans["smtp send"].events[0].name == "exception"
     traced = spans["test_decorators_record_errors_and_cost_nothing_when_tracing_is_off.<locals>.plain"]
     assert traced.attributes["code.function.name"].endswith("plain") and traced.status.is_ok
-    enabled, tracing._enabled = tracing._enabled, False
-    try:
+    with tracing.switched(False):
         before = len(finished_spans())
         assert send(False) == "ok"
         assert len(finished_spans()) == before
-    finally:
-        tracing._enabled = enabled
 
 
 # -- from a report to its trace -------------------------------------------------------------------------------
@@ -317,18 +320,13 @@ class _RecordedJaeger:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def test_reportflow_trace_renders_a_recorded_jaeger_api_v3_response(sqlite_url, tmp_path):
+def test_reportflow_trace_renders_a_recorded_jaeger_api_v3_response(sqlite_url, uow_on, tmp_path):
     document = json.loads((DATA / "jaeger-api-v3-trace.json").read_text())
     trace_id = "5b8efff798038103d269b633813fc60c"
     jaeger = _RecordedJaeger(document, trace_id)
-    from sqlalchemy.orm import sessionmaker
-
-    from shared.db import UnitOfWork, make_engine
-    engine = make_engine(sqlite_url)
-    unit = lambda consumer="t": UnitOfWork(sessionmaker(engine, expire_on_commit=False), consumer)  # noqa: E731
-    handle(unit, creation.on_report_requested, Event("report.requested", sample_request(report_id="r-jaeger"),
-                                                     trace_context={"traceparent": f"00-{trace_id}-{'1' * 16}-01"}))
-    engine.dispose()
+    handle(uow_on(sqlite_url), creation.on_report_requested, Event(
+        "report.requested", sample_request(report_id="r-jaeger"),
+        trace_context={"traceparent": f"00-{trace_id}-{'1' * 16}-01"}))
     try:
         result = CliRunner().invoke(cli, ["trace", "r-jaeger"], env={
             "REPORTFLOW_DATABASE_URL": sqlite_url, "JAEGER_QUERY_URL": jaeger.url,

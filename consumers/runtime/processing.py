@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from opentelemetry import context
+from opentelemetry import context, trace
 
 from consumers.retries import RetryPolicy
 from consumers.runtime.messages import Delivery, OutgoingMessage, Outcome
@@ -42,11 +42,14 @@ class Processor:
                 if isinstance(message, Event):
                     with self._telemetry.child("validate", {"event.type": event_type}):
                         message = validate(message)
-                return self._handle(message, span)
+                return self.handle(message)
             except Exception as exc:  # noqa: BLE001 - any handler failure ends in a stated outcome
                 return self._failed(delivery, message, span, exc)
 
-    def _handle(self, message: Event | InvalidMessage, span) -> Outcome:
+    def handle(self, message: Event | InvalidMessage) -> Outcome:
+        """Run the stage's handler on a message already read, in the current trace context: inbox claim,
+        handler, outbox, one commit. A handler's exception is raised to the caller."""
+        span = trace.get_current_span()
         carrier = carrier_of_current()  # the process span's: what the handler stores, and its events carry
         if isinstance(message, InvalidMessage):
             span.set_attribute("reportflow.invalid_reasons", message.reasons[:20])

@@ -1,0 +1,174 @@
+"""What the tests share: where the test services are, waiting, sample requests and events, running a
+handler as the runtime does, and running a consumer in a thread. Test modules import from here (and use
+the fixtures in conftest.py), never from each other."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pika
+from opentelemetry import context
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from consumers import approval
+from consumers.retries import RetryPolicy
+from consumers.runtime import Consumer, Processor
+from consumers.runtime.telemetry import Telemetry
+from consumers.stage import Stage
+from shared.config import TracingSettings
+from shared.db import make_engine
+from shared.events import Event, InvalidMessage
+from shared.tracing import context_from
+
+ROOT = Path(__file__).resolve().parents[1]
+# The tests are an environment of their own: no config/<environment>.yaml applies to what they start
+# (without this, a process run from the repository would read config/production.yaml).
+os.environ["REPORTFLOW_ENV"] = "test"
+TEST_VHOST = os.environ.get("REPORTFLOW_TEST_VHOST", "reportflow-test")
+TEST_AMQP_URL = os.environ.get("REPORTFLOW_TEST_AMQP_URL", f"amqp://guest:guest@127.0.0.1:5672/{TEST_VHOST}")
+TEST_PG_URL = os.environ.get("REPORTFLOW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/reportflow_test")
+
+
+# The retry tiers tests set (besides the default ones): the broker fixture removes their queues.
+TEST_RETRY_TIERS = (1, 2, 4, 8)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def sample_request(**overrides) -> dict:
+    request = json.loads((ROOT / "producers" / "examples" / "q3-revenue.json").read_text())
+    request.update(overrides)
+    return request
+
+
+# -- events and handlers, as the runtime runs them -----------------------------------------------
+TWO_STAGES = [
+    {"name": "review", "approvers": ["bob@example.com", "eve@example.com"], "rule": "all"},
+    {"name": "sign-off", "approvers": ["carol@example.com", "dan@example.com"], "rule": "any"},
+]
+
+
+
+
+def handle(units, handler, message: Event | InvalidMessage, **dependencies) -> list[Event]:
+    """Run one handler through the runtime's own processing (inbox claim, handler, outbox, one commit), in
+    the message's trace context; the events it emitted are returned, an exception is raised."""
+    stage = Stage(handler.__module__.rsplit(".", 1)[-1], **(
+        {"handlers": {}, "on_invalid": {message.type: handler}} if isinstance(message, InvalidMessage)
+        else {"handlers": {message.type: handler}}))
+    telemetry = Telemetry(stage, TracingSettings(), units.session_factory, ("127.0.0.1", 5672))
+    processor = Processor(stage, units.session_factory, dependencies, telemetry, RetryPolicy(()),
+                          queue=f"test.{stage.name}", exchange="test", max_message_bytes=1_048_576)
+    carried = isinstance(message, Event) and message.trace_context
+    token = context.attach(context_from(message.trace_context)) if carried else None
+    try:
+        outcome = processor.handle(message)
+    finally:
+        if token is not None:
+            context.detach(token)
+    assert outcome.dead_letter_reason is None, outcome.dead_letter_reason
+    return [Event(m.event_type, m.payload, m.message_id) for m in outcome.publish]
+
+
+def request_event(**overrides) -> Event:
+    return Event("report.requested", sample_request(**overrides),
+                 trace_context={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+
+
+def decide(report_id, stage, email, decision="approve", comment=None) -> Event:
+    payload = {"report_id": report_id, "stage": stage, "approver": {"email": email}, "decision": decision}
+    if comment:
+        payload["comment"] = comment
+    return Event("approval.decided", payload)
+
+
+def open_first_stage(uow, report_id: str) -> list[Event]:
+    document = {"id": 1, "kind": "draft", "storage_key": "k", "size_bytes": 10, "sha256": "0" * 64, "pages": 1}
+    return handle(uow, approval.on_report_generated,
+                  Event("report.generated", {"report_id": report_id, "document": document}))
+
+
+DOCUMENT = {"id": 1, "kind": "draft", "storage_key": "bench", "size_bytes": 1, "sha256": "0" * 64, "pages": 1}
+def first_event(report_id: str) -> dict:
+    return {"report_id": report_id, "title": "t", "template": "standard",
+            "submitter": {"email": "a@example.com"}, "stages": ["s"]}
+
+
+def example_payloads(report_id: str) -> dict[str, dict]:
+    """A valid payload of every event type reportflow emits, for contract and benchmark chains."""
+    return {
+        "report.created": first_event(report_id),
+        "report.generated": {"report_id": report_id, "document": DOCUMENT},
+        "report.approved": {"report_id": report_id, "stages": []},
+        "report.finalized": {"report_id": report_id, "title": "t", "document": DOCUMENT},
+        "report.invalid": {"report_id": report_id, "submitter": None, "reasons": ["end"]},
+    }
+
+
+# -- a consumer in a thread ----------------------------------------------------------------------------
+@contextmanager
+def running(consumer: Consumer):
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    assert consumer.ready.wait(15), "consumer did not start"
+    try:
+        yield consumer
+    finally:
+        consumer.stop()
+        thread.join(30)
+        assert not thread.is_alive(), "consumer did not stop"
+
+
+def settled(consumer: Consumer, count: int, timeout: float = 30):
+    wait_until(lambda: consumer.messages_settled >= count, timeout, what=f"{count} settled messages")
+
+
+def raw_publish(exchange: str, routing_key: str, body: bytes, **properties) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(**properties))
+    finally:
+        connection.close()
+
+
+def dead_letters(broker, exchange: str) -> list[tuple[dict, bytes]]:
+    channel = broker.channel()
+    found = []
+    while True:
+        method, properties, body = channel.basic_get(f"{exchange}.dead-letter", auto_ack=True)
+        if method is None:
+            return found
+        found.append((properties.headers, body))
+
+
+def count(database_url: str, model, *where) -> int:
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session:
+            return session.scalar(select(func.count()).select_from(model).where(*where))
+    finally:
+        engine.dispose()
+
+
