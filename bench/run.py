@@ -23,10 +23,13 @@ import pika
 from sqlalchemy import text
 
 from bench.passthrough import first_event
+from consumers import STAGE_NAMES
 from producers.bulk import BulkPublisher
+from shared.config import Settings
 from shared.db import make_engine
 from shared.events import Event
 from shared.migrate import upgrade
+from shared.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -126,12 +129,14 @@ def wait_consuming(queues: list[str], processes: list[subprocess.Popen], timeout
         time.sleep(0.2)
 
 
-def delete_broker_objects(exchange: str, queues: list[str]) -> None:
+def delete_broker_objects(exchange: str, stages, extra: tuple[str, ...] = ()) -> None:
+    """What a section declared: the topology's queues for its stages (work, retry tiers, dead letters)."""
+    topology = Topology(exchange, retry_delays=Settings.retry_delays)
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     channel = connection.channel()
-    for queue in queues:
+    for queue in [*topology.all_queues(stages), *extra]:
         channel.queue_delete(queue)
-    for name in (exchange, f"{exchange}.dead-letter"):
+    for name in (topology.exchange, topology.dead_letter_exchange):
         channel.exchange_delete(name)
     connection.close()
 
@@ -209,7 +214,7 @@ def hop(n: int, mode: str, otlp_port: int) -> float:
     finally:
         stop(process)
         sink.close()
-        delete_broker_objects(exchange, [queue, *(f"{queue}.retry.{d}s" for d in (1, 5, 30, 120)), f"{exchange}.dead-letter"])
+        delete_broker_objects(exchange, ["hop"])
 
 
 def tracing_cpu(otlp_port: int, iterations: int, ratios: tuple[float, ...], repeats: int) -> dict[float, tuple[float, float]]:
@@ -264,8 +269,7 @@ def chain_reportflow(n_burst: int, rate: int, seconds: float, otlp_port: int,
     finally:
         stop(*processes)
         sink.close()
-        delete_broker_objects(exchange, [*queues, *(f"{q}.retry.{d}s" for q in queues for d in (1, 5, 30, 120)),
-                                         f"{exchange}.dead-letter"])
+        delete_broker_objects(exchange, [name for name, _ in CHAIN])
 
 
 _channels: dict[str, object] = {}
@@ -404,9 +408,7 @@ def generation_run(n: int, rows: int, processes: int, otlp_port: int) -> tuple[f
     finally:
         stop(*consumers)
         sink.close()
-        delete_broker_objects(exchange, [f"{exchange}.{s}" for s in ("generation", "creation", "approval", "notification")]
-                              + [f"{exchange}.{s}.retry.{d}s" for s in ("generation", "creation", "approval", "notification")
-                                 for d in (1, 5, 30, 120)] + [f"{exchange}.dead-letter"])
+        delete_broker_objects(exchange, STAGE_NAMES)
 
 
 # -- 5. end to end ------------------------------------------------------------------------------------------------
@@ -458,9 +460,7 @@ def end_to_end(n: int) -> tuple[float, list[float]]:
         approver.stop()
         stop(*processes)
         smtp.stop()
-        delete_broker_objects(exchange, [f"{exchange}.{s}" for s in (*commands, "auto-approver")]
-                              + [f"{exchange}.{s}.retry.{d}s" for s in commands for d in (1, 5, 30, 120)]
-                              + [f"{exchange}.dead-letter"])
+        delete_broker_objects(exchange, commands, extra=(f"{exchange}.auto-approver",))
 
 
 # -- 6. bulk publishing -----------------------------------------------------------------------------------------
@@ -517,7 +517,7 @@ def memory_under_backlog(n: int, otlp_port: int) -> tuple[float, float]:
     finally:
         stop(process)
         sink.close()
-        delete_broker_objects(exchange, [queue, *(f"{queue}.retry.{d}s" for d in (1, 5, 30, 120)), f"{exchange}.dead-letter"])
+        delete_broker_objects(exchange, ["hop"])
 
 
 SECTIONS = ("hop", "chain", "generation", "scaling", "end-to-end", "bulk", "memory")
