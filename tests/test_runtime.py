@@ -174,3 +174,24 @@ def test_the_bulk_publisher_sorts_confirms_alike(broker, exchange):
     result = BulkPublisher(TEST_AMQP_URL, exchange, window=50).publish(events)
     assert (result.confirmed, result.unroutable, result.nacked) == (300, [events[123].message_id], [])
     assert not result.ok
+
+
+def test_a_connection_that_closed_under_the_loop_is_reopened_not_fatal():
+    """When the broker drops the connection while a callback runs inside process_data_events, the callback
+    gets the error and the loop's next call fails on the closed connection (pika raises ValueError there).
+    That is a lost connection like any other: the consumer reconnects instead of dying."""
+    from consumers.runtime.connection import BrokerConnection
+
+    broker_connection, stopping, served = BrokerConnection(TEST_AMQP_URL, 10, "test-closed-under-loop"), \
+        threading.Event(), []
+
+    def serve(connection):
+        served.append(connection)
+        if len(served) == 1:
+            connection.close()
+            connection.process_data_events(time_limit=0.1)
+        stopping.set()
+    thread = threading.Thread(target=broker_connection.run, args=(serve, stopping), daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive() and len(served) == 2 and broker_connection.opened == 2

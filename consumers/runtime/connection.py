@@ -39,7 +39,7 @@ class BrokerConnection:
             try:
                 self._serve_one(serve)
                 attempt = 0
-            except (pika.exceptions.AMQPError, OSError) as exc:
+            except (pika.exceptions.AMQPError, OSError, ConnectionLost) as exc:
                 if stopping.is_set():
                     break
                 delay = RECONNECT_BACKOFF_SECONDS[min(attempt, len(RECONNECT_BACKOFF_SECONDS) - 1)]
@@ -57,6 +57,13 @@ class BrokerConnection:
         self.opened += 1
         try:
             serve(connection)
+        except Exception as exc:
+            # A connection lost while a callback ran inside process_data_events gives that callback the
+            # error; the next call then fails on the closed I/O loop with whatever pika raises (a
+            # ValueError). Whatever it is, with the connection closed it is a lost connection.
+            if connection.is_open:
+                raise
+            raise ConnectionLost(f"connection closed: {exc!r}") from exc
         finally:
             self._fail_pending()
             if connection.is_open:

@@ -20,6 +20,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pika
+import pika.exceptions
 
 from consumers.retries import RetryPolicy
 from consumers.runtime.connection import BrokerConnection, ConnectionLost
@@ -151,7 +152,7 @@ class Consumer:
             if error is None:
                 with self._lock:
                     self.messages_settled += 1
-            elif isinstance(error, ConnectionLost):
+            elif isinstance(error, (ConnectionLost, pika.exceptions.AMQPConnectionError)):
                 log.warning("%s: %s; message %s will be redelivered", self.stage.name, error,
                             delivery.properties.message_id)
             else:
