@@ -10,11 +10,13 @@ import consumers
 from consumers.runtime import Consumer
 from shared.config import Settings
 from shared.db import make_engine
-from shared.documents import FolderStorage, IsolatedRenderer
+from shared.documents import IsolatedRenderer
 from shared.mail import Postman, mailer_from_settings
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
+from shared.health import serve_health
 from shared.status import StatusFile
+from shared.topology import TopologyMismatch
 from shared.tracing import log_span_stats_periodically, setup_logging, setup_tracing
 
 log = logging.getLogger("reportflow.consumer")
@@ -23,7 +25,7 @@ log = logging.getLogger("reportflow.consumer")
 def dependencies(stage, settings: Settings) -> dict:
     """Only what the stage's handlers ask for is built: the renderer loads fonts, the mailer reads SMTP settings."""
     factories = {
-        "storage": lambda: FolderStorage(settings.storage_dir),
+        "storage": settings.document_storage,
         "renderer": lambda: IsolatedRenderer(settings.render_time_limit_seconds),
         "postman": lambda: Postman(mailer_from_settings(settings.smtp_url, settings.storage_dir), settings.mail_from,
                                    _approval_links(settings)),
@@ -75,8 +77,14 @@ def run(stage_name: str) -> None:
     consumer = build_consumer(stage_name, settings, provider)
     log_span_stats_periodically(provider, settings.tracing.stats_interval_seconds)
     StatusFile(settings.storage_dir, stage_name, consumer.snapshot, provider).start()
+    health = serve_health(settings, consumer.alive, consumer.not_ready, provider)
     try:
         consumer.run()
+    except TopologyMismatch as mismatch:
+        log.error("%s: %s", stage_name, mismatch)
+        raise SystemExit(2) from None
     finally:
+        if health is not None:
+            health.stop()
         if provider is not None:
             provider.shutdown()  # flushes the spans still queued for export

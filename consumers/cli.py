@@ -6,6 +6,7 @@ import json
 import click
 
 from consumers import STAGE_NAMES
+from shared.broker import blocking_connection
 from shared.config import Settings
 
 
@@ -26,18 +27,20 @@ def topology() -> None:
 @topology.command("declare")
 def topology_declare() -> None:
     """Declare reportflow's exchange, queues and dead-letter route (idempotent)."""
-    import pika
 
     import consumers
-    from shared.topology import Topology, declare
+    from shared.topology import Topology, TopologyMismatch, declare
 
     settings = Settings.load()
     topo = Topology.of(settings)
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    connection = blocking_connection(settings.amqp_url)
     try:
         declare(connection.channel(), topo, consumers.bindings())
+    except TopologyMismatch as mismatch:
+        raise click.ClickException(str(mismatch)) from None
     finally:
-        connection.close()
+        if connection.is_open:
+            connection.close()
     for stage, types in consumers.bindings().items():
         click.echo(f"{topo.queue(stage)} <- {', '.join(types)}")
     click.echo(f"{topo.dead_letter_queue} <- dead letters")
@@ -114,7 +117,7 @@ def status() -> None:
 
     settings = Settings.load()
     topo = Topology.of(settings)
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    connection = blocking_connection(settings.amqp_url)
     try:
         click.echo(f"{'queue':<40} {'ready':>8} {'consumers':>9}")
         for queue in [*(topo.queue(s) for s in consumers.STAGES), topo.dead_letter_queue]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from consumers.descriptions import describe
 from consumers.stage import Stage
-from shared.documents import DocumentRenderer, FolderStorage, document_key
+from shared.documents import DocumentRenderer, document_key
+from shared.storage import Storage
 from shared.events import Event
 from shared.models import Document, Report
 
@@ -13,14 +14,14 @@ class ReportNotFound(LookupError):
     pass
 
 
-def on_report_created(event: Event, uow, renderer: DocumentRenderer, storage: FolderStorage) -> None:
+def on_report_created(event: Event, uow, renderer: DocumentRenderer, storage: Storage) -> None:
     report = _report(uow, event.report_id)
     document = _store(uow, report, "draft", renderer.render(report), storage)
     report.status = "generated"
     uow.emit("report.generated", {"report_id": report.id, "document": document.as_event()})
 
 
-def on_report_approved(event: Event, uow, renderer: DocumentRenderer, storage: FolderStorage) -> None:
+def on_report_approved(event: Event, uow, renderer: DocumentRenderer, storage: Storage) -> None:
     report = _report(uow, event.report_id)
     draft = report.document("draft")
     if draft is None:

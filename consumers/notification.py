@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from consumers.descriptions import describe
 from consumers.stage import Stage
-from shared.documents import FolderStorage
+from shared.storage import Storage
 from shared.events import Event
 from shared.mail import InvalidAddress, Postman, build_email, check_address, one_line, quoted, stable_message_id
 from shared.models import Notification, utcnow
 
 
-def on_approval_requested(event: Event, uow, postman: Postman, storage: FolderStorage) -> None:
+def on_approval_requested(event: Event, uow, postman: Postman, storage: Storage) -> None:
     requested = event.payload
     stage = requested["stage"]
     title, stage_name = one_line(requested["title"]), one_line(stage["name"])
@@ -54,7 +54,7 @@ def on_report_rejected(event: Event, uow, postman: Postman) -> None:
     _send(uow, postman, event, [report.submitter["email"]], f"Report rejected: {title}", text)
 
 
-def on_report_finalized(event: Event, uow, postman: Postman, storage: FolderStorage) -> None:
+def on_report_finalized(event: Event, uow, postman: Postman, storage: Storage) -> None:
     finalized = event.payload
     report = uow.report(finalized["report_id"])
     title = one_line(finalized["title"])
@@ -80,11 +80,12 @@ def on_approval_refused(event: Event, uow, postman: Postman) -> None:
     _send(uow, postman, event, [recipient], f"Decision not applied: {title}", text)
 
 
-def _pdf(storage: FolderStorage, document: dict | None, report_id: str) -> list[tuple[str, bytes, str]]:
+def _pdf(storage: Storage, document: dict | None, report_id: str) -> list[tuple[str, bytes, str]]:
     """A document as an attachment, named by its kind: the draft, or the final (approved) version."""
     if not document:
         return []
-    return [(f"{report_id}-{document['kind']}.pdf", storage.get(document["storage_key"]), "application/pdf")]
+    content = storage.get(document["storage_key"], sha256=document["sha256"])  # the PDF that was approved
+    return [(f"{report_id}-{document['kind']}.pdf", content, "application/pdf")]
 
 
 def _send(uow, postman: Postman, event: Event, to: list[str], subject: str, text: str,
@@ -105,7 +106,7 @@ def _send(uow, postman: Postman, event: Event, to: list[str], subject: str, text
         record = _locked_record(session, message_id)
         if record.status == "sent":
             return
-        postman.mailer.send(email)
+        postman.send(email)
         record.status, record.sent_at = "sent", utcnow()
 
 

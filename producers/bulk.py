@@ -11,6 +11,7 @@ import pika
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from shared.broker import broker_urls
 from shared.config import Settings
 from shared.events import Event, encode, message_properties, new_report_id
 from shared.publishing import ConfirmLedger, publish_span_attributes, publish_span_name
@@ -41,12 +42,16 @@ class BulkPublisher:
 
     def publish(self, events: Iterable[Event]) -> BulkResult:
         """Publish every event; returns when the broker has confirmed (or refused) each one."""
-        run = _Run(iter(events), self._exchange, self._window, self._app_id)
-        connection = pika.SelectConnection(pika.URLParameters(self._url), on_open_callback=run.on_open,
-                                           on_open_error_callback=run.on_error,
-                                           on_close_callback=run.on_closed)
-        run.connection = connection
-        connection.ioloop.start()
+        events = iter(events)
+        for url in broker_urls(self._url):  # the first node that answers
+            run = _Run(events, self._exchange, self._window, self._app_id)
+            connection = pika.SelectConnection(pika.URLParameters(url), on_open_callback=run.on_open,
+                                               on_open_error_callback=run.on_error,
+                                               on_close_callback=run.on_closed)
+            run.connection = connection
+            connection.ioloop.start()
+            if not (run.error and not run.opened):
+                break  # opened: done or failed on this node; not opened: try the next
         if run.error:
             raise run.error
         return run.result
@@ -67,8 +72,10 @@ class _Run:
         self.error: Exception | None = None
         self.ledger: ConfirmLedger[str] = ConfirmLedger()  # of message ids
         self.exhausted = False
+        self.opened = False
 
     def on_open(self, connection) -> None:
+        self.opened = True
         connection.channel(on_open_callback=self.on_channel)
 
     def on_error(self, _connection, error) -> None:

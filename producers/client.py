@@ -10,6 +10,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 import schemas
+from shared.broker import broker_urls
 from shared.config import Settings
 from shared.events import Event, encode, message_properties, new_report_id, oversize
 from shared.publishing import publish_span_attributes, publish_span_name
@@ -44,7 +45,8 @@ class ReportflowClient:
     def __init__(self, amqp_url: str | None = None, exchange: str | None = None, app_id: str = "upstream",
                  validate: bool = True, max_message_bytes: int | None = None):
         settings = Settings.load()
-        self._connection = kombu.Connection(amqp_url or settings.amqp_url,
+        # kombu fails over between the nodes of a cluster given as alternates, on every retry.
+        self._connection = kombu.Connection(broker_urls(amqp_url or settings.amqp_url), failover_strategy="round-robin",
                                             transport_options={"confirm_publish": True})
         self._exchange = kombu.Exchange(exchange or settings.exchange, type="topic", durable=True)
         self._app_id = app_id

@@ -14,6 +14,7 @@ log lines only ever show /approve and /approve/document."""
 from __future__ import annotations
 
 import hmac
+import io
 import ipaddress
 import json
 import logging
@@ -23,14 +24,16 @@ from contextlib import contextmanager
 
 import kombu.exceptions
 from flask import Flask, Response, jsonify, render_template, request, send_file
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from producers.client import InvalidEvent, MessageTooLarge, ReportflowClient, Unroutable
+from shared import broker
 from shared.config import Settings
 from shared.db import make_engine
-from shared.documents import ASSETS, FolderStorage
+from shared.documents import ASSETS
 from shared.links import LinkRefused
 from shared.models import Report, UsedLink
 from shared.report_views import report_view
@@ -82,7 +85,7 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
     # A body larger than a message may be is refused before it is read (waitress is capped alike, in serve()).
     app.config["MAX_CONTENT_LENGTH"] = settings.max_message_bytes
     engine = make_engine(settings.database_url)
-    storage = FolderStorage(settings.storage_dir)
+    storage = settings.document_storage()
     public_url = settings.gateway_url.rstrip("/")
     client_factory = client_factory or (lambda: ReportflowClient(
         settings.amqp_url, settings.exchange, app_id="reportflow-gateway",
@@ -160,8 +163,7 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
             document = report and (report.document("final") or report.document("draft"))
             if document is None:
                 raise Refused(f"no document for report {report_id!r}", 404)
-            return send_file(storage.path(document.storage_key), mimetype="application/pdf",
-                             download_name=f"{report_id}-{document.kind}.pdf")
+            return _pdf(storage.get(document.storage_key), f"{report_id}-{document.kind}.pdf")
 
     @contextmanager
     def open_stage():
@@ -203,8 +205,7 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
             draft = report.document("draft")
             if draft is None:
                 raise Refused("The draft is not ready yet.", 404)
-            return send_file(storage.path(draft.storage_key), mimetype="application/pdf",
-                             download_name=f"{report.id}-draft.pdf")
+            return _pdf(storage.get(draft.storage_key), f"{report.id}-draft.pdf")
 
     @app.post("/approve")
     def decide():
@@ -245,8 +246,25 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
     return app
 
 
+def _pdf(content: bytes, name: str) -> Response:
+    return send_file(io.BytesIO(content), mimetype="application/pdf", download_name=name)
+
+
 def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _not_ready(settings: Settings):
+    """Why the gateway cannot take requests now (no broker node, no database), or None."""
+    engine = make_engine(settings.database_url)
+
+    def check() -> str | None:
+        if not broker.reachable(settings.amqp_url):
+            return "no broker node answers"
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return None
+    return check
 
 
 def _loopback(host: str) -> bool:
@@ -263,6 +281,7 @@ def serve(settings: Settings | None = None) -> None:
     import waitress
     from opentelemetry.instrumentation.flask import FlaskInstrumentor
 
+    from shared.health import serve_health
     from shared.tracing import setup_logging, setup_tracing
 
     settings = settings or Settings.load()
@@ -275,6 +294,8 @@ def serve(settings: Settings | None = None) -> None:
                     "REPORTFLOW_SECRET_KEY is set, and the development API token works; loopback only")
     provider = setup_tracing("reportflow-gateway", settings.tracing, settings.environment)
     app = create_app(settings)
+    # Alive while this process answers at all (waitress runs in the main thread; its end is the process's).
+    health = serve_health(settings, live=lambda: True, ready=_not_ready(settings), provider=provider)
     if provider is not None:
         FlaskInstrumentor().instrument_app(app, tracer_provider=provider)
     log.info("gateway listening on http://%s:%d (public URL %s)", settings.gateway_bind, settings.gateway_port,
@@ -293,6 +314,8 @@ def serve(settings: Settings | None = None) -> None:
         pass
     finally:
         server.close()
+        if health is not None:
+            health.stop()
         if provider is not None:
             provider.shutdown()
         log.info("gateway stopped")

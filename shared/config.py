@@ -43,7 +43,8 @@ class Settings:
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     exchange: str = "reportflow"
     database_url: str = "sqlite:///var/reportflow.db"
-    storage_dir: Path = Path("var/storage")
+    storage_dir: Path = Path("var/storage")  # this process's own files (status, .eml without SMTP)
+    storage_url: str = ""  # where documents are kept: file:///path or s3://bucket/prefix; "": storage_dir
     smtp_url: str = ""
     mail_from: str = "reportflow <reportflow@localhost>"
     prefetch: int = 0       # 0: twice the worker threads, at least 4
@@ -63,6 +64,8 @@ class Settings:
     log_format: str = "text"  # or "json", for log shippers
     jaeger_ui_url: str = "http://localhost:16686"
     jaeger_query_url: str = ""
+    metrics_port: int = 0          # /livez, /readyz and /metrics of this process; 0: off
+    metrics_bind: str = "0.0.0.0"  # where an orchestrator's probes and Prometheus reach it
     gateway_url: str = "http://127.0.0.1:8080"   # the public base URL used in emails
     gateway_bind: str = "127.0.0.1"
     gateway_port: int = 8080
@@ -106,6 +109,12 @@ class Settings:
             shown[key] = ("***" if text else "") if key in SECRETS else (mask_url(text) if "://" in text else text)
         return shown
 
+    def document_storage(self):
+        """The documents' storage adapter: REPORTFLOW_STORAGE_URL, else the folder REPORTFLOW_STORAGE_DIR."""
+        from shared.storage import FolderStorage, storage_from_url
+
+        return storage_from_url(self.storage_url) if self.storage_url else FolderStorage(self.storage_dir)
+
     @property
     def development(self) -> bool:
         return self.environment == DEVELOPMENT
@@ -143,6 +152,7 @@ ENVIRONMENT_VARIABLES = {
     "exchange": ["REPORTFLOW_EXCHANGE"],
     "database_url": ["REPORTFLOW_DATABASE_URL"],
     "storage_dir": ["REPORTFLOW_STORAGE_DIR"],
+    "storage_url": ["REPORTFLOW_STORAGE_URL"],
     "smtp_url": ["REPORTFLOW_SMTP_URL"],
     "mail_from": ["REPORTFLOW_MAIL_FROM"],
     "prefetch": ["REPORTFLOW_PREFETCH"],
@@ -158,6 +168,8 @@ ENVIRONMENT_VARIABLES = {
     "log_format": ["REPORTFLOW_LOG_FORMAT"],
     "jaeger_ui_url": ["JAEGER_UI_URL"],
     "jaeger_query_url": ["JAEGER_QUERY_URL"],
+    "metrics_port": ["REPORTFLOW_METRICS_PORT"],
+    "metrics_bind": ["REPORTFLOW_METRICS_BIND"],
     "gateway_url": ["REPORTFLOW_GATEWAY_URL"],
     "gateway_bind": ["REPORTFLOW_GATEWAY_BIND"],
     "gateway_port": ["REPORTFLOW_GATEWAY_PORT"],

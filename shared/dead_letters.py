@@ -12,6 +12,7 @@ import pika
 import pika.exceptions
 
 from shared import failures
+from shared.broker import blocking_connection
 from shared.topology import Topology
 from shared.tracing import trace_business_operation
 
@@ -112,7 +113,7 @@ class DeadLetterQueue:
 
 class _channel:
     def __init__(self, url: str):
-        self._connection = pika.BlockingConnection(pika.URLParameters(url))
+        self._connection = blocking_connection(url)
 
     def __enter__(self):
         return self._connection.channel()

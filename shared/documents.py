@@ -1,11 +1,10 @@
 """Reports as documents: Jinja2 templates from a known set, WeasyPrint PDFs, and where they are kept."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import multiprocessing
-import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -14,13 +13,16 @@ from pathlib import Path
 
 import jinja2
 from opentelemetry import trace
+from prometheus_client import Counter, Histogram
 from weasyprint import CSS, HTML
 from weasyprint.text.fonts import FontConfiguration
 from weasyprint.urls import URLFetcher
 
-from shared.tracing import trace_external_call
 
 ASSETS = Path(__file__).resolve().parent / "templates"
+RENDERS = Counter("reportflow_renders", "PDF renders, by outcome (ok, failed)", ["outcome"])
+RENDER_SECONDS = Histogram("reportflow_render_seconds", "Laying out and writing one PDF",
+                           buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 TEMPLATES = {"standard": "standard.html"}
 _tracer = trace.get_tracer("reportflow.documents")
 
@@ -101,7 +103,7 @@ class DocumentRenderer:
         return RenderedDocument(pdf=combined, pages=draft_pages + record.pages)
 
     def pdf(self, html: str) -> RenderedDocument:
-        with _tracer.start_as_current_span("render pdf") as span:
+        with _tracer.start_as_current_span("render pdf") as span, _counted(RENDERS), RENDER_SECONDS.time():
             rendered = self._layout_and_write(html)
             span.set_attribute("document.pages", rendered.pages)
             span.set_attribute("document.size_bytes", rendered.size_bytes)
@@ -167,6 +169,16 @@ def _render_in_child(html: str) -> RenderedDocument:
     return _child_renderer._layout_and_write(html)
 
 
+@contextlib.contextmanager
+def _counted(counter: Counter):
+    try:
+        yield
+    except Exception:
+        counter.labels("failed").inc()
+        raise
+    counter.labels("ok").inc()
+
+
 def append_pdf(first: bytes, second: bytes) -> bytes:
     from pypdf import PdfReader, PdfWriter
 
@@ -175,34 +187,6 @@ def append_pdf(first: bytes, second: bytes) -> bytes:
     out = io.BytesIO()
     writer.write(out)
     return out.getvalue()
-
-
-class FolderStorage:
-    """Documents in a folder. Stages find documents by key (from the database), never by a shared path."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def put(self, key: str, content: bytes) -> None:
-        with _tracer.start_as_current_span("store document") as span:
-            span.set_attribute("document.storage_key", key)
-            path = self.path(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Write then rename, so a reader never sees half a PDF and a crash leaves no torn file.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
-            with os.fdopen(fd, "wb") as out:
-                out.write(content)
-            os.replace(tmp, path)
-
-    @trace_external_call("storage", "get")
-    def get(self, key: str) -> bytes:
-        return self.path(key).read_bytes()
-
-    def path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root.resolve()):
-            raise ValueError(f"storage key {key!r} leaves the storage folder")
-        return path
 
 
 def document_key(report_id: str, kind: str) -> str:

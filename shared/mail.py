@@ -11,10 +11,13 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from opentelemetry import trace
+from prometheus_client import Counter
 
 import schemas
 
 _tracer = trace.get_tracer("reportflow.mail")
+EMAILS = Counter("reportflow_emails", "Emails handed to the mail server (or written), by outcome (sent, failed)",
+                 ["transport", "outcome"])
 # Line breaks of every kind (\v, \f, \x1c-\x1e, \x85, \u2028, \u2029 too) and other control characters.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 
@@ -73,6 +76,14 @@ class Postman:
     mailer: object
     sender: str
     links: object = None
+
+    def send(self, email: EmailMessage) -> None:
+        try:
+            self.mailer.send(email)
+        except Exception:
+            EMAILS.labels(self.mailer.transport, "failed").inc()
+            raise
+        EMAILS.labels(self.mailer.transport, "sent").inc()
 
 
 class SmtpMailer:

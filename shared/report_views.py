@@ -6,7 +6,6 @@ from sqlalchemy.orm import Session
 
 from shared.config import Settings
 from shared.db import make_engine
-from shared.documents import FolderStorage
 from shared.models import Notification, Refusal, Report
 
 
@@ -27,7 +26,7 @@ def report_view(report: Report) -> dict:
 
 def report_summary(settings: Settings, report_id: str) -> dict | None:
     engine = make_engine(settings.database_url)
-    storage = FolderStorage(settings.storage_dir)
+    storage = settings.document_storage()
     try:
         with Session(engine) as session:
             report = session.get(Report, report_id)
@@ -38,7 +37,7 @@ def report_summary(settings: Settings, report_id: str) -> dict | None:
             refusals = session.scalars(select(Refusal).where(Refusal.report_id == report_id)).all()
             view = report_view(report)
             for shown, document in zip(view["documents"], report.documents):
-                shown["path"] = str(storage.path(document.storage_key))
+                shown["location"] = storage.location(document.storage_key)
             return {
                 **view, "trace_url": f"{settings.jaeger_ui_url.rstrip('/')}/trace/{report.trace_id}",
                 "notifications": [{"recipients": n.recipients, "subject": n.subject, "transport": n.transport,
@@ -57,7 +56,7 @@ def as_text(summary: dict) -> str:
         lines.append(f"  stage {stage['position']} {stage['name']} ({stage['rule']}): {stage['status']}")
         lines += [f"    {d['approver']} {d['decision']}d {d['decided_at']} {d['comment'] or ''}".rstrip()
                   for d in stage["decisions"]]
-    lines += [f"  document {d['kind']}: {d['path']} ({d['pages']} pages, {d['size_bytes']} bytes)"
+    lines += [f"  document {d['kind']}: {d['location']} ({d['pages']} pages, {d['size_bytes']} bytes)"
               for d in summary["documents"]]
     lines += [f"  email to {', '.join(n['recipients'])}: {n['subject']} [{n['transport']}]"
               for n in summary["notifications"]]

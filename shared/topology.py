@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pika.exceptions
+
 from shared.config import Settings
 
 
@@ -40,25 +42,49 @@ class Topology:
         return f"{self.exchange}.dead-letter"
 
     def work_queue_arguments(self) -> dict:
-        arguments = {"x-dead-letter-exchange": self.dead_letter_exchange}
+        arguments = {"x-dead-letter-exchange": self.dead_letter_exchange, **self._kind()}
         if self.queue_type == "quorum":
-            arguments.update({"x-queue-type": "quorum", "x-delivery-limit": self.delivery_limit})
+            arguments["x-delivery-limit"] = self.delivery_limit  # against poison messages
         return arguments
+
+    def retry_queue_arguments(self, stage: str, delay_seconds: int) -> dict:
+        # Expired messages go back to the work queue through the default exchange.
+        return {"x-message-ttl": delay_seconds * 1000, "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": self.queue(stage), **self._kind()}
+
+    def dead_letter_queue_arguments(self) -> dict:
+        return self._kind()
+
+    def _kind(self) -> dict:
+        """Quorum: every queue replicated over the cluster's nodes (work, retry tiers, dead letters)."""
+        return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
+
+
+class TopologyMismatch(RuntimeError):
+    """The broker has a queue of this name declared otherwise (classic where quorum is asked, other
+    arguments): a process must not run against it."""
 
 
 def declare(channel, topology: Topology, bindings: dict[str, list[str]]) -> None:
     """Declare everything with a pika channel. Idempotent, so every process declares at start; a queue
-    that exists with other arguments makes the broker refuse (PRECONDITION_FAILED), which is the check."""
-    channel.exchange_declare(topology.exchange, exchange_type="topic", durable=True)
-    channel.exchange_declare(topology.dead_letter_exchange, exchange_type="fanout", durable=True)
-    channel.queue_declare(topology.dead_letter_queue, durable=True)
-    channel.queue_bind(topology.dead_letter_queue, topology.dead_letter_exchange)
-    for stage, event_types in bindings.items():
-        queue = topology.queue(stage)
-        channel.queue_declare(queue, durable=True, arguments=topology.work_queue_arguments())
-        for event_type in event_types:
-            channel.queue_bind(queue, topology.exchange, routing_key=event_type)
-        for delay in topology.retry_delays:
-            # Expired messages go back to the work queue through the default exchange.
-            channel.queue_declare(topology.retry_queue(stage, delay), durable=True, arguments={
-                "x-message-ttl": delay * 1000, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue})
+    that exists with other arguments makes the broker refuse (PRECONDITION_FAILED): TopologyMismatch."""
+    try:
+        channel.exchange_declare(topology.exchange, exchange_type="topic", durable=True)
+        channel.exchange_declare(topology.dead_letter_exchange, exchange_type="fanout", durable=True)
+        channel.queue_declare(topology.dead_letter_queue, durable=True, arguments=topology.dead_letter_queue_arguments())
+        channel.queue_bind(topology.dead_letter_queue, topology.dead_letter_exchange)
+        for stage, event_types in bindings.items():
+            queue = topology.queue(stage)
+            channel.queue_declare(queue, durable=True, arguments=topology.work_queue_arguments())
+            for event_type in event_types:
+                channel.queue_bind(queue, topology.exchange, routing_key=event_type)
+            for delay in topology.retry_delays:
+                channel.queue_declare(topology.retry_queue(stage, delay), durable=True,
+                                      arguments=topology.retry_queue_arguments(stage, delay))
+    except pika.exceptions.ChannelClosedByBroker as refused:
+        if refused.reply_code != 406:
+            raise
+        raise TopologyMismatch(
+            f"the broker refused reportflow's topology ({refused.reply_text}). A queue keeps the type and "
+            f"arguments it was declared with: REPORTFLOW_QUEUE_TYPE={topology.queue_type} does not match "
+            "what is there. See docs/deploying.md, 'Quorum queues', to move a topology.") from None

@@ -324,3 +324,54 @@ def otlp():
     receiver.stop()
 
 
+
+
+# -- S3 -------------------------------------------------------------------------------------------------
+class S3Server:
+    """moto's standalone S3 server on loopback, as a process of its own: the real S3 API over HTTP."""
+
+    def __init__(self, folder):
+        import subprocess
+        import sys
+        import urllib.request
+        from pathlib import Path
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "reportflow-test",
+                    "AWS_SECRET_ACCESS_KEY": "reportflow-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+        self._log = open(folder / "moto.log", "wb")
+        self._process = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                                          "-p", str(self.port)], stdout=self._log, stderr=subprocess.STDOUT)
+
+        def answers():
+            try:
+                return urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1).status == 200
+            except OSError:
+                return False
+        wait_until(answers, 30, what="the S3 server")
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+
+    def bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def stop(self):
+        self._process.terminate()
+        self._process.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def s3(tmp_path, monkeypatch):
+    """An S3 API on loopback, with the standard AWS variables set for this process and its children."""
+    server = S3Server(tmp_path)
+    for name, value in server.env.items():
+        monkeypatch.setenv(name, value)
+    yield server
+    server.stop()

@@ -28,33 +28,36 @@ def procfile_commands() -> dict[str, str]:
 class Pipeline:
     """Runs each Procfile line as honcho does (through the shell); processes can be killed and restarted."""
 
-    def __init__(self, folder: Path, env: dict, names: tuple[str, ...] = STAGES):
+    def __init__(self, folder: Path, env: dict, names: tuple[str, ...] = STAGES, per_process: dict | None = None):
+        """per_process: name -> environment of that process only, over env."""
         self.folder = folder
         self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env}
         self.env.pop("OTEL_SERVICE_NAME", None)
         self.commands = {name: command for name, command in procfile_commands().items() if name in names}
         self.processes: dict[str, subprocess.Popen] = {}
         self.kills: dict[str, int] = {name: 0 for name in self.commands}
+        self.per_process = per_process or {}
 
     def start(self, name: str | None = None) -> None:
         for each in [name] if name else self.commands:
             log = open(self.folder / f"{each}.log", "ab")
-            self.processes[each] = subprocess.Popen(["/bin/sh", "-c", self.commands[each]], env=self.env,
+            env = {**self.env, **self.per_process.get(each, {})}
+            self.processes[each] = subprocess.Popen(["/bin/sh", "-c", self.commands[each]], env=env,
                                                     cwd=self.folder, stdout=log, stderr=subprocess.STDOUT)
 
-    def wait_consuming(self, broker, exchange: str, timeout: float = 60) -> None:
+    def wait_consuming(self, broker, exchange: str, timeout: float = 60, stages=STAGES) -> None:
         def consuming():
             channel = broker.channel()  # a failed passive declare closes its channel: a new one per look
             try:
                 return all(channel.queue_declare(f"{exchange}.{stage}", passive=True).method.consumer_count
-                           for stage in STAGES)
+                           for stage in stages)
             except pika.exceptions.ChannelClosedByBroker:
                 return False
             finally:
                 if channel.is_open:
                     channel.close()
 
-        wait_until(lambda: consuming() or self.exited(), timeout, what="the four consumers")
+        wait_until(lambda: consuming() or self.exited(), timeout, what=f"consumers on {', '.join(stages)}")
         if self.exited():
             raise AssertionError(f"{self.exited()} exited at start:\n{self.logs()}")
 

@@ -10,7 +10,6 @@ from pypdf import PdfReader
 from shared.documents import (
     AssetsOnlyFetcher,
     DocumentRenderer,
-    FolderStorage,
     UnknownTemplate,
 )
 from shared.models import Report
@@ -74,11 +73,3 @@ def test_the_fetcher_serves_the_projects_own_stylesheet():
     response = fetcher.fetch((ASSETS / "report.css").as_uri())
     assert b"@page" in response.read()
     response.close()
-
-
-def test_storage_keys_cannot_leave_the_storage_folder(tmp_path):
-    storage = FolderStorage(tmp_path)
-    storage.put("reports/r/draft.pdf", b"%PDF")
-    assert storage.get("reports/r/draft.pdf") == b"%PDF"
-    with pytest.raises(ValueError):
-        storage.path("../outside.pdf")

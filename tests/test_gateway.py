@@ -18,7 +18,8 @@ from pypdf import PdfReader
 
 from consumers import STAGE_NAMES, creation, generation
 from shared.config import Settings
-from shared.documents import DocumentRenderer, FolderStorage
+from shared.documents import DocumentRenderer
+from shared.storage import FolderStorage
 from shared.events import Event
 from shared.topology import Topology, declare
 from tests.helpers import (

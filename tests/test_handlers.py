@@ -1,6 +1,7 @@
 """The stage handlers on their own: no broker, no SMTP server; a real database, renderer and folder mailer."""
 from __future__ import annotations
 
+import hashlib
 import io
 from email import message_from_bytes, policy
 
@@ -9,7 +10,8 @@ from pypdf import PdfReader
 from sqlalchemy import func, select
 
 from consumers import approval, creation, generation, notification
-from shared.documents import DocumentRenderer, FolderStorage
+from shared.documents import DocumentRenderer
+from shared.storage import FolderStorage
 from shared.events import Event, InvalidMessage
 from shared.mail import FolderMailer, Postman
 from shared.models import Decision, Notification, Refusal
@@ -214,12 +216,13 @@ def test_the_approved_version_is_the_approved_pages_and_an_approval_record(uow, 
 def test_each_approver_gets_a_personal_email_with_the_draft(uow, tmp_path):
     storage = FolderStorage(tmp_path)
     storage.put("reports/r-7/draft.pdf", b"%PDF-1.7 draft")
+    draft_sha256 = hashlib.sha256(b"%PDF-1.7 draft").hexdigest()
     postman = Postman(FolderMailer(tmp_path / "mail"), "reportflow <rf@example.com>")
     requested = {"report_id": "r-7", "title": "Q3 revenue review",
                  "stage": {"name": "sign-off", "position": 2, "rule": "any", "of": 2},
                  "approvers": ["carol@example.com", "dan@example.com"],
                  "document": {"id": 1, "kind": "draft", "storage_key": "reports/r-7/draft.pdf",
-                              "size_bytes": 14, "sha256": "0" * 64, "pages": 1}}
+                              "size_bytes": 14, "sha256": draft_sha256, "pages": 1}}
     handle(uow, notification.on_approval_requested, Event("approval.requested", requested),
            postman=postman, storage=storage)
     emails = [message_from_bytes(p.read_bytes(), policy=policy.default) for p in sorted((tmp_path / "mail").iterdir())]

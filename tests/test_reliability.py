@@ -10,11 +10,13 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
+from consumers import STAGE_NAMES
 from consumers.bootstrap import build_consumer, session_factory
 from consumers.retries import RetryPolicy, TransientError
 from consumers.runtime import Consumer
 from consumers.stage import Stage
 from producers import ReportflowClient
+from shared.config import Settings
 from shared.dead_letters import DeadLetterQueue
 from shared.models import InboxRecord, OutboxMessage, Report
 from shared.topology import Topology
@@ -280,5 +282,24 @@ def test_quorum_work_queues_carry_a_delivery_limit_and_serve(settings_for, sqlit
     listing = subprocess.run(
         ["rabbitmqctl", "list_queues", "-p", "reportflow-test", "name", "type", "arguments", "--no-table-headers"],
         capture_output=True, text=True, timeout=60).stdout
-    [line] = [line for line in listing.splitlines() if line.startswith(f"{exchange}.creation\t")]
-    assert "quorum" in line and "x-delivery-limit" in line
+    types = {line.split("\t")[0]: line for line in listing.splitlines() if line.startswith(f"{exchange}.")}
+    assert "x-delivery-limit" in types[f"{exchange}.creation"]
+    ours = Topology(exchange, retry_delays=Settings.retry_delays).all_queues(STAGE_NAMES)  # work, tiers, DLQ
+    assert set(ours) <= set(types) and all("\tquorum\t" in types[q] for q in ours), types
+
+
+def test_a_topology_of_another_queue_type_stops_the_process_with_the_reason(tmp_path, exchange, broker, sqlite_url):
+    """Classic queues exist; a consumer asked for quorum ones says why it cannot run, and exits."""
+    from tests.pipeline import Pipeline
+
+    broker.channel().queue_declare(f"{exchange}.creation", durable=True)
+    pipeline = Pipeline(tmp_path, {"REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange,
+                                   "REPORTFLOW_DATABASE_URL": sqlite_url, "REPORTFLOW_QUEUE_TYPE": "quorum",
+                                   "TRACING_ENABLED": "false"}, names=("creation",))
+    try:
+        pipeline.start()
+        wait_until(pipeline.exited, 60, what="the consumer to stop")
+        assert pipeline.processes["creation"].returncode == 2
+        assert "REPORTFLOW_QUEUE_TYPE=quorum does not match what is there" in pipeline.logs()
+    finally:
+        pipeline.close()

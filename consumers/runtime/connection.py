@@ -1,5 +1,5 @@
-"""The consumer's connection to the broker, kept open: opened, handed to whoever serves on it, and opened
-again with backoff when the broker goes away.
+"""The consumer's connection to the broker, kept open: opened on the first node that answers, handed to
+whoever serves on it, and opened again with backoff (on any node) when that one goes away.
 
 pika's BlockingConnection is not thread-safe, so the thread that runs it does nothing but I/O (which keeps
 heartbeats flowing during a long PDF render); other threads hand it work with call_on_io."""
@@ -12,6 +12,8 @@ from concurrent.futures import Future
 
 import pika
 import pika.exceptions
+
+from shared.broker import blocking_connection, connected_address
 
 log = logging.getLogger("reportflow.consumer")
 
@@ -32,10 +34,12 @@ class BrokerConnection:
         self._connection: pika.BlockingConnection | None = None
         self._pending: set[Future] = set()
 
-    def run(self, serve: Callable[[pika.BlockingConnection], None], stopping: threading.Event) -> None:
-        """serve(connection) on every connection opened, until stopping is set."""
+    def run(self, serve: Callable[[pika.BlockingConnection], None], stopping: threading.Event,
+            tick: Callable[[], None] = lambda: None) -> None:
+        """serve(connection) on every connection opened, until stopping is set; tick() at every try."""
         attempt = 0
         while not stopping.is_set():
+            tick()
             try:
                 self._serve_one(serve)
                 attempt = 0
@@ -48,10 +52,8 @@ class BrokerConnection:
                 stopping.wait(delay)
 
     def _serve_one(self, serve) -> None:
-        params = pika.URLParameters(self._url)
-        params.heartbeat = self._heartbeat
-        params.client_properties = {"connection_name": self.name}
-        connection = pika.BlockingConnection(params)
+        connection = blocking_connection(self._url, heartbeat=self._heartbeat, name=self.name)
+        log.info("%s: connected to %s:%s", self.name, *connected_address(connection))
         with self._lock:
             self._connection = connection
         self.opened += 1

@@ -5,6 +5,7 @@
     settling    an Outcome -> publish, retry or dead-letter, then ack, on the I/O thread
     outbox      marking confirmed rows, relaying what a crash left, on a thread of its own
     telemetry   every span the runtime makes
+    metrics     what Prometheus scrapes: outcomes, durations, time in queue, in flight
 
 Order per message: handler + inbox record + outbox rows commit in one transaction; then the outbox rows
 are published (confirms pipelined, not waited for) and the delivery is acked; as confirms arrive, the
@@ -25,17 +26,22 @@ import pika.exceptions
 from consumers.retries import RetryPolicy
 from consumers.runtime.connection import BrokerConnection, ConnectionLost
 from consumers.runtime.messages import Delivery
+from consumers.runtime.metrics import RuntimeMetrics
 from consumers.runtime.outbox import OutboxRelay
 from consumers.runtime.processing import Processor
 from consumers.runtime.settling import Settler
 from consumers.runtime.telemetry import Telemetry
 from consumers.stage import Stage
+from shared.broker import connected_address, first_address
 from shared.config import Settings
 from shared.topology import Topology, declare
 
 log = logging.getLogger("reportflow.consumer")
 
 STOP_WAITS_FOR_CONFIRMS_SECONDS = 5
+# The I/O loop turns every quarter second, and a reconnect waits at most 30 s between tries: a loop
+# silent for longer than this is stuck.
+LIVE_WITHIN_SECONDS = 90
 
 
 class Consumer:
@@ -48,8 +54,7 @@ class Consumer:
         self.topology = Topology.of(settings, self.retry_policy.delays)
         self.queue = self.topology.queue(stage.name)
         self._bindings = bindings or {stage.name: stage.event_types}
-        broker = pika.URLParameters(settings.amqp_url)
-        self.telemetry = Telemetry(stage, settings.tracing, session_factory, (broker.host, broker.port),
+        self.telemetry = Telemetry(stage, settings.tracing, session_factory, first_address(settings.amqp_url),
                                    tracer_provider)
         self.processor = Processor(stage, session_factory, dependencies, self.telemetry, self.retry_policy,
                                    queue=self.queue, exchange=self.topology.exchange,
@@ -57,17 +62,35 @@ class Consumer:
         self.settler = Settler(stage.name, self.topology, self.telemetry)
         self.broker = BrokerConnection(settings.amqp_url, settings.heartbeat_seconds,
                                        f"reportflow-{stage.name}-{os.getpid()}")
-        self.outbox = OutboxRelay(stage.name, session_factory, settings.outbox_relay_seconds, self._publish_on_io)
+        self.metrics = RuntimeMetrics(stage.name)
+        self.outbox = OutboxRelay(stage.name, session_factory, settings.outbox_relay_seconds, self._publish_on_io,
+                                  self.metrics.outbox_waiting)
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"{stage.name}-worker")
         self._stopping = threading.Event()
         self.ready = threading.Event()
         self._lock = threading.Lock()
         self._in_flight = 0
         self.messages_settled = 0
+        self._session_factory = session_factory
+        self._last_tick = time.monotonic()
 
     @property
     def connections_opened(self) -> int:
         return self.broker.opened
+
+    def alive(self) -> bool:
+        return time.monotonic() - self._last_tick < LIVE_WITHIN_SECONDS
+
+    def not_ready(self) -> str | None:
+        """None when this consumer can work: consuming on a broker node, and its database answers."""
+        if not self.ready.is_set():
+            return "not connected to a broker node"
+        from opentelemetry.instrumentation.utils import suppress_instrumentation
+        from sqlalchemy import text
+
+        with suppress_instrumentation(), self._session_factory() as session:
+            session.execute(text("SELECT 1"))
+        return None
 
     def snapshot(self) -> dict:
         """What this consumer is doing, for `reportflow status`."""
@@ -80,7 +103,7 @@ class Consumer:
             signal.signal(signal.SIGTERM, lambda *_: self.stop())
             signal.signal(signal.SIGINT, lambda *_: self.stop())
         self.outbox.start()
-        self.broker.run(self._serve, self._stopping)
+        self.broker.run(self._serve, self._stopping, tick=self._tick)
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.outbox.stop()
         log.info("%s: stopped", self.stage.name)
@@ -92,6 +115,7 @@ class Consumer:
     def _serve(self, connection: pika.BlockingConnection) -> None:
         """One connection's life, on the I/O thread: declare, consume, do I/O, sort confirms; on stop, wait
         for the messages in hand and, a while, for confirms still due (so a clean stop leaves the relay nothing)."""
+        self.telemetry.broker_address = connected_address(connection)
         consume_channel = connection.channel()
         self.settler.open_channels(connection)
         declare(consume_channel, self.topology, self._bindings)
@@ -104,6 +128,7 @@ class Consumer:
         try:
             while True:
                 connection.process_data_events(time_limit=0.25)
+                self._tick()
                 self.outbox.confirmed(self.settler.take_confirmations())
                 if self._stopping.is_set():
                     if consumer_tag:
@@ -116,6 +141,9 @@ class Consumer:
         finally:
             self.ready.clear()
 
+    def _tick(self) -> None:
+        self._last_tick = time.monotonic()
+
     def _publish_on_io(self, messages) -> Future:
         return self.broker.call_on_io(lambda: [self.settler.publish(m) for m in messages])
 
@@ -125,6 +153,7 @@ class Consumer:
                             properties, body, method.redelivered)
         with self._lock:
             self._in_flight += 1
+        self.metrics.in_flight.inc()
         self._executor.submit(self._work, delivery)
 
     def _work(self, delivery: Delivery) -> None:
@@ -133,7 +162,9 @@ class Consumer:
             if self._stopping.is_set():
                 self._done()  # not started: left unacked, so the broker gives it to another consumer
                 return
+            started = time.perf_counter()
             outcome = self.processor.process(delivery)
+            self.metrics.processed(delivery, outcome, time.perf_counter() - started)
             future = self.broker.call_on_io(lambda: self.settler.settle(delivery, outcome))
         except ConnectionLost as exc:
             log.warning("%s: %s; message %s will be redelivered", self.stage.name, exc, delivery.properties.message_id)
@@ -164,6 +195,7 @@ class Consumer:
     def _done(self) -> None:
         with self._lock:
             self._in_flight -= 1
+        self.metrics.in_flight.dec()
 
     def _in_flight_count(self) -> int:
         with self._lock:

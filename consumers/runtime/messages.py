@@ -44,4 +44,5 @@ class Outcome:
     publish: list[OutgoingMessage] = field(default_factory=list)
     dead_letter_reason: str | None = None
     retry_after: int | None = None  # seconds; the delivery goes to that delay queue
-    failure: str | None = None
+    failure: str | None = None      # why the handler failed, when it did
+    verdict: str = "handled"        # or "duplicate" (seen before), "refused" (recorded, not applied)

@@ -21,12 +21,14 @@ MARK_PUBLISHED_EVERY_SECONDS = 0.2
 
 
 class OutboxRelay:
-    def __init__(self, stage_name: str, session_factory, relay_every_seconds: float, publish_on_io):
-        """publish_on_io(messages) publishes on the connection's thread and returns a future."""
+    def __init__(self, stage_name: str, session_factory, relay_every_seconds: float, publish_on_io, waiting=None):
+        """publish_on_io(messages) publishes on the connection's thread and returns a future; waiting, a
+        gauge, is set to the rows still unpublished at each round."""
         self.stage_name = stage_name
         self._session_factory = session_factory
         self._relay_every = relay_every_seconds
         self._publish_on_io = publish_on_io
+        self._waiting = waiting
         self._lock = threading.Lock()
         self._unmarked: list[int] = []
         self._stopping = threading.Event()
@@ -77,6 +79,8 @@ class OutboxRelay:
                     OutboxMessage.source == self.stage_name, OutboxMessage.published_at.is_(None))
                     .order_by(OutboxMessage.id).limit(500)).all()
                 stale = [OutgoingMessage.of(r) for r in rows if _timestamp(r.created_at) < cutoff]
+            if self._waiting is not None:
+                self._waiting.set(len(rows))  # up to the 500 looked at
             if not stale:
                 return
             log.warning("%s: relaying %d unpublished outbox messages", self.stage_name, len(stale))

@@ -69,13 +69,13 @@ class Processor:
                 span.set_attribute("reportflow.duplicate", True)
                 log.info("%s: %s %s was processed before; acknowledged without effect",
                          self.stage.name, message.type, message.message_id)
-                return Outcome(context.get_current())
+                return Outcome(context.get_current(), verdict="duplicate")
             handler(message, uow, **self._handler_kwargs[handler])
             if uow.refusal:
                 span.set_attribute("reportflow.refused", uow.refusal)
                 span.add_event("refused", {"reason": uow.refusal})
                 log.warning("%s: refused %s %s: %s", self.stage.name, message.type, message.message_id, uow.refusal)
-            return Outcome(context.get_current(), publish=[
+            return Outcome(context.get_current(), verdict="refused" if uow.refusal else "handled", publish=[
                 OutgoingMessage(outbox_id, e.message_id, e.type, e.payload, carrier)
                 for outbox_id, e in uow.commit(carrier)])
 
@@ -88,7 +88,7 @@ class Processor:
             log.warning("%s: handling %s %s failed (%s)", self.stage.name, message.type, message.message_id, reason)
             return Outcome(context.get_current(), retry_after=delay, failure=reason)
         log.exception("%s: handling %s %s failed for good", self.stage.name, message.type, message.message_id)
-        return Outcome(context.get_current(), dead_letter_reason=reason)
+        return Outcome(context.get_current(), dead_letter_reason=reason, failure=reason)
 
 
 def _injected(handler, dependencies: dict) -> dict:

@@ -27,7 +27,7 @@ class Telemetry:
         self.stage = stage
         self.settings = settings
         self._session_factory = session_factory
-        self._broker_address = broker_address
+        self.broker_address = broker_address  # the node connected to: spans name it
         self._provider = tracer_provider
         self.tracer = trace.get_tracer("reportflow.consumer", tracer_provider=tracer_provider)
 
@@ -35,7 +35,7 @@ class Telemetry:
         # Per channel, not global instrument(): only publishing is instrumented this way. Consuming is traced
         # by process() below, because the process span must be able to join a report's stored trace.
         PikaInstrumentor.instrument_channel(channel, tracer_provider=self._provider,
-                                            publish_hook=_publish_hook(*self._broker_address))
+                                            publish_hook=_publish_hook(*self.broker_address))
 
     @contextmanager
     def process(self, delivery, message, exchange: str, queue: str):
@@ -114,7 +114,7 @@ class Telemetry:
         return context_from(stored), links
 
     def _attributes(self, delivery, message, exchange: str, queue: str) -> dict:
-        host, port = self._broker_address
+        host, port = self.broker_address
         attributes = {
             "messaging.system": "rabbitmq",
             "messaging.operation.type": "process",
