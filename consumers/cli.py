@@ -108,27 +108,31 @@ def dlq_purge(yes: bool) -> None:
 
 @click.command()
 def status() -> None:
-    """Queue depths, consumer processes and their span pipelines."""
+    """Broker nodes and queue leaders, queue depths, consumer processes and their span pipelines."""
     import pika
 
-    import consumers
+    from shared.broker import connected_address
     from shared.status import read_status_files
     from shared.topology import Topology
 
     settings = Settings.load()
     topo = Topology.of(settings)
+    leaders = _nodes_and_leaders(settings)
     connection = blocking_connection(settings.amqp_url)
     try:
-        click.echo(f"{'queue':<40} {'ready':>8} {'consumers':>9}")
-        for queue in [*(topo.queue(s) for s in consumers.STAGES), topo.dead_letter_queue]:
+        click.echo("connected to %s:%s" % connected_address(connection))
+        click.echo(f"{'queue':<40} {'ready':>8} {'consumers':>9}  leader")
+        for queue in [*(topo.queue(s) for s in STAGE_NAMES), topo.dead_letter_queue]:
             channel = connection.channel()
             try:
                 declared = channel.queue_declare(queue, passive=True).method
-                click.echo(f"{queue:<40} {declared.message_count:>8} {declared.consumer_count:>9}")
+                click.echo(f"{queue:<40} {declared.message_count:>8} {declared.consumer_count:>9}  "
+                           f"{leaders.get(queue) or ''}")
             except pika.exceptions.ChannelClosedByBroker:
                 click.echo(f"{queue:<40} {'(not declared)':>18}")
     finally:
-        connection.close()
+        if connection.is_open:
+            connection.close()
     click.echo("")
     for process in read_status_files(settings.storage_dir):
         state = "stale" if process["stale"] else ("connected" if process["connected"] else "connecting")
@@ -137,6 +141,26 @@ def status() -> None:
                    f"reconnects {process['connections_opened'] - 1:<3} spans: " +
                    (", ".join(f"{k} {v}" for k, v in spans.items()) if spans else "tracing off"))
 
+
+def _nodes_and_leaders(settings: Settings) -> dict[str, str | None]:
+    """Print the cluster's nodes; return which node leads each queue. Needs the management API."""
+    from urllib.parse import unquote, urlsplit
+
+    from shared.broker import broker_urls
+    from shared.broker_api import BrokerApi
+
+    if not settings.broker_api_url:
+        click.echo("broker nodes: set REPORTFLOW_BROKER_API_URL (the management API) to see them")
+        return {}
+    api = BrokerApi(settings.broker_api_url)
+    try:
+        nodes = api.nodes()
+        leaders = api.queue_leaders(unquote(urlsplit(broker_urls(settings.amqp_url)[0]).path.lstrip("/")) or "/")
+    except OSError as exc:
+        click.echo(f"broker nodes: the management API did not answer ({exc})")
+        return {}
+    click.echo("broker nodes: " + ", ".join(f"{n['name']} ({'running' if n['running'] else 'down'})" for n in nodes))
+    return leaders
 
 
 commands = [consume, topology, dlq, status]

@@ -64,6 +64,7 @@ class Settings:
     log_format: str = "text"  # or "json", for log shippers
     jaeger_ui_url: str = "http://localhost:16686"
     jaeger_query_url: str = ""
+    broker_api_url: str = ""      # the management API (http://user:pass@host:15672): nodes, queue leaders
     metrics_port: int = 0          # /livez, /readyz and /metrics of this process; 0: off
     metrics_bind: str = "0.0.0.0"  # where an orchestrator's probes and Prometheus reach it
     gateway_url: str = "http://127.0.0.1:8080"   # the public base URL used in emails
@@ -168,6 +169,7 @@ ENVIRONMENT_VARIABLES = {
     "log_format": ["REPORTFLOW_LOG_FORMAT"],
     "jaeger_ui_url": ["JAEGER_UI_URL"],
     "jaeger_query_url": ["JAEGER_QUERY_URL"],
+    "broker_api_url": ["REPORTFLOW_BROKER_API_URL"],
     "metrics_port": ["REPORTFLOW_METRICS_PORT"],
     "metrics_bind": ["REPORTFLOW_METRICS_BIND"],
     "gateway_url": ["REPORTFLOW_GATEWAY_URL"],

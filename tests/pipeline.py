@@ -14,6 +14,7 @@ from pathlib import Path
 import pika
 
 from consumers import STAGE_NAMES
+from shared.broker import blocking_connection
 from tests.helpers import ROOT, TEST_AMQP_URL, wait_until
 
 STAGES = STAGE_NAMES
@@ -33,7 +34,9 @@ class Pipeline:
         self.folder = folder
         self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env}
         self.env.pop("OTEL_SERVICE_NAME", None)
-        self.commands = {name: command for name, command in procfile_commands().items() if name in names}
+        # "generation@2" is a second process of the generation line: competing consumers on one queue.
+        procfile = procfile_commands()
+        self.commands = {name: procfile[name.split("@")[0]] for name in names}
         self.processes: dict[str, subprocess.Popen] = {}
         self.kills: dict[str, int] = {name: 0 for name in self.commands}
         self.per_process = per_process or {}
@@ -82,6 +85,10 @@ class Pipeline:
                 process.kill()
                 process.wait(10)
 
+    def log(self, name: str) -> str:
+        """One process's whole log."""
+        return (self.folder / f"{name}.log").read_text(errors="replace")
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.folder.glob("*.log"))
 
@@ -91,8 +98,9 @@ class AutoApprover(threading.Thread):
     `all` stage, the first of an `any` stage. Its decision ids derive from the request's, so asking
     twice never decides twice; it reconnects when the broker goes away."""
 
-    def __init__(self, exchange: str, reject: set[str] = frozenset()):
+    def __init__(self, exchange: str, reject: set[str] = frozenset(), amqp_url: str = TEST_AMQP_URL):
         super().__init__(daemon=True)
+        self.amqp_url = amqp_url
         self.exchange = exchange
         self.queue = f"{exchange}.auto-approver"
         self.reject = reject
@@ -107,7 +115,7 @@ class AutoApprover(threading.Thread):
                 time.sleep(1)
 
     def _serve(self) -> None:
-        connection = pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL))
+        connection = blocking_connection(self.amqp_url)  # the first node that answers
         try:
             channel = connection.channel()
             channel.confirm_delivery()
