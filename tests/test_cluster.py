@@ -3,8 +3,10 @@ rabbitmq-server on loopback), with quorum queues, PostgreSQL and S3 documents: n
 nothing lost, nothing twice, and two generation processes sharing the work."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -98,6 +100,9 @@ def test_fifty_reports_survive_nodes_stopping_under_them(cluster, tmp_path, exch
                       and n["name"] != leader(api, f"{exchange}.generation"))  # then another, not the leader
         stops.append(time.time())
         node_ctl(second, "stop_app")
+        shown = subprocess.run([str(Path(sys.executable).parent / "reportflow"), "status"], capture_output=True,
+                               text=True, timeout=60, env={**os.environ, "REPORTFLOW_AMQP_URL": cluster,
+                                                           "REPORTFLOW_EXCHANGE": exchange, "REPORTFLOW_BROKER_API_URL": API})
         try:
             wait_until(lambda: statuses(postgres_url)["finalized"] == len(report_ids), 400,
                        what="fifty finalized reports")
@@ -120,6 +125,9 @@ def test_fifty_reports_survive_nodes_stopping_under_them(cluster, tmp_path, exch
     objects = s3.client().list_objects_v2(Bucket=bucket)["KeyCount"]
     assert objects == 2 * len(report_ids)
     assert back and max(back) < 10, back  # every consumer on the stopped node was back on another within 10 s
+    # reportflow status names the nodes, the one down, and the node leading each work queue.
+    assert f"{second} (down)" in shown.stdout, shown.stdout + shown.stderr
+    assert re.search(rf"{exchange}\.generation\s+\d+\s+\d+\s+rf-[abc]@localhost", shown.stdout), shown.stdout
     figures = {"renders per generation process": per_process, "reconnect seconds": [round(b, 2) for b in back],
                **outcome}
     record_property("cluster", figures)

@@ -118,3 +118,22 @@ def test_a_consumer_fails_over_to_the_next_broker_address_and_back_to_work(tmp_p
         assert "connected to 127.0.0.1:%d" % second.port in pipeline.logs()
     finally:
         pipeline.close()
+
+
+def test_the_gateway_tells_its_health_too(tmp_path, exchange, postgres_url, proxies):
+    node = proxies()
+    port, metrics_port = free_port(), free_port()
+    pipeline = Pipeline(tmp_path, {
+        "REPORTFLOW_AMQP_URL": through(node), "REPORTFLOW_EXCHANGE": exchange, "REPORTFLOW_DATABASE_URL": postgres_url,
+        "REPORTFLOW_ENV": "development", "REPORTFLOW_GATEWAY_PORT": str(port), "REPORTFLOW_METRICS_PORT": str(metrics_port),
+        "REPORTFLOW_METRICS_BIND": "127.0.0.1", "REPORTFLOW_TRACE_DIR": str(tmp_path / "traces")}, names=("gateway",))
+    base = f"http://127.0.0.1:{metrics_port}"
+    try:
+        pipeline.start()
+        wait_until(lambda: probe(f"{base}/readyz")[0] == 200 or pipeline.exited(), 30, what="the gateway ready")
+        assert probe(f"{base}/livez")[0] == 200
+        assert 'reportflow_spans_total{state="started"}' in probe(f"{base}/metrics")[1]  # its span pipeline
+        node.close()  # no broker node answers any more
+        wait_until(lambda: probe(f"{base}/readyz") == (503, "no broker node answers\n"), 20, what="unready")
+    finally:
+        pipeline.close()
