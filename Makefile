@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The AsyncAPI project's parser (npm), pinned by its lockfile, for the contract's test.
+ASYNCAPI := tests/asyncapi/node_modules/.installed-stamp
 
 
 .PHONY: run demo test bench bench-quick install services clean
@@ -20,6 +22,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip check
 	touch $@
 
+$(ASYNCAPI): tests/asyncapi/package.json tests/asyncapi/package-lock.json
+	cd tests/asyncapi && npm ci --no-audit --no-fund --silent
+	touch $@
+
 install: $(STAMP)
 
 services:
@@ -33,7 +39,7 @@ run: install services
 demo: install services
 	$(BIN)/reportflow demo
 
-test: install
+test: install $(ASYNCAPI)
 	infra/ensure-test-services.sh
 	$(BIN)/python -m pytest
 
