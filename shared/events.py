@@ -52,6 +52,20 @@ def oversize(body: bytes, max_bytes: int) -> str | None:
     return f"message body is {len(body)} bytes, over the limit of {max_bytes}" if len(body) > max_bytes else None
 
 
+def unreadable_version(schema_version: object) -> str | None:
+    """Why a message's schema_version cannot be read here, or None. Within a major version the contract
+    only grows, so any minor of ours reads; a message without the header is read as version 1 (the
+    first publishers sent none); another major is refused, to be replayed once the consumers read it."""
+    if schema_version is None:
+        return None
+    if isinstance(schema_version, bytes):
+        schema_version = schema_version.decode("utf-8", errors="replace")
+    if str(schema_version).split(".", 1)[0].strip() == schemas.SCHEMA_VERSION:
+        return None
+    return (f"schema_version {str(schema_version)[:20]!r} is not one this consumer reads (it reads "
+            f"{schemas.SCHEMA_VERSION}); upgrade the consumers before publishing it")
+
+
 def encode(event: Event) -> bytes:
     return json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -72,8 +86,8 @@ def message_properties(event: Event, headers: dict | None = None, app_id: str = 
 
 
 def parse(event_type: str | None, message_id: str | None, content_type: str | None, body: bytes,
-          max_bytes: int) -> InvalidMessage | Event:
-    """Read one delivery: size, content type, JSON. The payload is checked by validate()."""
+          max_bytes: int, schema_version: object = None) -> InvalidMessage | Event:
+    """Read one delivery: size, content type, JSON, contract version. The payload is checked by validate()."""
     event_type = event_type or "(unknown)"
     message_id = message_id or f"no-id:{uuid.uuid5(uuid.NAMESPACE_OID, body[:65536].hex())}"
     too_large = oversize(body, max_bytes)
@@ -89,6 +103,9 @@ def parse(event_type: str | None, message_id: str | None, content_type: str | No
         return InvalidMessage(event_type, message_id, ["body is JSON nested too deeply to read"])
     if not isinstance(payload, dict):
         return InvalidMessage(event_type, message_id, ["body is not a JSON object"])
+    unknown_version = unreadable_version(schema_version)
+    if unknown_version:  # the payload is kept so that the refusal can name the report
+        return InvalidMessage(event_type, message_id, [unknown_version], payload)
     return Event(event_type, payload, message_id)
 
 

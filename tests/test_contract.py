@@ -178,3 +178,15 @@ def test_a_huge_invalid_message_is_named_in_a_bounded_list_of_reasons():
 def test_deeply_nested_json_is_a_stated_reason_not_a_crash():
     message = read(b"[" * 100_000 + b"]" * 100_000)
     assert isinstance(message, InvalidMessage) and "nested too deeply" in message.reasons[0]
+
+
+@pytest.mark.parametrize("version, readable", [(None, True), ("1", True), ("1.4", True), (b"1", True),
+                                               ("2", False), ("0", False), ("banana", False)])
+def test_a_major_schema_version_the_consumer_does_not_read_is_a_stated_reason(version, readable):
+    from shared.events import parse
+
+    parsed = parse("report.requested", "m-1", "application/json", json.dumps(sample_request()).encode(), LIMIT,
+                   version)
+    assert isinstance(parsed, Event) is readable
+    if not readable:
+        assert "upgrade the consumers" in parsed.reasons[0]

@@ -71,6 +71,17 @@ def test_malformed_requests_become_report_invalid_and_the_consumer_keeps_serving
     assert any("'submitter' is a required property" in r for r in reasons["bad-2"])
 
 
+def test_a_request_in_a_contract_version_this_consumer_does_not_read_is_answered(settings_for, sqlite_url, tap,
+                                                                                  exchange):
+    with running(build_consumer("creation", settings_for(sqlite_url))) as consumer:
+        raw_publish(exchange, "report.requested", json.dumps(sample_request(report_id="r-v2")).encode(),
+                    content_type="application/json", message_id="v2-1", type="report.requested",
+                    headers={"schema_version": "2"})
+        [(_, invalid, _)] = tap.wait_for("report.invalid")
+        settled(consumer, 1)
+    assert invalid["report_id"] == "r-v2" and "schema_version '2'" in invalid["reasons"][0]
+
+
 def test_what_no_handler_can_read_or_handle_is_dead_lettered_with_its_reason(settings_for, sqlite_url, broker,
                                                                               exchange):
     with running(build_consumer("generation", settings_for(sqlite_url))) as consumer:

@@ -35,7 +35,8 @@ class Processor:
         """Handle one delivery; whatever happens, say what is to become of it."""
         props = delivery.properties
         event_type = props.type or delivery.routing_key
-        message = parse(event_type, props.message_id, props.content_type, delivery.body, self._max_message_bytes)
+        message = parse(event_type, props.message_id, props.content_type, delivery.body, self._max_message_bytes,
+                        (props.headers or {}).get("schema_version"))
         exchange = delivery.exchange or self._exchange  # retries come back through the default exchange
         with self._telemetry.process(delivery, message, exchange, self._queue) as span:
             try:
