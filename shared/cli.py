@@ -11,11 +11,13 @@ from pathlib import Path
 import click
 
 from shared.config import Settings
+from shared.version import version
 
 COMMAND_ENTRY_POINTS = "reportflow.commands"
 
 
 @click.group()
+@click.version_option(version(), prog_name="reportflow")
 def main() -> None:
     """reportflow: report workflows on RabbitMQ."""
 

@@ -12,7 +12,6 @@ import os
 import threading
 import time
 import uuid
-from importlib import metadata
 from pathlib import Path
 
 from opentelemetry import context, propagate, trace
@@ -28,6 +27,7 @@ from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from shared.config import Settings, TracingSettings
+from shared.version import version
 
 log = logging.getLogger("reportflow.tracing")
 _enabled = False  # read by the decorators on every call: when tracing is off they only call through
@@ -83,13 +83,6 @@ def switched(on: bool):
         yield
     finally:
         _enabled = before
-
-
-def version() -> str:
-    try:
-        return metadata.version("reportflow")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def sdk_disabled() -> bool:

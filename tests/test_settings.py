@@ -11,7 +11,13 @@ import pytest
 from click.testing import CliRunner
 
 from shared.cli import main as cli
-from shared.config import DEVELOPMENT_API_TOKEN, InsecureSettings, Settings, mask_url
+from shared.config import (
+    DEVELOPMENT_API_TOKEN,
+    InsecureSettings,
+    Settings,
+    TracingSettings,
+    mask_url,
+)
 from shared.links import DEVELOPMENT_SECRET
 from tests.helpers import free_port, wait_until
 
@@ -122,3 +128,14 @@ def test_retries_and_queues_are_settings_like_any_other(tmp_path):
     assert Settings.load({"REPORTFLOW_RETRY_DELAYS": "1,3"}).retry_delays == (1, 3)
     result = CliRunner().invoke(cli, ["config", "show"], env={"REPORTFLOW_RETRY_DELAYS": "1,3"})
     assert "retry_delays = 1,3" in result.output and "queue_type = classic" in result.output, result.output
+
+
+def test_the_version_printed_is_the_one_every_span_carries():
+    from importlib import metadata
+
+    from shared.tracing import enabled, setup_tracing, switched
+
+    printed = CliRunner().invoke(cli, ["--version"]).output.split()[-1]
+    with switched(enabled()):
+        provider = setup_tracing("reportflow-version", TracingSettings(), "test")
+    assert printed == metadata.version("reportflow") == provider.resource.attributes["service.version"]
