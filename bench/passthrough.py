@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import sys
 
-from consumers.bootstrap import session_factory
-from consumers.descriptions import describe
-from consumers.runtime import Consumer
-from consumers.stage import Stage
-from shared.config import Settings
-from shared.tracing import setup_logging, setup_tracing
+from reportflow.consumers.bootstrap import session_factory
+from reportflow.consumers.descriptions import describe
+from reportflow.consumers.runtime import Consumer
+from reportflow.consumers.stage import Stage
+from reportflow.shared.config import Settings
+from reportflow.shared.tracing import setup_logging, setup_tracing
 from tests.helpers import example_payloads
 
 # A four-hop chain of real event types, so every payload is checked against its schema as in production.

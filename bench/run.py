@@ -23,13 +23,13 @@ import pika
 from sqlalchemy import text
 
 from bench.passthrough import first_event
-from consumers import STAGE_NAMES
-from producers.bulk import BulkPublisher
-from shared.config import Settings
-from shared.db import make_engine
-from shared.events import Event
-from shared.migrate import upgrade
-from shared.topology import Topology
+from reportflow.consumers import STAGE_NAMES
+from reportflow.producers.bulk import BulkPublisher
+from reportflow.shared.config import Settings
+from reportflow.shared.db import make_engine
+from reportflow.shared.events import Event
+from reportflow.shared.migrate import upgrade
+from reportflow.shared.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -283,7 +283,7 @@ def _publish_one(exchange: str, report_id: str) -> None:
         channel.confirm_delivery()
         _channels[exchange] = channel
     event = Event("report.created", first_event(report_id))
-    from shared.events import encode, message_properties
+    from reportflow.shared.events import encode, message_properties
     _channels[exchange].basic_publish(exchange, event.type, encode(event),
                                       pika.BasicProperties(**message_properties(event)))
 
@@ -347,8 +347,8 @@ def store_reports(report_ids: list[str], rows: int) -> None:
     """Reports as creation leaves them, written straight to the database."""
     from sqlalchemy.orm import sessionmaker
 
-    from consumers.creation import on_report_requested
-    from shared.db import UnitOfWork
+    from reportflow.consumers.creation import on_report_requested
+    from reportflow.shared.db import UnitOfWork
 
     engine = make_engine(DATABASE_URL)
     factory = sessionmaker(engine, expire_on_commit=False)
@@ -364,8 +364,8 @@ def bare_render_seconds(rows: int, repeat: int) -> tuple[float, int]:
     """A bare HTML(...).write_pdf() of the same HTML the stage renders, in this process."""
     from weasyprint import HTML
 
-    from shared.documents import DocumentRenderer
-    from shared.models import Report
+    from reportflow.shared.documents import DocumentRenderer
+    from reportflow.shared.models import Report
 
     request = report_request("bare", rows)
     report = Report(id="bare", title=request["title"], template="standard", status="created",
@@ -415,7 +415,7 @@ def generation_run(n: int, rows: int, processes: int, otlp_port: int) -> tuple[f
 def end_to_end(n: int) -> tuple[float, list[float]]:
     from aiosmtpd.controller import Controller
 
-    from producers import ReportflowClient
+    from reportflow.producers import ReportflowClient
     from tests.helpers import free_port
     from tests.pipeline import AutoApprover
 
@@ -477,7 +477,7 @@ def bulk(n: int) -> tuple[float, float]:
         result = BulkPublisher(AMQP_URL, exchange).publish(events)
         confirmed = n / (time.perf_counter() - started)
         assert result.ok and result.confirmed == n
-        from shared.events import encode, message_properties
+        from reportflow.shared.events import encode, message_properties
         started = time.perf_counter()
         for event in events:  # the baseline: raw pika, no confirms, no spans
             channel.basic_publish(exchange, event.type, encode(event), pika.BasicProperties(**message_properties(event)))
@@ -540,8 +540,8 @@ def main() -> None:
     from tests.helpers import free_port
     OTLP_PORT = free_port()
     collector = spawn([PYTHON, "-m", "bench.otlp_sink", str(OTLP_PORT)], name="otlp-sink")
-    from shared.config import TracingSettings
-    from shared.tracing import setup_tracing
+    from reportflow.shared.config import TracingSettings
+    from reportflow.shared.tracing import setup_tracing
     setup_tracing("bench-producer", TracingSettings())  # the producer side traces, as an upstream would
     figures = Figures()
     try:
@@ -640,8 +640,8 @@ def main() -> None:
 
 
 def final_version_ratio(repeat: int) -> float:
-    from shared.documents import DocumentRenderer
-    from shared.models import Report
+    from reportflow.shared.documents import DocumentRenderer
+    from reportflow.shared.models import Report
 
     request = report_request("ratio", 200)
     report = Report(id="ratio", title=request["title"], template="standard", status="created",

@@ -19,14 +19,14 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
 from bench.passthrough import first_event, pass_through
-from consumers.bootstrap import session_factory
-from consumers.descriptions import describe
-from consumers.runtime import Consumer, Delivery
-from consumers.stage import Stage
-from shared.config import Settings, TracingSettings
-from shared.events import Event, encode, message_properties
-from shared.migrate import upgrade
-from shared.tracing import setup_tracing
+from reportflow.consumers.bootstrap import session_factory
+from reportflow.consumers.descriptions import describe
+from reportflow.consumers.runtime import Consumer, Delivery
+from reportflow.consumers.stage import Stage
+from reportflow.shared.config import Settings, TracingSettings
+from reportflow.shared.events import Event, encode, message_properties
+from reportflow.shared.migrate import upgrade
+from reportflow.shared.tracing import setup_tracing
 
 
 class _NetworklessChannel(BlockingChannel):

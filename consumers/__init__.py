@@ -11,7 +11,7 @@ STAGE_NAMES = ("creation", "generation", "approval", "notification")
 
 def __getattr__(name: str):
     if name == "STAGES":
-        stages = {stage: import_module(f"consumers.{stage}").STAGE for stage in STAGE_NAMES}
+        stages = {stage: import_module(f"reportflow.consumers.{stage}").STAGE for stage in STAGE_NAMES}
         globals()["STAGES"] = stages
         return stages
     raise AttributeError(f"module 'consumers' has no attribute {name!r}")
@@ -19,6 +19,6 @@ def __getattr__(name: str):
 
 def bindings() -> dict[str, list[str]]:
     """Which event types each stage's queue receives."""
-    from consumers import STAGES
+    from reportflow.consumers import STAGES
 
     return {name: stage.event_types for name, stage in STAGES.items()}

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from consumers.descriptions import describe
-from consumers.stage import Stage
-from shared.events import Event, InvalidMessage
-from shared.mail import InvalidAddress, check_address
-from shared.models import ApprovalStage, Decision, Refusal, Report, utcnow
+from reportflow.consumers.descriptions import describe
+from reportflow.consumers.stage import Stage
+from reportflow.shared.events import Event, InvalidMessage
+from reportflow.shared.mail import InvalidAddress, check_address
+from reportflow.shared.models import ApprovalStage, Decision, Refusal, Report, utcnow
 
 
 def on_report_generated(event: Event, uow) -> None:

@@ -6,18 +6,18 @@ import os
 
 from sqlalchemy.orm import sessionmaker
 
-import consumers
-from consumers.runtime import Consumer
-from shared.config import Settings
-from shared.db import make_engine
-from shared.documents import IsolatedRenderer
-from shared.mail import Postman, mailer_from_settings
+from reportflow import consumers
+from reportflow.consumers.runtime import Consumer
+from reportflow.shared.config import Settings
+from reportflow.shared.db import make_engine
+from reportflow.shared.documents import IsolatedRenderer
+from reportflow.shared.mail import Postman, mailer_from_settings
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
-from shared.health import serve_health
-from shared.status import StatusFile
-from shared.topology import TopologyMismatch
-from shared.tracing import log_span_stats_periodically, setup_logging, setup_tracing
+from reportflow.shared.health import serve_health
+from reportflow.shared.status import StatusFile
+from reportflow.shared.topology import TopologyMismatch
+from reportflow.shared.tracing import log_span_stats_periodically, setup_logging, setup_tracing
 
 log = logging.getLogger("reportflow.consumer")
 

@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
-from consumers import STAGE_NAMES
-from shared.broker import blocking_connection
-from shared.config import Settings
+from reportflow.consumers import STAGE_NAMES
+from reportflow.shared.broker import blocking_connection
+from reportflow.shared.config import Settings
 
 
 @click.command()
 @click.argument("stage", type=click.Choice(STAGE_NAMES))
 def consume(stage: str) -> None:
     """Run one stage's consumer until SIGTERM or Ctrl-C."""
-    from consumers.bootstrap import run
+    from reportflow.consumers.bootstrap import run
 
     run(stage)
 
@@ -28,8 +29,8 @@ def topology() -> None:
 def topology_declare() -> None:
     """Declare reportflow's exchange, queues and dead-letter route (idempotent)."""
 
-    import consumers
-    from shared.topology import Topology, TopologyMismatch, declare
+    from reportflow import consumers
+    from reportflow.shared.topology import Topology, TopologyMismatch, declare
 
     settings = Settings.load()
     topo = Topology.of(settings)
@@ -52,8 +53,8 @@ def dlq() -> None:
 
 
 def _dead_letter_queue():
-    from shared.dead_letters import DeadLetterQueue
-    from shared.topology import Topology
+    from reportflow.shared.dead_letters import DeadLetterQueue
+    from reportflow.shared.topology import Topology
 
     settings = Settings.load()
     return DeadLetterQueue(settings.amqp_url, Topology.of(settings))
@@ -107,16 +108,20 @@ def dlq_purge(yes: bool) -> None:
 
 
 @click.command()
-def status() -> None:
+@click.option("--consuming", is_flag=True,
+              help="Print nothing; exit 0 if every stage's queue has a consumer, 1 if one has none.")
+def status(consuming: bool) -> None:
     """Broker nodes and queue leaders, queue depths, consumer processes and their span pipelines."""
     import pika
 
-    from shared.broker import connected_address
-    from shared.status import read_status_files
-    from shared.topology import Topology
+    from reportflow.shared.broker import connected_address
+    from reportflow.shared.status import read_status_files
+    from reportflow.shared.topology import Topology
 
     settings = Settings.load()
     topo = Topology.of(settings)
+    if consuming:
+        sys.exit(0 if _every_stage_consumed(settings, topo) else 1)
     leaders = _nodes_and_leaders(settings)
     connection = blocking_connection(settings.amqp_url)
     try:
@@ -142,12 +147,32 @@ def status() -> None:
                    (", ".join(f"{k} {v}" for k, v in spans.items()) if spans else "tracing off"))
 
 
+def _every_stage_consumed(settings: Settings, topo) -> bool:
+    import pika
+
+    try:
+        connection = blocking_connection(settings.amqp_url)
+    except pika.exceptions.AMQPError:
+        return False
+    try:
+        for stage in STAGE_NAMES:
+            try:
+                if connection.channel().queue_declare(topo.queue(stage), passive=True).method.consumer_count == 0:
+                    return False
+            except pika.exceptions.ChannelClosedByBroker:
+                return False
+        return True
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
 def _nodes_and_leaders(settings: Settings) -> dict[str, str | None]:
     """Print the cluster's nodes; return which node leads each queue. Needs the management API."""
     from urllib.parse import unquote, urlsplit
 
-    from shared.broker import broker_urls
-    from shared.broker_api import BrokerApi
+    from reportflow.shared.broker import broker_urls
+    from reportflow.shared.broker_api import BrokerApi
 
     if not settings.broker_api_url:
         click.echo("broker nodes: set REPORTFLOW_BROKER_API_URL (the management API) to see them")

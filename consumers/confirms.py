@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 import pika
 import pika.exceptions
 
-from shared.publishing import ConfirmLedger
+from reportflow.shared.publishing import ConfirmLedger
 
 Item = TypeVar("Item")
 

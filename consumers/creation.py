@@ -2,12 +2,12 @@
 a request that cannot be accepted emits report.invalid with the reasons, so the submitter hears why."""
 from __future__ import annotations
 
-from consumers.descriptions import describe
-from consumers.stage import Stage
-from shared.documents import TEMPLATES
-from shared.events import Event, InvalidMessage, new_report_id
-from shared.mail import InvalidAddress, check_address, one_line
-from shared.models import ApprovalStage, Report
+from reportflow.consumers.descriptions import describe
+from reportflow.consumers.stage import Stage
+from reportflow.shared.documents import TEMPLATES
+from reportflow.shared.events import Event, InvalidMessage, new_report_id
+from reportflow.shared.mail import InvalidAddress, check_address, one_line
+from reportflow.shared.models import ApprovalStage, Report
 
 
 def on_report_requested(event: Event, uow) -> None:

@@ -2,12 +2,12 @@
 on report.approved, render the final version (the approved draft and its approval page), store it, emit report.finalized."""
 from __future__ import annotations
 
-from consumers.descriptions import describe
-from consumers.stage import Stage
-from shared.documents import DocumentRenderer, document_key
-from shared.storage import Storage
-from shared.events import Event
-from shared.models import Document, Report
+from reportflow.consumers.descriptions import describe
+from reportflow.consumers.stage import Stage
+from reportflow.shared.documents import DocumentRenderer, document_key
+from reportflow.shared.storage import Storage
+from reportflow.shared.events import Event
+from reportflow.shared.models import Document, Report
 
 
 class ReportNotFound(LookupError):

@@ -8,12 +8,12 @@ sent, with a Message-ID derived from the event, and marked sent after. A crash b
 and the mark sends that one email once more, with the same Message-ID; nothing else repeats one."""
 from __future__ import annotations
 
-from consumers.descriptions import describe
-from consumers.stage import Stage
-from shared.storage import Storage
-from shared.events import Event
-from shared.mail import InvalidAddress, Postman, build_email, check_address, one_line, quoted, stable_message_id
-from shared.models import Notification, utcnow
+from reportflow.consumers.descriptions import describe
+from reportflow.consumers.stage import Stage
+from reportflow.shared.storage import Storage
+from reportflow.shared.events import Event
+from reportflow.shared.mail import InvalidAddress, Postman, build_email, check_address, one_line, quoted, stable_message_id
+from reportflow.shared.models import Notification, utcnow
 
 
 def on_approval_requested(event: Event, uow, postman: Postman, storage: Storage) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import exc as sa
 
-from shared.config import Settings
+from reportflow.shared.config import Settings
 
 
 class TransientError(Exception):

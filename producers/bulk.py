@@ -11,11 +11,11 @@ import pika
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from shared.broker import broker_urls
-from shared.config import Settings
-from shared.events import Event, encode, message_properties, new_report_id
-from shared.publishing import ConfirmLedger, publish_span_attributes, publish_span_name
-from shared.tracing import carrier_of_current
+from reportflow.shared.broker import broker_urls
+from reportflow.shared.config import Settings
+from reportflow.shared.events import Event, encode, message_properties, new_report_id
+from reportflow.shared.publishing import ConfirmLedger, publish_span_attributes, publish_span_name
+from reportflow.shared.trace_context import carrier_of_current
 
 _tracer = trace.get_tracer("reportflow.producer")
 

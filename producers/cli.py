@@ -8,15 +8,24 @@ from pathlib import Path
 
 import click
 
-from producers.client import InvalidEvent, ReportflowClient, Unroutable
-from shared.config import Settings
-from shared.tracing import setup_command_tracing
+from reportflow.producers.client import InvalidEvent, ReportflowClient, Unroutable
+from reportflow.shared.config import Settings
+
+
+def trace_this_command() -> None:
+    """The publish span starts the report's trace, as an upstream's would. The client's own install has no
+    tracing SDK: its spans are the API's no-ops, and the trace starts where reportflow reads the request."""
+    try:
+        from reportflow.shared.tracing import setup_command_tracing
+    except ImportError:
+        return
+    setup_command_tracing()
 
 
 @click.group()
 def publish() -> None:
     """Publish an upstream event (report.requested, approval.decided)."""
-    setup_command_tracing()  # the publish span starts the report's trace, as an upstream's would
+    trace_this_command()
 
 
 @publish.command("request")
@@ -64,7 +73,7 @@ def _send(action, validate: bool = True) -> None:
 @click.command()
 def gateway() -> None:
     """Run the HTTP gateway: POST /reports, report status, and approvers' decision pages."""
-    from producers.gateway import serve
+    from reportflow.producers.gateway import serve
 
     serve()
 
@@ -75,11 +84,10 @@ def gateway() -> None:
               default=str(Path(__file__).resolve().parent / "examples" / "q3-revenue.json"))
 def demo(timeout: int, request_file: str) -> None:
     """Publish a sample request, approve both stages as the approvers would, and print the outcome."""
-    from producers.client import ReportflowClient
-    from shared.report_views import as_text, report_summary
-    from shared.tracing import setup_command_tracing
+    from reportflow.producers.client import ReportflowClient
+    from reportflow.shared.report_views import as_text, report_summary
 
-    setup_command_tracing()
+    trace_this_command()
     settings = Settings.load()
     request = json.loads(Path(request_file).read_text())
 

@@ -9,12 +9,12 @@ import kombu
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-import schemas
-from shared.broker import broker_urls
-from shared.config import Settings
-from shared.events import Event, encode, message_properties, new_report_id, oversize
-from shared.publishing import publish_span_attributes, publish_span_name
-from shared.tracing import carrier_of_current
+from reportflow import schemas
+from reportflow.shared.broker import broker_urls
+from reportflow.shared.config import Settings
+from reportflow.shared.events import Event, encode, message_properties, new_report_id, oversize
+from reportflow.shared.publishing import publish_span_attributes, publish_span_name
+from reportflow.shared.trace_context import carrier_of_current
 
 _tracer = trace.get_tracer("reportflow.producer")
 

@@ -29,14 +29,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from producers.client import InvalidEvent, MessageTooLarge, ReportflowClient, Unroutable
-from shared import broker
-from shared.config import Settings
-from shared.db import make_engine
-from shared.documents import ASSETS
-from shared.links import LinkRefused
-from shared.models import Report, UsedLink
-from shared.report_views import report_view
+from reportflow.producers.client import InvalidEvent, MessageTooLarge, ReportflowClient, Unroutable
+from reportflow.shared import broker
+from reportflow.shared.config import Settings
+from reportflow.shared.db import make_engine
+from reportflow.shared.documents import ASSETS
+from reportflow.shared.links import LinkRefused
+from reportflow.shared.models import Report, UsedLink
+from reportflow.shared.report_views import report_view
 
 log = logging.getLogger("reportflow.gateway")
 BROKER_DOWN = (kombu.exceptions.OperationalError, ConnectionError, OSError, Unroutable)
@@ -281,8 +281,8 @@ def serve(settings: Settings | None = None) -> None:
     import waitress
     from opentelemetry.instrumentation.flask import FlaskInstrumentor
 
-    from shared.health import serve_health
-    from shared.tracing import setup_logging, setup_tracing
+    from reportflow.shared.health import serve_health
+    from reportflow.shared.tracing import setup_logging, setup_tracing
 
     settings = settings or Settings.load()
     setup_logging(settings.log_level, settings.log_format, "reportflow-gateway")

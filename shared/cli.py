@@ -10,13 +10,33 @@ from pathlib import Path
 
 import click
 
-from shared.config import Settings
-from shared.version import version
+from reportflow.shared.config import Settings
+from reportflow.shared.version import version
 
 COMMAND_ENTRY_POINTS = "reportflow.commands"
+# What the upstream's install (`pip install reportflow`) leaves out, and the extra that brings it.
+EXTRA_FOR_MODULE = {"sqlalchemy": "pipeline", "alembic": "pipeline", "psycopg": "pipeline", "jinja2": "pipeline",
+                    "weasyprint": "pipeline", "pypdf": "pipeline", "honcho": "pipeline", "boto3": "pipeline",
+                    "cryptography": "pipeline", "prometheus_client": "pipeline", "flask": "gateway",
+                    "waitress": "gateway"}
 
 
-@click.group()
+class CommandsOfTheInstall(click.Group):
+    """A command whose part is not installed says which extra brings it, instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as missing:
+            top = (missing.name or "").split(".")[0]
+            if top not in EXTRA_FOR_MODULE and not top.startswith("opentelemetry"):
+                raise
+            extra = EXTRA_FOR_MODULE.get(top, "pipeline")
+            raise click.ClickException(f"this command needs {top}, which this install of reportflow does not "
+                                       f"have: pip install 'reportflow[{extra}]'") from None
+
+
+@click.group(cls=CommandsOfTheInstall)
 @click.version_option(version(), prog_name="reportflow")
 def main() -> None:
     """reportflow: report workflows on RabbitMQ."""
@@ -42,7 +62,7 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Bring the database schema up to date."""
-    from shared.migrate import upgrade
+    from reportflow.shared.migrate import upgrade
 
     settings = Settings.load()
     upgrade(settings.database_url, revision)
@@ -59,7 +79,7 @@ def report() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def report_show(report_id: str, as_json: bool) -> None:
     """Print a report's status, stages, decisions, documents, emails and trace id."""
-    from shared.report_views import as_text, report_summary
+    from reportflow.shared.report_views import as_text, report_summary
 
     summary = report_summary(Settings.load(), report_id)
     if summary is None:
@@ -71,8 +91,8 @@ def report_show(report_id: str, as_json: bool) -> None:
 @click.argument("report_id")
 def trace_command(report_id: str) -> None:
     """Print REPORT_ID's trace as a waterfall: from Jaeger (JAEGER_QUERY_URL) or the local span files."""
-    from shared.report_views import report_summary
-    from shared.traces import load_from_files, load_from_jaeger, waterfall
+    from reportflow.shared.report_views import report_summary
+    from reportflow.shared.traces import load_from_files, load_from_jaeger, waterfall
 
     settings = Settings.load()
     summary = report_summary(settings, report_id)

@@ -112,7 +112,7 @@ class Settings:
 
     def document_storage(self):
         """The documents' storage adapter: REPORTFLOW_STORAGE_URL, else the folder REPORTFLOW_STORAGE_DIR."""
-        from shared.storage import FolderStorage, storage_from_url
+        from reportflow.shared.storage import FolderStorage, storage_from_url
 
         return storage_from_url(self.storage_url) if self.storage_url else FolderStorage(self.storage_dir)
 
@@ -122,7 +122,7 @@ class Settings:
 
     def approval_links(self):
         """The signer of approval links. Outside development it needs a strong REPORTFLOW_SECRET_KEY."""
-        from shared.links import DEVELOPMENT_SECRET, ApprovalLinks
+        from reportflow.shared.links import DEVELOPMENT_SECRET, ApprovalLinks
 
         if self.development:
             return ApprovalLinks(self.secret_key or DEVELOPMENT_SECRET, self.gateway_url, self.link_max_age_seconds)

@@ -8,9 +8,9 @@ from sqlalchemy import bindparam, create_engine, event, insert, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-import schemas
-from shared.events import Event
-from shared.models import InboxRecord, OutboxMessage, Report, utcnow
+from reportflow import schemas
+from reportflow.shared.events import Event
+from reportflow.shared.models import InboxRecord, OutboxMessage, Report, utcnow
 
 # The runtime's bookkeeping on every message, built once on the tables (not the mapped classes): the ORM's
 # insert path rebuilt and recompiled these per message, and that was a third of a hop's CPU.

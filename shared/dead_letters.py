@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import pika
 import pika.exceptions
 
-from shared import failures
-from shared.broker import blocking_connection
-from shared.topology import Topology
-from shared.tracing import trace_business_operation
+from reportflow.shared import failures
+from reportflow.shared.broker import blocking_connection
+from reportflow.shared.topology import Topology
+from reportflow.shared.tracing import trace_business_operation
 
 
 @dataclass(frozen=True)

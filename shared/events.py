@@ -6,7 +6,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import schemas
+from reportflow import schemas
 
 CONTENT_TYPE = "application/json"
 

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from opentelemetry import trace
 from prometheus_client import Counter
 
-import schemas
+from reportflow import schemas
 
 _tracer = trace.get_tracer("reportflow.mail")
 EMAILS = Counter("reportflow_emails", "Emails handed to the mail server (or written), by outcome (sent, failed)",

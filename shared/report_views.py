@@ -4,9 +4,9 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.config import Settings
-from shared.db import make_engine
-from shared.models import Notification, Refusal, Report
+from reportflow.shared.config import Settings
+from reportflow.shared.db import make_engine
+from reportflow.shared.models import Notification, Refusal, Report
 
 
 def report_view(report: Report) -> dict:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pika.exceptions
 
-from shared.config import Settings
+from reportflow.shared.config import Settings
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from shared.config import Settings, TracingSettings
-from shared.version import version
+from reportflow.shared.config import Settings, TracingSettings
+from reportflow.shared.version import version
 
 log = logging.getLogger("reportflow.tracing")
 _enabled = False  # read by the decorators on every call: when tracing is off they only call through
@@ -275,26 +275,6 @@ def log_span_stats_periodically(provider: TracerProvider | None, interval_second
             previous_failures = snapshot["export_failures"]
 
     threading.Thread(target=loop, name="span-stats", daemon=True).start()
-
-
-# -- carrying context ---------------------------------------------------------------------------------
-def carrier_of_current() -> dict:
-    """The current trace context as W3C headers, to store or send."""
-    carrier: dict = {}
-    propagate.inject(carrier)
-    return carrier
-
-
-def context_from(carrier: dict | None) -> context.Context:
-    """The trace context in message headers. AMQP header tables are case-sensitive, but trace headers
-    come as HTTP taught their senders (X-B3-TraceId, Traceparent): they are read in any case."""
-    headers = {}
-    for key, value in (carrier or {}).items():
-        if isinstance(value, bytes):
-            value = value.decode("utf-8", errors="replace")
-        if isinstance(key, str) and isinstance(value, str):
-            headers[key.lower()] = value
-    return propagate.extract(headers)
 
 
 # -- decorators -------------------------------------------------------------------------------------

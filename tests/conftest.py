@@ -14,11 +14,11 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import sessionmaker
 
-import consumers
-from shared.config import Settings, TracingSettings
-from shared.db import UnitOfWork, make_engine
-from shared.migrate import upgrade
-from shared.topology import Topology
+from reportflow import consumers
+from reportflow.shared.config import Settings, TracingSettings
+from reportflow.shared.db import UnitOfWork, make_engine
+from reportflow.shared.migrate import upgrade
+from reportflow.shared.topology import Topology
 from tests.helpers import (
     TEST_AMQP_URL,
     TEST_PG_URL,
@@ -37,7 +37,7 @@ def tracer_provider():
         InMemorySpanExporter,
     )
 
-    from shared.tracing import setup_tracing
+    from reportflow.shared.tracing import setup_tracing
 
     os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     provider = setup_tracing("reportflow-tests", TracingSettings())

@@ -16,15 +16,15 @@ from opentelemetry import context
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from consumers import approval
-from consumers.retries import RetryPolicy
-from consumers.runtime import Consumer, Processor
-from consumers.runtime.telemetry import Telemetry
-from consumers.stage import Stage
-from shared.config import TracingSettings
-from shared.db import make_engine
-from shared.events import Event, InvalidMessage
-from shared.tracing import context_from
+from reportflow.consumers import approval
+from reportflow.consumers.retries import RetryPolicy
+from reportflow.consumers.runtime import Consumer, Processor
+from reportflow.consumers.runtime.telemetry import Telemetry
+from reportflow.consumers.stage import Stage
+from reportflow.shared.config import TracingSettings
+from reportflow.shared.db import make_engine
+from reportflow.shared.events import Event, InvalidMessage
+from reportflow.shared.trace_context import context_from
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tests are an environment of their own: no config/<environment>.yaml applies to what they start

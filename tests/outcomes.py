@@ -8,8 +8,8 @@ from collections import Counter
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.db import make_engine
-from shared.models import Decision, Document, Notification, Report
+from reportflow.shared.db import make_engine
+from reportflow.shared.models import Decision, Document, Notification, Report
 from tests.helpers import sample_request
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pika
 
-from consumers import STAGE_NAMES
-from shared.broker import blocking_connection
+from reportflow.consumers import STAGE_NAMES
+from reportflow.shared.broker import blocking_connection
 from tests.helpers import ROOT, TEST_AMQP_URL, wait_until
 
 STAGES = STAGE_NAMES

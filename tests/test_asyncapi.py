@@ -11,8 +11,8 @@ import subprocess
 import pytest
 import yaml
 
-import consumers
-import schemas
+from reportflow import consumers
+from reportflow import schemas
 from tests.helpers import ROOT
 
 DOCUMENT = ROOT / "schemas" / "asyncapi.yaml"

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-import schemas
-from shared.events import (
+from reportflow import schemas
+from reportflow.shared.events import (
     Event,
     InvalidMessage,
     encode,
@@ -134,7 +134,7 @@ def test_strings_that_reach_headers_paths_or_subjects_cannot_carry_line_breaks_o
 @pytest.mark.parametrize("address", ["bob@example.com\n", "a,b@example.com", "bob@[127.0.0.1]", "bob@localhost",
                                      "b ob@example.com", "\u2028bob@example.com", "bob@example.com\x85"])
 def test_the_mailer_and_the_contract_hold_one_address_rule(address):
-    from shared.mail import InvalidAddress, check_address
+    from reportflow.shared.mail import InvalidAddress, check_address
 
     with pytest.raises(InvalidAddress):
         check_address(address)
@@ -183,7 +183,7 @@ def test_deeply_nested_json_is_a_stated_reason_not_a_crash():
 @pytest.mark.parametrize("version, readable", [(None, True), ("1", True), ("1.4", True), (b"1", True),
                                                ("2", False), ("0", False), ("banana", False)])
 def test_a_major_schema_version_the_consumer_does_not_read_is_a_stated_reason(version, readable):
-    from shared.events import parse
+    from reportflow.shared.events import parse
 
     parsed = parse("report.requested", "m-1", "application/json", json.dumps(sample_request()).encode(), LIMIT,
                    version)

@@ -7,12 +7,12 @@ from datetime import datetime, timezone
 import pytest
 from pypdf import PdfReader
 
-from shared.documents import (
+from reportflow.shared.documents import (
     AssetsOnlyFetcher,
     DocumentRenderer,
     UnknownTemplate,
 )
-from shared.models import Report
+from reportflow.shared.models import Report
 from tests.helpers import sample_request
 
 
@@ -69,7 +69,7 @@ def test_the_fetcher_serves_only_the_projects_assets(url):
 
 def test_the_fetcher_serves_the_projects_own_stylesheet():
     fetcher = AssetsOnlyFetcher()
-    from shared.documents import ASSETS
+    from reportflow.shared.documents import ASSETS
     response = fetcher.fetch((ASSETS / "report.css").as_uri())
     assert b"@page" in response.read()
     response.close()

@@ -14,9 +14,9 @@ from opentelemetry.instrumentation.pika import PikaInstrumentor
 from pypdf import PdfReader
 from sqlalchemy.orm import Session
 
-from producers import ReportflowClient
-from shared.db import make_engine
-from shared.models import Report
+from reportflow.producers import ReportflowClient
+from reportflow.shared.db import make_engine
+from reportflow.shared.models import Report
 from tests.helpers import TEST_AMQP_URL, sample_request, wait_until
 from tests.pipeline import STAGES, Pipeline
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from producers.bulk import BulkPublisher
-from shared.events import Event
+from reportflow.producers.bulk import BulkPublisher
+from reportflow.shared.events import Event
 from tests.helpers import TEST_AMQP_URL, TEST_RETRY_TIERS, wait_until
 from tests.outcomes import (
     check_everything_arrived_once,
@@ -67,8 +67,8 @@ def test_kill_9_at_random_moments_loses_nothing_and_repeats_nothing(faulty_pipel
     figures = check_everything_arrived_once(postgres_url, report_ids, smtp, pipeline.kills["notification"])
     record_property("fault_figures", {"kills": dict(pipeline.kills), **figures})
     print(f"\nkill -9 run: kills={pipeline.kills} figures={figures}")
-    from shared.dead_letters import DeadLetterQueue
-    from shared.topology import Topology
+    from reportflow.shared.dead_letters import DeadLetterQueue
+    from reportflow.shared.topology import Topology
     letters = DeadLetterQueue(TEST_AMQP_URL, Topology(exchange)).list()
     assert [(d.stage, d.event_type, d.error) for d in letters] == []
 

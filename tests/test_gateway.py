@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from pypdf import PdfReader
 
-from consumers import STAGE_NAMES, creation, generation
-from shared.config import Settings
-from shared.documents import DocumentRenderer
-from shared.storage import FolderStorage
-from shared.events import Event
-from shared.topology import Topology, declare
+from reportflow.consumers import STAGE_NAMES, creation, generation
+from reportflow.shared.config import Settings
+from reportflow.shared.documents import DocumentRenderer
+from reportflow.shared.storage import FolderStorage
+from reportflow.shared.events import Event
+from reportflow.shared.topology import Topology, declare
 from tests.helpers import (
     ROOT,
     TEST_AMQP_URL,
@@ -53,7 +53,7 @@ def gateway(tmp_path, exchange, broker, postgres_url, otlp):
         wait_until(lambda: _answers(base) or pipeline.exited(), 30, what="the gateway")
         assert not pipeline.exited(), pipeline.logs()
         channel = broker.channel()
-        import consumers
+        from reportflow import consumers
         declare(channel, Topology(exchange), consumers.bindings())
         yield base, pipeline
     finally:
@@ -113,7 +113,7 @@ def test_post_reports_refuses_bad_bodies_and_callers_without_the_token(gateway, 
 
 
 def test_an_unavailable_broker_is_a_503_and_nothing_is_accepted(tmp_path, postgres_url):
-    from producers.gateway import create_app
+    from reportflow.producers.gateway import create_app
 
     settings = Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F", database_url=postgres_url,
                         secret_key=SECRET, api_token=TOKEN, environment="test", storage_dir=tmp_path)
@@ -123,7 +123,7 @@ def test_an_unavailable_broker_is_a_503_and_nothing_is_accepted(tmp_path, postgr
 
 
 def test_outside_development_the_gateway_refuses_to_start_without_a_secret(postgres_url):
-    from producers.gateway import create_app
+    from reportflow.producers.gateway import create_app
 
     with pytest.raises(ValueError, match="REPORTFLOW_SECRET_KEY"):
         create_app(Settings(database_url=postgres_url, environment="production"))
@@ -405,7 +405,7 @@ def test_a_link_submitted_twice_at_once_is_told_what_was_recorded(gateway, repor
 
 def test_an_approver_who_already_decided_elsewhere_is_told_so_and_nothing_is_sent(
         gateway, report_in_approval, postgres_url, uow_on, tap):
-    from consumers import approval
+    from reportflow.consumers import approval
     from tests.helpers import decide
 
     base, _ = gateway

@@ -9,12 +9,12 @@ import pytest
 from pypdf import PdfReader
 from sqlalchemy import func, select
 
-from consumers import approval, creation, generation, notification
-from shared.documents import DocumentRenderer
-from shared.storage import FolderStorage
-from shared.events import Event, InvalidMessage
-from shared.mail import FolderMailer, Postman
-from shared.models import Decision, Notification, Refusal
+from reportflow.consumers import approval, creation, generation, notification
+from reportflow.shared.documents import DocumentRenderer
+from reportflow.shared.storage import FolderStorage
+from reportflow.shared.events import Event, InvalidMessage
+from reportflow.shared.mail import FolderMailer, Postman
+from reportflow.shared.models import Decision, Notification, Refusal
 from tests.helpers import (
     TWO_STAGES,
     decide,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.mail import InvalidAddress, SmtpMailer, build_email, stable_message_id
+from reportflow.shared.mail import InvalidAddress, SmtpMailer, build_email, stable_message_id
 
 
 def test_an_email_with_a_pdf_travels_over_smtp(smtp):

@@ -5,9 +5,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from shared.db import make_engine
-from shared.migrate import downgrade, upgrade
-from shared.models import Base
+from reportflow.shared.db import make_engine
+from reportflow.shared.migrate import downgrade, upgrade
+from reportflow.shared.models import Base
 
 
 def test_migrations_match_the_models_and_go_down_and_up_again(database_url):

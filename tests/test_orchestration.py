@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from producers import ReportflowClient
+from reportflow.producers import ReportflowClient
 from tests.helpers import TEST_AMQP_URL, free_port, sample_request, wait_until
 from tests.pipeline import Pipeline
 from tests.proxy import TcpProxy

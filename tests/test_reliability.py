@@ -10,16 +10,16 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from consumers import STAGE_NAMES
-from consumers.bootstrap import build_consumer, session_factory
-from consumers.retries import RetryPolicy, TransientError
-from consumers.runtime import Consumer
-from consumers.stage import Stage
-from producers import ReportflowClient
-from shared.config import Settings
-from shared.dead_letters import DeadLetterQueue
-from shared.models import InboxRecord, OutboxMessage, Report
-from shared.topology import Topology
+from reportflow.consumers import STAGE_NAMES
+from reportflow.consumers.bootstrap import build_consumer, session_factory
+from reportflow.consumers.retries import RetryPolicy, TransientError
+from reportflow.consumers.runtime import Consumer
+from reportflow.consumers.stage import Stage
+from reportflow.producers import ReportflowClient
+from reportflow.shared.config import Settings
+from reportflow.shared.dead_letters import DeadLetterQueue
+from reportflow.shared.models import InboxRecord, OutboxMessage, Report
+from reportflow.shared.topology import Topology
 from tests.helpers import (
     TEST_AMQP_URL,
     TEST_RETRY_TIERS,
@@ -257,7 +257,7 @@ def test_a_database_outage_is_retried_through_and_nothing_reaches_the_dead_lette
 def test_the_relay_publishes_what_a_crash_left_in_the_outbox(settings_for, sqlite_url, tap):
     from datetime import datetime, timedelta, timezone
 
-    from shared.models import OutboxMessage
+    from reportflow.shared.models import OutboxMessage
 
     settings = settings_for(sqlite_url, outbox_relay_seconds=1)
     factory = session_factory(settings)

@@ -8,13 +8,13 @@ import time
 import pika
 import pytest
 
-from consumers.bootstrap import build_consumer, session_factory
-from consumers.confirms import PipelinedConfirms
-from consumers.runtime import Consumer
-from consumers.stage import Stage
-from producers import ReportflowClient, Unroutable
-from producers.client import InvalidEvent
-from shared.models import InboxRecord, OutboxMessage, Report
+from reportflow.consumers.bootstrap import build_consumer, session_factory
+from reportflow.consumers.confirms import PipelinedConfirms
+from reportflow.consumers.runtime import Consumer
+from reportflow.consumers.stage import Stage
+from reportflow.producers import ReportflowClient, Unroutable
+from reportflow.producers.client import InvalidEvent
+from reportflow.shared.models import InboxRecord, OutboxMessage, Report
 from tests.helpers import (
     TEST_AMQP_URL,
     count,
@@ -172,8 +172,8 @@ def test_pipelined_confirms_sort_every_publish_into_taken_or_returned(broker, ex
 
 
 def test_the_bulk_publisher_sorts_confirms_alike(broker, exchange):
-    from producers.bulk import BulkPublisher
-    from shared.events import Event
+    from reportflow.producers.bulk import BulkPublisher
+    from reportflow.shared.events import Event
     from tests.helpers import example_payloads
 
     channel = broker.channel()
@@ -191,7 +191,7 @@ def test_a_connection_that_closed_under_the_loop_is_reopened_not_fatal():
     """When the broker drops the connection while a callback runs inside process_data_events, the callback
     gets the error and the loop's next call fails on the closed connection (pika raises ValueError there).
     That is a lost connection like any other: the consumer reconnects instead of dying."""
-    from consumers.runtime.connection import BrokerConnection
+    from reportflow.consumers.runtime.connection import BrokerConnection
 
     broker_connection, stopping, served = BrokerConnection(TEST_AMQP_URL, 10, "test-closed-under-loop"), \
         threading.Event(), []

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from shared.cli import main as cli
-from shared.config import (
+from reportflow.shared.cli import main as cli
+from reportflow.shared.config import (
     DEVELOPMENT_API_TOKEN,
     InsecureSettings,
     Settings,
     TracingSettings,
     mask_url,
 )
-from shared.links import DEVELOPMENT_SECRET
+from reportflow.shared.links import DEVELOPMENT_SECRET
 from tests.helpers import free_port, wait_until
 
 STRONG = "a-production-secret-of-more-than-32-bytes"
@@ -78,7 +78,7 @@ def test_outside_development_the_development_or_a_short_api_token_is_refused():
 def test_a_link_signed_with_the_development_secret_works_in_development_only():
     token = Settings(environment="development").approval_links().token("r-1", "review", "bob@example.com")
     strong = Settings(secret_key=STRONG, environment="production").approval_links()
-    from shared.links import LinkRefused
+    from reportflow.shared.links import LinkRefused
 
     with pytest.raises(LinkRefused, match="not valid"):
         strong.claim(token)
@@ -133,7 +133,7 @@ def test_retries_and_queues_are_settings_like_any_other(tmp_path):
 def test_the_version_printed_is_the_one_every_span_carries():
     from importlib import metadata
 
-    from shared.tracing import enabled, setup_tracing, switched
+    from reportflow.shared.tracing import enabled, setup_tracing, switched
 
     printed = CliRunner().invoke(cli, ["--version"]).output.split()[-1]
     with switched(enabled()):

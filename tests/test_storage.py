@@ -5,8 +5,8 @@ import hashlib
 
 import pytest
 
-from shared.config import Settings
-from shared.storage import DocumentCorrupt, FolderStorage, S3Storage, storage_from_url
+from reportflow.shared.config import Settings
+from reportflow.shared.storage import DocumentCorrupt, FolderStorage, S3Storage, storage_from_url
 
 
 @pytest.fixture(params=["folder", "s3"])
@@ -64,7 +64,7 @@ def test_the_pipeline_shares_no_disk_documents_live_in_s3_only(tmp_path, exchang
         pipeline.start()
         pipeline.wait_consuming(broker, exchange)
         approver.start()
-        from producers import ReportflowClient
+        from reportflow.producers import ReportflowClient
         with ReportflowClient(TEST_AMQP_URL, exchange) as client:
             for n in range(3):
                 client.request_report(sample_request(report_id=f"r-s3-{n}"))

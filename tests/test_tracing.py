@@ -19,12 +19,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import StatusCode
 
-from consumers import creation
-from shared import tracing
-from shared.cli import main as cli
-from shared.config import TracingSettings
-from shared.events import Event
-from shared.traces import load_from_files, spans_from_otlp_json, waterfall
+from reportflow.consumers import creation
+from reportflow.shared import tracing
+from reportflow.shared.cli import main as cli
+from reportflow.shared.config import TracingSettings
+from reportflow.shared.events import Event
+from reportflow.shared.traces import load_from_files, spans_from_otlp_json, waterfall
 from tests.helpers import (
     TEST_AMQP_URL,
     TWO_STAGES,
@@ -367,5 +367,5 @@ def test_reportflow_publish_starts_the_reports_trace_and_flushes_it_on_exit(tmp_
     ({}, False),
 ])
 def test_a_stored_context_is_read_as_sampled_or_not_in_any_format(stored, sampled):
-    from consumers.runtime.telemetry import sampled as is_sampled
+    from reportflow.consumers.runtime.telemetry import sampled as is_sampled
     assert is_sampled(stored) is sampled

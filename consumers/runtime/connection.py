@@ -13,7 +13,7 @@ from concurrent.futures import Future
 import pika
 import pika.exceptions
 
-from shared.broker import blocking_connection, connected_address
+from reportflow.shared.broker import blocking_connection, connected_address
 
 log = logging.getLogger("reportflow.consumer")
 

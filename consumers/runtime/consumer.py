@@ -23,18 +23,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pika
 import pika.exceptions
 
-from consumers.retries import RetryPolicy
-from consumers.runtime.connection import BrokerConnection, ConnectionLost
-from consumers.runtime.messages import Delivery
-from consumers.runtime.metrics import RuntimeMetrics
-from consumers.runtime.outbox import OutboxRelay
-from consumers.runtime.processing import Processor
-from consumers.runtime.settling import Settler
-from consumers.runtime.telemetry import Telemetry
-from consumers.stage import Stage
-from shared.broker import connected_address, first_address
-from shared.config import Settings
-from shared.topology import Topology, declare
+from reportflow.consumers.retries import RetryPolicy
+from reportflow.consumers.runtime.connection import BrokerConnection, ConnectionLost
+from reportflow.consumers.runtime.messages import Delivery
+from reportflow.consumers.runtime.metrics import RuntimeMetrics
+from reportflow.consumers.runtime.outbox import OutboxRelay
+from reportflow.consumers.runtime.processing import Processor
+from reportflow.consumers.runtime.settling import Settler
+from reportflow.consumers.runtime.telemetry import Telemetry
+from reportflow.consumers.stage import Stage
+from reportflow.shared.broker import connected_address, first_address
+from reportflow.shared.config import Settings
+from reportflow.shared.topology import Topology, declare
 
 log = logging.getLogger("reportflow.consumer")
 

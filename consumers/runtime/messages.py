@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import pika
 from opentelemetry import context
 
-from shared.models import OutboxMessage
+from reportflow.shared.models import OutboxMessage
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-import schemas
-from consumers.runtime.messages import Delivery, Outcome
+from reportflow import schemas
+from reportflow.consumers.runtime.messages import Delivery, Outcome
 
 MESSAGES = Counter("reportflow_messages", "Messages a stage processed, by what became of them "
                    "(handled, duplicate, refused, retried, dead_lettered)", ["stage", "event_type", "outcome"])

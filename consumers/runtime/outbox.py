@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import select, update
 
-from consumers.runtime.messages import OutgoingMessage
-from shared.models import OutboxMessage, utcnow
+from reportflow.consumers.runtime.messages import OutgoingMessage
+from reportflow.shared.models import OutboxMessage, utcnow
 
 log = logging.getLogger("reportflow.consumer")
 

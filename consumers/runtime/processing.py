@@ -8,14 +8,14 @@ from dataclasses import replace
 
 from opentelemetry import context, trace
 
-from consumers.retries import RetryPolicy
-from consumers.runtime.messages import Delivery, OutgoingMessage, Outcome
-from consumers.runtime.telemetry import Telemetry
-from consumers.stage import Stage, dependency_names
-from shared import failures
-from shared.db import UnitOfWork
-from shared.events import Event, InvalidMessage, parse, validate
-from shared.tracing import carrier_of_current
+from reportflow.consumers.retries import RetryPolicy
+from reportflow.consumers.runtime.messages import Delivery, OutgoingMessage, Outcome
+from reportflow.consumers.runtime.telemetry import Telemetry
+from reportflow.consumers.stage import Stage, dependency_names
+from reportflow.shared import failures
+from reportflow.shared.db import UnitOfWork
+from reportflow.shared.events import Event, InvalidMessage, parse, validate
+from reportflow.shared.trace_context import carrier_of_current
 
 log = logging.getLogger("reportflow.consumer")
 

@@ -14,13 +14,13 @@ import pika.exceptions
 from opentelemetry import context
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
-from consumers.confirms import PipelinedConfirms
-from consumers.runtime.messages import Delivery, OutgoingMessage, Outcome
-from consumers.runtime.telemetry import Telemetry
-from shared import failures
-from shared.events import Event, encode, message_properties
-from shared.topology import Topology
-from shared.tracing import context_from
+from reportflow.consumers.confirms import PipelinedConfirms
+from reportflow.consumers.runtime.messages import Delivery, OutgoingMessage, Outcome
+from reportflow.consumers.runtime.telemetry import Telemetry
+from reportflow.shared import failures
+from reportflow.shared.events import Event, encode, message_properties
+from reportflow.shared.topology import Topology
+from reportflow.shared.trace_context import context_from
 
 log = logging.getLogger("reportflow.consumer")
 

@@ -12,11 +12,11 @@ from opentelemetry.instrumentation.pika import PikaInstrumentor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from consumers.stage import Stage
-from shared import failures
-from shared.config import TracingSettings
-from shared.publishing import publish_span_attributes, publish_span_name
-from shared.tracing import context_from
+from reportflow.consumers.stage import Stage
+from reportflow.shared import failures
+from reportflow.shared.config import TracingSettings
+from reportflow.shared.publishing import publish_span_attributes, publish_span_name
+from reportflow.shared.trace_context import context_from
 
 PRIVATE_ATTRIBUTES = {"user.email"}  # personal data: recorded only when tracing.record_emails says so
 

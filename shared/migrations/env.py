@@ -1,8 +1,8 @@
 """Alembic environment: the URL comes from the caller (reportflow db upgrade), the metadata from shared.models."""
 from alembic import context
 
-from shared.db import make_engine
-from shared.models import Base
+from reportflow.shared.db import make_engine
+from reportflow.shared.models import Base
 
 config = context.config
 
