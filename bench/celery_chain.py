@@ -2,6 +2,7 @@
 defaults plus acks_late. The last task sends the report id to a sink queue the harness reads.
 
     celery -A bench.celery_chain worker -Q bench.stage1   (broker: BENCH_CELERY_BROKER)"""
+
 from __future__ import annotations
 
 import os
@@ -9,8 +10,12 @@ import os
 from celery import Celery
 
 app = Celery("bench", broker=os.environ.get("BENCH_CELERY_BROKER", "amqp://guest:guest@127.0.0.1:5672/reportflow-test"))
-app.conf.update(task_acks_late=True, task_ignore_result=True, worker_hijack_root_logger=False,
-                broker_connection_retry_on_startup=True)
+app.conf.update(
+    task_acks_late=True,
+    task_ignore_result=True,
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+)
 
 
 @app.task(name="bench.stage1")

@@ -2,6 +2,7 @@
 own process so that receiving costs the measured process nothing.
 
     python -m bench.otlp_sink PORT"""
+
 from __future__ import annotations
 
 import sys

@@ -2,6 +2,7 @@
 type and emits the next, with the inbox, outbox, confirms and tracing of a real stage.
 
     python -m bench.passthrough STAGE_NAME CONSUMED_EVENT_TYPE"""
+
 from __future__ import annotations
 
 import sys
@@ -16,8 +17,10 @@ from tests.helpers import example_payloads
 
 # A four-hop chain of real event types, so every payload is checked against its schema as in production.
 CHAIN = ("report.created", "report.generated", "report.approved", "report.finalized", "report.invalid")
-NEXT = {consumed: (emitted, lambda rid, emitted=emitted: example_payloads(rid)[emitted])
-        for consumed, emitted in zip(CHAIN, CHAIN[1:])}
+NEXT = {
+    consumed: (emitted, lambda rid, emitted=emitted: example_payloads(rid)[emitted])
+    for consumed, emitted in zip(CHAIN, CHAIN[1:])
+}
 
 
 def first_event(report_id: str) -> dict:
@@ -29,6 +32,7 @@ def pass_through(consumed: str):
 
     def handler(event, uow) -> None:
         uow.emit(emitted, payload(event.report_id))
+
     return handler
 
 
@@ -36,9 +40,15 @@ def main(stage_name: str, consumed: str) -> None:
     settings = Settings.load()
     setup_logging("WARNING")
     provider = setup_tracing(f"bench-{stage_name}", settings.tracing, "bench")
-    consumer = Consumer(Stage(stage_name, {consumed: pass_through(consumed)}, describe=describe), settings,
-                        session_factory(settings, provider), {}, tracer_provider=provider,
-                        bindings={stage_name: [consumed]}, concurrency=settings.worker_threads)
+    consumer = Consumer(
+        Stage(stage_name, {consumed: pass_through(consumed)}, describe=describe),
+        settings,
+        session_factory(settings, provider),
+        {},
+        tracer_provider=provider,
+        bindings={stage_name: [consumed]},
+        concurrency=settings.worker_threads,
+    )
     try:
         consumer.run()
     finally:

@@ -1,6 +1,7 @@
 """The baseline hop: raw pika, consume and republish with manual acks, nothing else.
 
-    python -m bench.raw_hop AMQP_URL EXCHANGE QUEUE PREFETCH"""
+python -m bench.raw_hop AMQP_URL EXCHANGE QUEUE PREFETCH"""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ def main(url: str, exchange: str, queue: str, prefetch: str) -> None:
     def on_message(ch, method, properties, body):
         emitted, payload = NEXT[properties.type]
         out = json.dumps(payload(json.loads(body)["report_id"])).encode()
-        ch.basic_publish(exchange, emitted, out, pika.BasicProperties(
-            content_type="application/json", delivery_mode=2, type=emitted, message_id=properties.message_id))
+        ch.basic_publish(
+            exchange,
+            emitted,
+            out,
+            pika.BasicProperties(
+                content_type="application/json", delivery_mode=2, type=emitted, message_id=properties.message_id
+            ),
+        )
         ch.basic_ack(method.delivery_tag)
 
     channel.basic_consume(queue, on_message)

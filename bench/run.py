@@ -5,6 +5,7 @@ ratio against a baseline measured in the same run, never an absolute time on its
 
 Writes bench/results/<date>.json and latest.json (one object per figure: name, value, unit,
 baseline, ratio, target, met), a Markdown table and a PNG chart beside them."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,11 +43,23 @@ BIN = Path(sys.executable).parent
 # -- plumbing --------------------------------------------------------------------------------------------
 class Figures(list):
     def add(self, name, value, unit, baseline, ratio=None, target=None, met=None, **extra):
-        figure = {"name": name, "value": round(value, 3), "unit": unit, "baseline": baseline,
-                  "ratio": None if ratio is None else round(ratio, 3), "target": target, "met": met, **extra}
+        figure = {
+            "name": name,
+            "value": round(value, 3),
+            "unit": unit,
+            "baseline": baseline,
+            "ratio": None if ratio is None else round(ratio, 3),
+            "target": target,
+            "met": met,
+            **extra,
+        }
         self.append(figure)
-        print(f"  {name}: {figure['value']} {unit}" + (f"  (ratio {figure['ratio']} vs {baseline})" if ratio else "")
-              + (f"  target {target}: {'met' if met else 'MISSED'}" if target else ""), flush=True)
+        print(
+            f"  {name}: {figure['value']} {unit}"
+            + (f"  (ratio {figure['ratio']} vs {baseline})" if ratio else "")
+            + (f"  target {target}: {'met' if met else 'MISSED'}" if target else ""),
+            flush=True,
+        )
         return figure
 
 
@@ -70,8 +83,11 @@ class Sink:
         self._thread.start()
 
     def _consume(self, channel) -> None:
-        channel.basic_consume(self.queue, lambda ch, m, p, body: self.arrivals.setdefault(self._parse(body), time.perf_counter()),
-                              auto_ack=True)
+        channel.basic_consume(
+            self.queue,
+            lambda ch, m, p, body: self.arrivals.setdefault(self._parse(body), time.perf_counter()),
+            auto_ack=True,
+        )
         while not self._stop.is_set():
             self._connection.process_data_events(time_limit=0.05)
 
@@ -94,9 +110,13 @@ class Sink:
 def spawn(args: list[str], env: dict | None = None, name: str = "process") -> subprocess.Popen:
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = open(RESULTS / f"{name}.log", "ab")
-    return subprocess.Popen(args, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
-                                       **(env or {})},
-                            cwd=RESULTS, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        args,
+        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT), **(env or {})},
+        cwd=RESULTS,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def stop(*processes: subprocess.Popen) -> None:
@@ -151,10 +171,17 @@ def fresh_database() -> None:
 
 
 def stage_env(exchange: str, tracing: bool, otlp_port: int, **extra) -> dict:
-    return {"REPORTFLOW_AMQP_URL": AMQP_URL, "REPORTFLOW_EXCHANGE": exchange, "REPORTFLOW_DATABASE_URL": DATABASE_URL,
-            "REPORTFLOW_STORAGE_DIR": str(RESULTS / "storage"), "TRACING_ENABLED": str(tracing).lower(),
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}", "REPORTFLOW_CONFIG_DIR": str(RESULTS),
-            "REPORTFLOW_TRACING_STATS_SECONDS": "0", **extra}
+    return {
+        "REPORTFLOW_AMQP_URL": AMQP_URL,
+        "REPORTFLOW_EXCHANGE": exchange,
+        "REPORTFLOW_DATABASE_URL": DATABASE_URL,
+        "REPORTFLOW_STORAGE_DIR": str(RESULTS / "storage"),
+        "TRACING_ENABLED": str(tracing).lower(),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
+        "REPORTFLOW_CONFIG_DIR": str(RESULTS),
+        "REPORTFLOW_TRACING_STATS_SECONDS": "0",
+        **extra,
+    }
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -200,8 +227,11 @@ def hop(n: int, mode: str, otlp_port: int) -> float:
         process = spawn([PYTHON, "-m", "bench.raw_hop", AMQP_URL, exchange, queue, "4"], name="hop-raw")
     else:
         fresh_database()
-        process = spawn([PYTHON, "-m", "bench.passthrough", "hop", "report.created"],
-                        stage_env(exchange, mode == "on", otlp_port), name=f"hop-{mode}")
+        process = spawn(
+            [PYTHON, "-m", "bench.passthrough", "hop", "report.created"],
+            stage_env(exchange, mode == "on", otlp_port),
+            name=f"hop-{mode}",
+        )
     try:
         wait_consuming([queue], [process])
         publisher = BulkPublisher(AMQP_URL, exchange)
@@ -217,16 +247,23 @@ def hop(n: int, mode: str, otlp_port: int) -> float:
         delete_broker_objects(exchange, ["hop"])
 
 
-def tracing_cpu(otlp_port: int, iterations: int, ratios: tuple[float, ...], repeats: int) -> dict[float, tuple[float, float]]:
+def tracing_cpu(
+    otlp_port: int, iterations: int, ratios: tuple[float, ...], repeats: int
+) -> dict[float, tuple[float, float]]:
     """CPU µs per message that tracing adds to a hop at each sampling ratio (see bench/tracing_cost.py), and
     spans per message. The runs are interleaved and each mode keeps its least CPU over `repeats` runs:
     the difference is a few hundred µs against about a millisecond of other work, and a busy neighbour
     only ever adds time."""
+
     def cpu(mode: str, ratio: float) -> dict:
-        out = subprocess.run([PYTHON, "-m", "bench.tracing_cost", str(otlp_port), str(iterations), mode, str(ratio)],
-                             capture_output=True, text=True, check=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT), "REPORTFLOW_DATABASE_URL": DATABASE_URL},
-                             cwd=RESULTS)
+        out = subprocess.run(
+            [PYTHON, "-m", "bench.tracing_cost", str(otlp_port), str(iterations), mode, str(ratio)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "REPORTFLOW_DATABASE_URL": DATABASE_URL},
+            cwd=RESULTS,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     best: dict = {}
@@ -236,23 +273,39 @@ def tracing_cpu(otlp_port: int, iterations: int, ratios: tuple[float, ...], repe
             if key not in best or run["cpu_seconds"] < best[key]["cpu_seconds"]:
                 best[key] = run
     baseline = best[("off", 1.0)]["cpu_seconds"]
-    return {r: ((best[("on", r)]["cpu_seconds"] - baseline) / iterations * 1e6,
-                best[("on", r)]["spans"].get("started", 0) / (iterations + 200)) for r in ratios}
+    return {
+        r: (
+            (best[("on", r)]["cpu_seconds"] - baseline) / iterations * 1e6,
+            best[("on", r)]["spans"].get("started", 0) / (iterations + 200),
+        )
+        for r in ratios
+    }
 
 
 # -- 2. four-stage chain: reportflow vs Celery ----------------------------------------------------------------
-CHAIN = [("stage1", "report.created"), ("stage2", "report.generated"), ("stage3", "report.approved"),
-         ("stage4", "report.finalized")]
+CHAIN = [
+    ("stage1", "report.created"),
+    ("stage2", "report.generated"),
+    ("stage3", "report.approved"),
+    ("stage4", "report.finalized"),
+]
 
 
-def chain_reportflow(n_burst: int, rate: int, seconds: float, otlp_port: int,
-                     tracing: bool = True) -> tuple[float, list[float]]:
+def chain_reportflow(
+    n_burst: int, rate: int, seconds: float, otlp_port: int, tracing: bool = True
+) -> tuple[float, list[float]]:
     """Burst throughput, then per-message latencies at a paced rate (none when seconds is 0)."""
     fresh_database()
     exchange = f"bench-{uuid.uuid4().hex[:8]}"
     sink = Sink(exchange, "report.invalid")
-    processes = [spawn([PYTHON, "-m", "bench.passthrough", name, consumed], stage_env(exchange, tracing, otlp_port),
-                       name=f"chain-{name}") for name, consumed in CHAIN]
+    processes = [
+        spawn(
+            [PYTHON, "-m", "bench.passthrough", name, consumed],
+            stage_env(exchange, tracing, otlp_port),
+            name=f"chain-{name}",
+        )
+        for name, consumed in CHAIN
+    ]
     queues = [f"{exchange}.{name}" for name, _ in CHAIN]
     try:
         wait_consuming(queues, processes)
@@ -284,8 +337,10 @@ def _publish_one(exchange: str, report_id: str) -> None:
         _channels[exchange] = channel
     event = Event("report.created", first_event(report_id))
     from reportflow.shared.events import encode, message_properties
-    _channels[exchange].basic_publish(exchange, event.type, encode(event),
-                                      pika.BasicProperties(**message_properties(event)))
+
+    _channels[exchange].basic_publish(
+        exchange, event.type, encode(event), pika.BasicProperties(**message_properties(event))
+    )
 
 
 def _paced(publish, sink: Sink, rate: int, seconds: float, already: int) -> list[float]:
@@ -308,9 +363,24 @@ def chain_celery(n_burst: int, rate: int, seconds: float) -> tuple[float, list[f
     from bench import celery_chain
 
     env = {"BENCH_CELERY_BROKER": AMQP_URL}
-    workers = [spawn([str(BIN / "celery"), "-A", "bench.celery_chain", "worker", "-Q", f"bench.{name}",
-                      "-n", f"{name}@%h", "--loglevel=WARNING"], env, name=f"celery-{name}")
-               for name, _ in CHAIN]
+    workers = [
+        spawn(
+            [
+                str(BIN / "celery"),
+                "-A",
+                "bench.celery_chain",
+                "worker",
+                "-Q",
+                f"bench.{name}",
+                "-n",
+                f"{name}@%h",
+                "--loglevel=WARNING",
+            ],
+            env,
+            name=f"celery-{name}",
+        )
+        for name, _ in CHAIN
+    ]
     parse = lambda body: json.loads(body)[0][0]  # noqa: E731 - Celery protocol 2: [args, kwargs, embed]
     sink = Sink("", "bench.sink", parse=parse)
     try:
@@ -322,8 +392,13 @@ def chain_celery(n_burst: int, rate: int, seconds: float) -> tuple[float, list[f
         for i in range(n_burst):
             celery_chain.stage1.apply_async((f"burst-{i}",), queue="bench.stage1")
         throughput = n_burst / (sink.wait(100 + n_burst) - started)
-        latencies = _paced(lambda rid: celery_chain.stage1.apply_async((rid,), queue="bench.stage1"), sink, rate,
-                           seconds, 100 + n_burst)
+        latencies = _paced(
+            lambda rid: celery_chain.stage1.apply_async((rid,), queue="bench.stage1"),
+            sink,
+            rate,
+            seconds,
+            100 + n_burst,
+        )
         return throughput, latencies
     finally:
         stop(*workers)
@@ -368,9 +443,16 @@ def bare_render_seconds(rows: int, repeat: int) -> tuple[float, int]:
     from reportflow.shared.models import Report
 
     request = report_request("bare", rows)
-    report = Report(id="bare", title=request["title"], template="standard", status="created",
-                    submitter=request["submitter"], client=request["client"], data=request["data"],
-                    created_at=datetime.datetime.now(datetime.timezone.utc))
+    report = Report(
+        id="bare",
+        title=request["title"],
+        template="standard",
+        status="created",
+        submitter=request["submitter"],
+        client=request["client"],
+        data=request["data"],
+        created_at=datetime.datetime.now(datetime.timezone.utc),
+    )
     html = DocumentRenderer().html(report)
     css = (ROOT / "shared" / "templates" / "report.css").read_text()
     document = html.replace("</head>", f"<style>{css}</style></head>")
@@ -388,8 +470,9 @@ def generation_run(n: int, rows: int, processes: int, otlp_port: int) -> tuple[f
     exchange = f"bench-{uuid.uuid4().hex[:8]}"
     sink = Sink(exchange, "report.generated")
     env = stage_env(exchange, True, otlp_port)
-    consumers = [spawn([str(BIN / "reportflow"), "consume", "generation"], env, name=f"generation-{i}")
-                 for i in range(processes)]
+    consumers = [
+        spawn([str(BIN / "reportflow"), "consume", "generation"], env, name=f"generation-{i}") for i in range(processes)
+    ]
     try:
         wait_consuming([f"{exchange}.generation"], consumers)
         while consumers_on(f"{exchange}.generation") < processes:
@@ -398,10 +481,10 @@ def generation_run(n: int, rows: int, processes: int, otlp_port: int) -> tuple[f
         store_reports(ids, rows)
         publisher = BulkPublisher(AMQP_URL, exchange)
         created = lambda r: Event("report.created", {k: v for k, v in first_event(r).items()})  # noqa: E731
-        publisher.publish(created(r) for r in ids[:2 * processes])  # warm each render process
+        publisher.publish(created(r) for r in ids[: 2 * processes])  # warm each render process
         sink.wait(2 * processes)
         started = time.perf_counter()
-        publisher.publish(created(r) for r in ids[2 * processes:])
+        publisher.publish(created(r) for r in ids[2 * processes :])
         elapsed = sink.wait(n + 2 * processes) - started
         peak = max(rss_mb(c.pid, "VmHWM") for c in consumers)
         return elapsed / n, peak
@@ -425,8 +508,14 @@ def end_to_end(n: int) -> tuple[float, list[float]]:
 
     class Mail:
         async def handle_DATA(self, server, session, envelope):
-            subject = next((line for line in envelope.content.decode(errors="replace").splitlines()
-                            if line.startswith("Subject: Report approved: ")), None)
+            subject = next(
+                (
+                    line
+                    for line in envelope.content.decode(errors="replace").splitlines()
+                    if line.startswith("Subject: Report approved: ")
+                ),
+                None,
+            )
             if subject:
                 arrivals.setdefault(subject.rsplit(" ", 1)[-1], time.perf_counter())
             return "250 OK"
@@ -436,8 +525,11 @@ def end_to_end(n: int) -> tuple[float, list[float]]:
     smtp.start()
     env = stage_env(exchange, True, OTLP_PORT, REPORTFLOW_SMTP_URL=f"smtp://127.0.0.1:{port}")
     from tests.pipeline import STAGES, procfile_commands
+
     commands = {name: command for name, command in procfile_commands().items() if name in STAGES}
-    processes = [spawn(["/bin/sh", "-c", command.strip()], env, name=f"e2e-{name}") for name, command in commands.items()]
+    processes = [
+        spawn(["/bin/sh", "-c", command.strip()], env, name=f"e2e-{name}") for name, command in commands.items()
+    ]
     approver = AutoApprover(exchange)
     approver.queue = f"{exchange}.auto-approver"
     try:
@@ -478,9 +570,12 @@ def bulk(n: int) -> tuple[float, float]:
         confirmed = n / (time.perf_counter() - started)
         assert result.ok and result.confirmed == n
         from reportflow.shared.events import encode, message_properties
+
         started = time.perf_counter()
         for event in events:  # the baseline: raw pika, no confirms, no spans
-            channel.basic_publish(exchange, event.type, encode(event), pika.BasicProperties(**message_properties(event)))
+            channel.basic_publish(
+                exchange, event.type, encode(event), pika.BasicProperties(**message_properties(event))
+            )
         raw = n / (time.perf_counter() - started)
         return confirmed, raw
     finally:
@@ -503,8 +598,11 @@ def memory_under_backlog(n: int, otlp_port: int) -> tuple[float, float]:
     channel.queue_bind(queue, exchange, routing_key="report.created")
     connection.close()
     BulkPublisher(AMQP_URL, exchange).publish(Event("report.created", first_event(f"m-{i}")) for i in range(n))
-    process = spawn([PYTHON, "-m", "bench.passthrough", "hop", "report.created"], stage_env(exchange, True, otlp_port),
-                    name="memory")
+    process = spawn(
+        [PYTHON, "-m", "bench.passthrough", "hop", "report.created"],
+        stage_env(exchange, True, otlp_port),
+        name="memory",
+    )
     samples = []
     try:
         while len(sink.arrivals) < n:
@@ -538,10 +636,12 @@ def main() -> None:
     if only - set(SECTIONS):
         parser.error(f"unknown sections: {sorted(only - set(SECTIONS))}")
     from tests.helpers import free_port
+
     OTLP_PORT = free_port()
     collector = spawn([PYTHON, "-m", "bench.otlp_sink", str(OTLP_PORT)], name="otlp-sink")
     from reportflow.shared.config import TracingSettings
     from reportflow.shared.tracing import setup_tracing
+
     setup_tracing("bench-producer", TracingSettings())  # the producer side traces, as an upstream would
     figures = Figures()
     try:
@@ -552,58 +652,110 @@ def main() -> None:
             figures.add("hop throughput, raw pika", raw, "msg/s", "itself")
             figures.add("hop throughput, runtime, tracing on", on, "msg/s", "raw pika hop", on / raw)
             figures.add("hop throughput, runtime, tracing off", off, "msg/s", "raw pika hop", off / raw)
-            figures.add("hop wall-clock cost of tracing", (1 / on - 1 / off) * 1e6, "µs", "same hop, tracing off", on / off)
+            figures.add(
+                "hop wall-clock cost of tracing", (1 / on - 1 / off) * 1e6, "µs", "same hop, tracing off", on / off
+            )
             # 1: every trace kept; 0.25: config/production.yaml's ratio; 0: the cost a trace left unsampled adds.
             costs = tracing_cpu(OTLP_PORT, 500 if q else 3000, (1.0, 0.25, 0.1, 0.0), 1 if q else 3)
             for ratio, (traced, spans_per_message) in costs.items():
-                figures.add(f"tracing CPU per message per hop, sampling {ratio:g}", traced, "µs",
-                            "the same hop's work with tracing off", None, "<= 50 µs", traced <= 50,
-                            spans_per_message=spans_per_message)
+                figures.add(
+                    f"tracing CPU per message per hop, sampling {ratio:g}",
+                    traced,
+                    "µs",
+                    "the same hop's work with tracing off",
+                    None,
+                    "<= 50 µs",
+                    traced <= 50,
+                    spans_per_message=spans_per_message,
+                )
 
         if "chain" in only:
             print("2. four-stage chain vs Celery", flush=True)
             burst, rate, seconds = (200, 200, 3) if q else (2000, 200, 15)
             ours, ours_lat = chain_reportflow(burst, rate, seconds, OTLP_PORT)
             theirs, theirs_lat = chain_celery(burst, rate, seconds)
-            figures.add("chain burst throughput, reportflow", ours, "msg/s", "Celery chain", ours / theirs, ">= 1.5x",
-                        ours / theirs >= 1.5)
+            figures.add(
+                "chain burst throughput, reportflow",
+                ours,
+                "msg/s",
+                "Celery chain",
+                ours / theirs,
+                ">= 1.5x",
+                ours / theirs >= 1.5,
+            )
             figures.add("chain burst throughput, Celery", theirs, "msg/s", "itself")
             untraced, _ = chain_reportflow(burst, rate, 0, OTLP_PORT, tracing=False)
-            figures.add("chain burst throughput, reportflow, tracing off", untraced, "msg/s", "Celery chain",
-                        untraced / theirs)
+            figures.add(
+                "chain burst throughput, reportflow, tracing off", untraced, "msg/s", "Celery chain", untraced / theirs
+            )
             # The same latencies where the chain keeps up: half the burst rate reportflow reached, for both.
             half = max(10, int(ours / 2))
             _, ours_half = chain_reportflow(burst // 4, half, seconds, OTLP_PORT)
             _, theirs_half = chain_celery(burst // 4, half, seconds)
             for label, latencies, baseline in (("reportflow", ours_half, theirs_half), ("Celery", theirs_half, None)):
                 p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-                figures.add(f"chain paced {half}/s (half capacity) p50 per hop, {label}", p50 / 4, "ms",
-                            "Celery" if baseline else "itself", (p50 / percentile(baseline, 50)) if baseline else None)
-                figures.add(f"chain paced {half}/s (half capacity) p99 per hop, {label}", p99 / 4, "ms",
-                            "Celery" if baseline else "itself", (p99 / percentile(baseline, 99)) if baseline else None,
-                            samples=latencies if not q else None)
+                figures.add(
+                    f"chain paced {half}/s (half capacity) p50 per hop, {label}",
+                    p50 / 4,
+                    "ms",
+                    "Celery" if baseline else "itself",
+                    (p50 / percentile(baseline, 50)) if baseline else None,
+                )
+                figures.add(
+                    f"chain paced {half}/s (half capacity) p99 per hop, {label}",
+                    p99 / 4,
+                    "ms",
+                    "Celery" if baseline else "itself",
+                    (p99 / percentile(baseline, 99)) if baseline else None,
+                    samples=latencies if not q else None,
+                )
             for label, latencies, baseline in (("reportflow", ours_lat, theirs_lat), ("Celery", theirs_lat, None)):
                 p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-                figures.add(f"chain paced {rate}/s p50 per hop, {label}", p50 / 4, "ms",
-                            "Celery" if baseline else "itself", (p50 / percentile(baseline, 50)) if baseline else None)
+                figures.add(
+                    f"chain paced {rate}/s p50 per hop, {label}",
+                    p50 / 4,
+                    "ms",
+                    "Celery" if baseline else "itself",
+                    (p50 / percentile(baseline, 50)) if baseline else None,
+                )
                 per_hop_p99 = p99 / 4
-                figures.add(f"chain paced {rate}/s p99 per hop, {label}", per_hop_p99, "ms",
-                            "Celery" if baseline else "itself", (p99 / percentile(baseline, 99)) if baseline else None,
-                            "<= 8 ms" if baseline else None, (per_hop_p99 <= 8) if baseline else None,
-                            samples=latencies if not q else None)
+                figures.add(
+                    f"chain paced {rate}/s p99 per hop, {label}",
+                    per_hop_p99,
+                    "ms",
+                    "Celery" if baseline else "itself",
+                    (p99 / percentile(baseline, 99)) if baseline else None,
+                    "<= 8 ms" if baseline else None,
+                    (per_hop_p99 <= 8) if baseline else None,
+                    samples=latencies if not q else None,
+                )
 
         if "generation" in only:
             print("3. generation vs a bare render", flush=True)
             for label, rows, count in (("1-page", 5, 6 if q else 30), ("5-page 200-row", 200, 3 if q else 15)):
                 bare, _ = bare_render_seconds(rows, 3 if q else 10)
                 stage, peak = generation_run(count, rows, 1, OTLP_PORT)
-                figures.add(f"generation per report, {label}", stage * 1000, "ms", "bare write_pdf of the same HTML",
-                            stage / bare, "<= 1.10x", stage / bare <= 1.10)
+                figures.add(
+                    f"generation per report, {label}",
+                    stage * 1000,
+                    "ms",
+                    "bare write_pdf of the same HTML",
+                    stage / bare,
+                    "<= 1.10x",
+                    stage / bare <= 1.10,
+                )
                 figures.add(f"bare write_pdf, {label}", bare * 1000, "ms", "itself")
             figures.add("generation consumer peak RSS (with its render process)", peak, "MB", "itself")
             approved = final_version_ratio(3 if q else 10)
-            figures.add("approved version vs a draft render, 5-page 200-row", approved, "x", "draft render", approved,
-                        "<= 0.25x", approved <= 0.25)
+            figures.add(
+                "approved version vs a draft render, 5-page 200-row",
+                approved,
+                "x",
+                "draft render",
+                approved,
+                "<= 0.25x",
+                approved <= 0.25,
+            )
 
         if "scaling" in only:
             print("4. scaling generation", flush=True)
@@ -611,29 +763,49 @@ def main() -> None:
             one, _ = generation_run(count, 200, 1, OTLP_PORT)
             two, _ = generation_run(count, 200, 2, OTLP_PORT)
             figures.add("generation, 1 process", 60 / one, "reports/min", "itself")
-            figures.add("generation, 2 processes", 60 / two, "reports/min", "1 process", one / two, ">= 1.8x",
-                        one / two >= 1.8)
+            figures.add(
+                "generation, 2 processes", 60 / two, "reports/min", "1 process", one / two, ">= 1.8x", one / two >= 1.8
+            )
 
         if "end-to-end" in only:
             print("5. end to end", flush=True)
             per_minute, latencies = end_to_end(5 if q else 40)
             figures.add("end to end, two approval stages", per_minute, "reports/min", "itself")
             for p in (50, 95, 99):
-                figures.add(f"end to end p{p}, request to final email", percentile(latencies, p), "ms", "itself",
-                            samples=latencies if p == 50 and not q else None)
+                figures.add(
+                    f"end to end p{p}, request to final email",
+                    percentile(latencies, p),
+                    "ms",
+                    "itself",
+                    samples=latencies if p == 50 and not q else None,
+                )
 
         if "bulk" in only:
             print("6. bulk publishing", flush=True)
             confirmed, raw_rate = bulk(2000 if q else 20000)
-            figures.add("bulk publish with confirms (producer client)", confirmed, "msg/s", "raw pika, no confirms",
-                        confirmed / raw_rate, ">= 10,000 msg/s", confirmed >= 10000)
+            figures.add(
+                "bulk publish with confirms (producer client)",
+                confirmed,
+                "msg/s",
+                "raw pika, no confirms",
+                confirmed / raw_rate,
+                ">= 10,000 msg/s",
+                confirmed >= 10000,
+            )
             figures.add("raw pika publish, no confirms", raw_rate, "msg/s", "itself")
 
         if "memory" in only:
             print("7. memory under a backlog", flush=True)
             first, peak = memory_under_backlog(1000 if q else 10000, OTLP_PORT)
-            figures.add("consumer RSS growth over a backlog drain", peak - first, "MB", f"RSS early in the drain ({first:.0f} MB)",
-                        peak / first, "flat (< 10 MB)", peak - first < 10)
+            figures.add(
+                "consumer RSS growth over a backlog drain",
+                peak - first,
+                "MB",
+                f"RSS early in the drain ({first:.0f} MB)",
+                peak / first,
+                "flat (< 10 MB)",
+                peak - first < 10,
+            )
     finally:
         stop(collector)
     write(figures, q, partial=only != set(SECTIONS))
@@ -644,13 +816,32 @@ def final_version_ratio(repeat: int) -> float:
     from reportflow.shared.models import Report
 
     request = report_request("ratio", 200)
-    report = Report(id="ratio", title=request["title"], template="standard", status="created",
-                    submitter=request["submitter"], client=request["client"], data=request["data"],
-                    created_at=datetime.datetime.now(datetime.timezone.utc))
+    report = Report(
+        id="ratio",
+        title=request["title"],
+        template="standard",
+        status="created",
+        submitter=request["submitter"],
+        client=request["client"],
+        data=request["data"],
+        created_at=datetime.datetime.now(datetime.timezone.utc),
+    )
     renderer = DocumentRenderer()
     draft = renderer.render(report)
-    approval = [{"name": "review", "rule": "all", "decisions": [
-        {"approver": "bob@example.com", "decision": "approve", "comment": "ok", "decided_at": "2026-11-24 10:00"}]}]
+    approval = [
+        {
+            "name": "review",
+            "rule": "all",
+            "decisions": [
+                {
+                    "approver": "bob@example.com",
+                    "decision": "approve",
+                    "comment": "ok",
+                    "decided_at": "2026-11-24 10:00",
+                }
+            ],
+        }
+    ]
     started = time.perf_counter()
     for _ in range(repeat):
         renderer.render(report)
@@ -675,8 +866,10 @@ def write(figures: Figures, quick: bool, partial: bool) -> None:
     table = ["| figure | value | baseline | ratio | target | met |", "| --- | ---: | --- | ---: | --- | --- |"]
     for f in figures:
         met = "" if f["met"] is None else ("yes" if f["met"] else "**no**")
-        table.append(f"| {f['name']} | {f['value']:,} {f['unit']} | {f['baseline']} | "
-                     f"{'' if f['ratio'] is None else f['ratio']} | {f['target'] or ''} | {met} |")
+        table.append(
+            f"| {f['name']} | {f['value']:,} {f['unit']} | {f['baseline']} | "
+            f"{'' if f['ratio'] is None else f['ratio']} | {f['target'] or ''} | {met} |"
+        )
     markdown = "\n".join(table) + "\n"
     for name in (f"{stamp}{suffix}.md", f"{latest}.md"):
         (RESULTS / name).write_text(markdown)
@@ -694,6 +887,7 @@ def _series_label(figure_name: str) -> str:
 
 def chart(figures: list[dict], samples: dict, path: Path, latest: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

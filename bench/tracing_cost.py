@@ -7,6 +7,7 @@ sends nothing). Run once with tracing on and once off: the difference is tracing
     python -m bench.tracing_cost OTLP_PORT ITERATIONS on|off [SAMPLING_RATIO]  (prints JSON)
 
 It runs in its own process because a process has one global tracer provider."""
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,11 @@ class _NetworklessConfirms:
 def main(port: int, iterations: int, enabled: bool, ratio: float, database_url: str) -> dict:
     os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{port}"
     upgrade(database_url)
-    settings = Settings(database_url=database_url, exchange="bench-tracing-cost",
-                        tracing=TracingSettings(enabled=enabled, sampling_ratio=ratio))
+    settings = Settings(
+        database_url=database_url,
+        exchange="bench-tracing-cost",
+        tracing=TracingSettings(enabled=enabled, sampling_ratio=ratio),
+    )
     provider = setup_tracing("bench-tracing-cost", settings.tracing)
     stage = Stage("tracing-cost", {"report.created": pass_through("report.created")}, describe=describe)
     consumer = Consumer(stage, settings, session_factory(settings, provider), {}, tracer_provider=provider)
@@ -95,11 +99,24 @@ def main(port: int, iterations: int, enabled: bool, ratio: float, database_url: 
     spans = provider.stats.snapshot() if provider is not None else {}
     if provider is not None:
         provider.shutdown()
-    return {"enabled": enabled, "iterations": iterations, "cpu_seconds": cpu,
-            "wall_seconds": time.perf_counter() - started_wall, "spans": spans}
+    return {
+        "enabled": enabled,
+        "iterations": iterations,
+        "cpu_seconds": cpu,
+        "wall_seconds": time.perf_counter() - started_wall,
+        "spans": spans,
+    }
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "on",
-                          float(sys.argv[4]) if len(sys.argv) > 4 else 1.0,
-                          os.environ.get("REPORTFLOW_DATABASE_URL", "postgresql://postgres@127.0.0.1/reportflow_test"))))
+    print(
+        json.dumps(
+            main(
+                int(sys.argv[1]),
+                int(sys.argv[2]),
+                sys.argv[3] == "on",
+                float(sys.argv[4]) if len(sys.argv) > 4 else 1.0,
+                os.environ.get("REPORTFLOW_DATABASE_URL", "postgresql://postgres@127.0.0.1/reportflow_test"),
+            )
+        )
+    )

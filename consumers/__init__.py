@@ -2,6 +2,7 @@
 
 The stage modules are imported when first asked for (STAGES, bindings()), so that `reportflow` commands
 that run no stage do not load the renderer and the database layer."""
+
 from __future__ import annotations
 
 from importlib import import_module

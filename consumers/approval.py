@@ -1,6 +1,7 @@
 """approval: on report.generated, open the first stage and emit approval.requested;
 on approval.decided, refuse what is not allowed (recorded, approval.refused), else record the decision
 and wait for more, open the next stage, emit report.approved after the last, or report.rejected."""
+
 from __future__ import annotations
 
 from sqlalchemy import select
@@ -31,15 +32,30 @@ def on_approval_decided(event: Event, uow) -> None:
         _refuse(uow, event.message_id, decided, refused.reason)
         return
 
-    stage.decisions.append(Decision(
-        report_id=report.id, approver_email=approver, approver_id=decided["approver"].get("id"),
-        decision=decided["decision"], comment=decided.get("comment"), message_id=event.message_id))
+    stage.decisions.append(
+        Decision(
+            report_id=report.id,
+            approver_email=approver,
+            approver_id=decided["approver"].get("id"),
+            decision=decided["decision"],
+            comment=decided.get("comment"),
+            message_id=event.message_id,
+        )
+    )
 
     if decided["decision"] == "reject":
         _close(stage, "rejected")
         report.status = "rejected"
-        uow.emit("report.rejected", {"report_id": report.id, "title": report.title, "stage": stage.name,
-                                     "approver": decided["approver"], "comment": decided.get("comment")})
+        uow.emit(
+            "report.rejected",
+            {
+                "report_id": report.id,
+                "title": report.title,
+                "stage": stage.name,
+                "approver": decided["approver"],
+                "comment": decided.get("comment"),
+            },
+        )
         return
     if not _stage_complete(stage):
         return
@@ -50,9 +66,22 @@ def on_approval_decided(event: Event, uow) -> None:
         _open(uow, report, following[0], draft.as_event() if draft else None)
         return
     report.status = "approved"
-    uow.emit("report.approved", {"report_id": report.id, "stages": [
-        {"name": s.name, "decisions": [{"approver": d.approver_email, "decision": d.decision, "comment": d.comment}
-                                       for d in s.decisions]} for s in report.stages]})
+    uow.emit(
+        "report.approved",
+        {
+            "report_id": report.id,
+            "stages": [
+                {
+                    "name": s.name,
+                    "decisions": [
+                        {"approver": d.approver_email, "decision": d.decision, "comment": d.comment}
+                        for d in s.decisions
+                    ],
+                }
+                for s in report.stages
+            ],
+        },
+    )
 
 
 def on_unreadable_decision(message: InvalidMessage, uow) -> None:
@@ -67,10 +96,12 @@ def _stage_complete(stage: ApprovalStage) -> bool:
 def _open(uow, report: Report, stage: ApprovalStage, document: dict | None) -> None:
     stage.status, stage.opened_at = "open", utcnow()
     report.status = "in_approval"
-    requested = {"report_id": report.id, "title": report.title,
-                 "stage": {"name": stage.name, "position": stage.position, "rule": stage.rule,
-                           "of": len(report.stages)},
-                 "approvers": list(stage.approvers)}
+    requested = {
+        "report_id": report.id,
+        "title": report.title,
+        "stage": {"name": stage.name, "position": stage.position, "rule": stage.rule, "of": len(report.stages)},
+        "approvers": list(stage.approvers),
+    }
     if document:
         requested["document"] = document
     uow.emit("approval.requested", requested)
@@ -84,11 +115,27 @@ def _refuse(uow, message_id: str, decided: dict, reason: str) -> None:
     approver = decided.get("approver") if isinstance(decided.get("approver"), dict) else {}
     email = _text(approver, "email")
     report_id, stage_name, decision = _text(decided, "report_id"), _text(decided, "stage"), _text(decided, "decision")
-    uow.add(Refusal(report_id=report_id, stage_name=stage_name, approver_email=email, decision=decision,
-                    reason=reason, message_id=message_id))
-    uow.emit("approval.refused", {
-        "report_id": report_id, "stage": stage_name, "decision": decision, "reason": reason,
-        "approver": {"email": email} if _is_address(email) else None, "decision_message_id": message_id})
+    uow.add(
+        Refusal(
+            report_id=report_id,
+            stage_name=stage_name,
+            approver_email=email,
+            decision=decision,
+            reason=reason,
+            message_id=message_id,
+        )
+    )
+    uow.emit(
+        "approval.refused",
+        {
+            "report_id": report_id,
+            "stage": stage_name,
+            "decision": decision,
+            "reason": reason,
+            "approver": {"email": email} if _is_address(email) else None,
+            "decision_message_id": message_id,
+        },
+    )
     uow.refused(reason)
 
 
@@ -103,6 +150,7 @@ def _is_address(value: str | None) -> bool:
         return True
     except InvalidAddress:
         return False
+
 
 def report_trace(message, session) -> dict | None:
     """A decision arrives in its approver's trace, maybe days later: it belongs in the report's."""

@@ -1,4 +1,5 @@
 """Wires a stage to its dependencies and runs it: the entry point behind `reportflow consume STAGE`."""
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,9 @@ def dependencies(stage, settings: Settings) -> dict:
     factories = {
         "storage": settings.document_storage,
         "renderer": lambda: IsolatedRenderer(settings.render_time_limit_seconds),
-        "postman": lambda: Postman(mailer_from_settings(settings.smtp_url, settings.storage_dir), settings.mail_from,
-                                   _approval_links(settings)),
+        "postman": lambda: Postman(
+            mailer_from_settings(settings.smtp_url, settings.storage_dir), settings.mail_from, _approval_links(settings)
+        ),
     }
     return {name: factories[name]() for name in stage.dependencies}
 
@@ -47,6 +49,7 @@ def without_checkout_spans() -> None:
     nothing. Statement spans stay."""
     from opentelemetry.instrumentation.utils import unwrap
     from sqlalchemy.engine import Engine
+
     if hasattr(Engine.connect, "__wrapped__"):
         unwrap(Engine, "connect")
 
@@ -63,9 +66,15 @@ def session_factory(settings: Settings, tracer_provider=None) -> sessionmaker:
 
 def build_consumer(stage_name: str, settings: Settings, tracer_provider=None) -> Consumer:
     stage = consumers.STAGES[stage_name]
-    return Consumer(stage, settings, session_factory(settings, tracer_provider), dependencies(stage, settings),
-                    tracer_provider=tracer_provider, bindings=consumers.bindings(),
-                    concurrency=settings.worker_threads)
+    return Consumer(
+        stage,
+        settings,
+        session_factory(settings, tracer_provider),
+        dependencies(stage, settings),
+        tracer_provider=tracer_provider,
+        bindings=consumers.bindings(),
+        concurrency=settings.worker_threads,
+    )
 
 
 def run(stage_name: str) -> None:

@@ -1,4 +1,5 @@
 """The consumers' commands, joined under `reportflow` (see shared/cli.py): consume, topology, dlq, status."""
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,10 @@ def dlq_list() -> None:
     """One line per dead letter: message id, event, stage, attempts, error."""
     letters = _dead_letter_queue().list()
     for d in letters:
-        click.echo(f"{d.message_id}  {d.event_type}  stage={d.stage or '?'}  attempts={d.attempts}  "
-                   f"at={d.dead_lettered_at or '?'}  {d.error}")
+        click.echo(
+            f"{d.message_id}  {d.event_type}  stage={d.stage or '?'}  attempts={d.attempts}  "
+            f"at={d.dead_lettered_at or '?'}  {d.error}"
+        )
     click.echo(f"{len(letters)} dead letter(s)")
 
 
@@ -77,10 +80,23 @@ def dlq_show(message_id: str) -> None:
     letter = _dead_letter_queue().show(message_id)
     if letter is None:
         raise click.ClickException(f"no dead letter {message_id!r}")
-    click.echo(json.dumps({"message_id": letter.message_id, "event": letter.event_type, "stage": letter.stage,
-                           "queue": letter.queue, "error": letter.error, "attempts": letter.attempts,
-                           "first_failure": letter.first_failure, "dead_lettered_at": letter.dead_lettered_at,
-                           "headers": letter.headers}, indent=2, default=str))
+    click.echo(
+        json.dumps(
+            {
+                "message_id": letter.message_id,
+                "event": letter.event_type,
+                "stage": letter.stage,
+                "queue": letter.queue,
+                "error": letter.error,
+                "attempts": letter.attempts,
+                "first_failure": letter.first_failure,
+                "dead_lettered_at": letter.dead_lettered_at,
+                "headers": letter.headers,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     click.echo(letter.body.decode("utf-8", errors="replace"))
 
 
@@ -108,8 +124,9 @@ def dlq_purge(yes: bool) -> None:
 
 
 @click.command()
-@click.option("--consuming", is_flag=True,
-              help="Print nothing; exit 0 if every stage's queue has a consumer, 1 if one has none.")
+@click.option(
+    "--consuming", is_flag=True, help="Print nothing; exit 0 if every stage's queue has a consumer, 1 if one has none."
+)
 def status(consuming: bool) -> None:
     """Broker nodes and queue leaders, queue depths, consumer processes and their span pipelines."""
     import pika
@@ -131,8 +148,9 @@ def status(consuming: bool) -> None:
             channel = connection.channel()
             try:
                 declared = channel.queue_declare(queue, passive=True).method
-                click.echo(f"{queue:<40} {declared.message_count:>8} {declared.consumer_count:>9}  "
-                           f"{leaders.get(queue) or ''}")
+                click.echo(
+                    f"{queue:<40} {declared.message_count:>8} {declared.consumer_count:>9}  {leaders.get(queue) or ''}"
+                )
             except pika.exceptions.ChannelClosedByBroker:
                 click.echo(f"{queue:<40} {'(not declared)':>18}")
     finally:
@@ -142,9 +160,11 @@ def status(consuming: bool) -> None:
     for process in read_status_files(settings.storage_dir):
         state = "stale" if process["stale"] else ("connected" if process["connected"] else "connecting")
         spans = process.get("spans") or {}
-        click.echo(f"{process['stage']:<13} pid {process['pid']:<7} {state:<10} settled {process['messages_settled']:<7} "
-                   f"reconnects {process['connections_opened'] - 1:<3} spans: " +
-                   (", ".join(f"{k} {v}" for k, v in spans.items()) if spans else "tracing off"))
+        click.echo(
+            f"{process['stage']:<13} pid {process['pid']:<7} {state:<10} settled {process['messages_settled']:<7} "
+            f"reconnects {process['connections_opened'] - 1:<3} spans: "
+            + (", ".join(f"{k} {v}" for k, v in spans.items()) if spans else "tracing off")
+        )
 
 
 def _every_stage_consumed(settings: Settings, topo) -> bool:

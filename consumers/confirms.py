@@ -7,6 +7,7 @@ broker's confirms (often several in one frame) are sorted as they arrive. Everyt
 connection's own thread: the broker's answers arrive as callbacks while the connection does its I/O,
 and the runtime collects them between rounds.
 """
+
 from __future__ import annotations
 
 import time
@@ -36,12 +37,13 @@ class PipelinedConfirms(Generic[Item]):
         self._channel.add_on_return_callback(self._on_return)
         instrument(self._channel)
         self._ledger: ConfirmLedger[Item] = ConfirmLedger()
-        self.confirmed: list[Item] = []   # taken by some queue
-        self.returned: list[Item] = []    # no queue takes them
-        self.refused: list[Item] = []     # nacked by the broker
+        self.confirmed: list[Item] = []  # taken by some queue
+        self.returned: list[Item] = []  # no queue takes them
+        self.refused: list[Item] = []  # nacked by the broker
 
-    def publish(self, exchange: str, routing_key: str, body: bytes, properties: pika.BasicProperties,
-                item: Item) -> None:
+    def publish(
+        self, exchange: str, routing_key: str, body: bytes, properties: pika.BasicProperties, item: Item
+    ) -> None:
         """Send now; item lands in confirmed, returned or refused when the broker answers. mandatory: a
         message no queue takes comes back instead of vanishing."""
         self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)

@@ -1,5 +1,6 @@
 """creation: on report.requested, validate and store the report, emit report.created;
 a request that cannot be accepted emits report.invalid with the reasons, so the submitter hears why."""
+
 from __future__ import annotations
 
 from reportflow.consumers.descriptions import describe
@@ -21,19 +22,37 @@ def on_report_requested(event: Event, uow) -> None:
         return
 
     report = Report(
-        id=report_id, title=request["title"], template=request["template"], status="created",
-        submitter=request["submitter"], client=request["client"], data=request["data"],
-        trace_context=dict(event.trace_context), request_message_id=event.message_id,
+        id=report_id,
+        title=request["title"],
+        template=request["template"],
+        status="created",
+        submitter=request["submitter"],
+        client=request["client"],
+        data=request["data"],
+        trace_context=dict(event.trace_context),
+        request_message_id=event.message_id,
     )
     for position, stage in enumerate(request["approval_stages"], start=1):
-        report.stages.append(ApprovalStage(position=position, name=stage["name"], rule=stage.get("rule", "all"),
-                                           approvers=[a.lower() for a in stage["approvers"]]))
+        report.stages.append(
+            ApprovalStage(
+                position=position,
+                name=stage["name"],
+                rule=stage.get("rule", "all"),
+                approvers=[a.lower() for a in stage["approvers"]],
+            )
+        )
     uow.add(report)
-    uow.emit("report.created", {
-        "report_id": report.id, "title": report.title, "template": report.template,
-        "submitter": report.submitter, "client": report.client,
-        "stages": [s["name"] for s in request["approval_stages"]],
-    })
+    uow.emit(
+        "report.created",
+        {
+            "report_id": report.id,
+            "title": report.title,
+            "template": report.template,
+            "submitter": report.submitter,
+            "client": report.client,
+            "stages": [s["name"] for s in request["approval_stages"]],
+        },
+    )
 
 
 def on_unreadable_request(message: InvalidMessage, uow) -> None:
@@ -55,13 +74,16 @@ def _business_rule_violations(request: dict) -> list[str]:
 
 def _emit_invalid(uow, report_id, request: dict, reasons: list[str], message_id: str) -> None:
     title = request.get("title")
-    uow.emit("report.invalid", {
-        "report_id": report_id,
-        "title": one_line(title)[:200] if isinstance(title, str) else None,
-        "submitter": _reachable_person(request.get("submitter")),
-        "request_message_id": message_id,
-        "reasons": reasons,
-    })
+    uow.emit(
+        "report.invalid",
+        {
+            "report_id": report_id,
+            "title": one_line(title)[:200] if isinstance(title, str) else None,
+            "submitter": _reachable_person(request.get("submitter")),
+            "request_message_id": message_id,
+            "reasons": reasons,
+        },
+    )
 
 
 def _reachable_person(person) -> dict | None:

@@ -1,5 +1,6 @@
 """What operators filter on in a trace, read from a report event: the template, the approval stage, the
 decision, and who acted. Stages hand it to the runtime as their Stage.describe."""
+
 from __future__ import annotations
 
 
@@ -14,8 +15,14 @@ def describe(message) -> dict:
         facts["approval.stage"] = stage
     if payload.get("decision") in ("approve", "reject"):
         facts["approval.decision"] = payload["decision"]
-    role, person = next(((r, payload[k]) for k, r in (("approver", "approver"), ("submitter", "submitter"))
-                         if isinstance(payload.get(k), dict)), (None, None))
+    role, person = next(
+        (
+            (r, payload[k])
+            for k, r in (("approver", "approver"), ("submitter", "submitter"))
+            if isinstance(payload.get(k), dict)
+        ),
+        (None, None),
+    )
     if person:
         facts["enduser.role"] = person.get("role") if isinstance(person.get("role"), str) else role
         if isinstance(person.get("id"), str):

@@ -1,5 +1,6 @@
 """generation: on report.created, render the draft PDF, store it, emit report.generated;
 on report.approved, render the final version (the approved draft and its approval page), store it, emit report.finalized."""
+
 from __future__ import annotations
 
 from reportflow.consumers.descriptions import describe
@@ -35,9 +36,19 @@ def on_report_approved(event: Event, uow, renderer: DocumentRenderer, storage: S
 def approval_record(report: Report) -> list[dict]:
     """Who approved which stage, when, with what comment: the approval page's content."""
     return [
-        {"name": stage.name, "rule": stage.rule, "decisions": [
-            {"approver": d.approver_email, "decision": d.decision, "comment": d.comment,
-             "decided_at": d.decided_at.strftime("%Y-%m-%d %H:%M")} for d in stage.decisions]}
+        {
+            "name": stage.name,
+            "rule": stage.rule,
+            "decisions": [
+                {
+                    "approver": d.approver_email,
+                    "decision": d.decision,
+                    "comment": d.comment,
+                    "decided_at": d.decided_at.strftime("%Y-%m-%d %H:%M"),
+                }
+                for d in stage.decisions
+            ],
+        }
         for stage in report.stages
     ]
 

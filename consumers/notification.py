@@ -6,13 +6,22 @@ finalized report with its PDF (report.finalized), and an approver whose decision
 Email cannot join a transaction, so each one is recorded (pending) and committed before it is
 sent, with a Message-ID derived from the event, and marked sent after. A crash between the send
 and the mark sends that one email once more, with the same Message-ID; nothing else repeats one."""
+
 from __future__ import annotations
 
 from reportflow.consumers.descriptions import describe
 from reportflow.consumers.stage import Stage
 from reportflow.shared.storage import Storage
 from reportflow.shared.events import Event
-from reportflow.shared.mail import InvalidAddress, Postman, build_email, check_address, one_line, quoted, stable_message_id
+from reportflow.shared.mail import (
+    InvalidAddress,
+    Postman,
+    build_email,
+    check_address,
+    one_line,
+    quoted,
+    stable_message_id,
+)
 from reportflow.shared.models import Notification, utcnow
 
 
@@ -23,12 +32,17 @@ def on_approval_requested(event: Event, uow, postman: Postman, storage: Storage)
     subject = f"Approval needed: {title} (stage {stage['position']} of {stage['of']}: {stage_name})"
     rule = "every approver must approve" if stage["rule"] == "all" else "one approval is enough"
     for approver in requested["approvers"]:
-        how = (f"Decide here (this link is yours, and works once):\n  "
-               f"{postman.links.url(requested['report_id'], stage['name'], approver)}\n" if postman.links else
-               f"Decide with:\n  reportflow publish decision {requested['report_id']} --stage \"{stage_name}\" "
-               f"--approver {approver} --approve|--reject --comment \"...\"\n")
-        text = (f"Hello,\n\nThe report \"{title}\" ({requested['report_id']}) is waiting for your "
-                f"decision at stage \"{stage_name}\" ({rule}).\n\n{how}\nThe draft is attached.\n")
+        how = (
+            f"Decide here (this link is yours, and works once):\n  "
+            f"{postman.links.url(requested['report_id'], stage['name'], approver)}\n"
+            if postman.links
+            else f'Decide with:\n  reportflow publish decision {requested["report_id"]} --stage "{stage_name}" '
+            f'--approver {approver} --approve|--reject --comment "..."\n'
+        )
+        text = (
+            f'Hello,\n\nThe report "{title}" ({requested["report_id"]}) is waiting for your '
+            f'decision at stage "{stage_name}" ({rule}).\n\n{how}\nThe draft is attached.\n'
+        )
         attachments = _pdf(storage, requested.get("document"), requested["report_id"])
         _send(uow, postman, event, [approver], subject, text, attachments, key=approver)
 
@@ -39,8 +53,10 @@ def on_report_invalid(event: Event, uow, postman: Postman) -> None:
         return  # nobody to write to; the event itself is the record
     title = one_line(invalid.get("title") or "") or "(untitled)"
     reasons = "\n".join(f"  - {one_line(r)}" for r in invalid["reasons"])
-    text = (f"Hello,\n\nYour report request \"{title}\" could not be accepted:\n\n{reasons}\n\n"
-            "Please correct it and send it again.\n")
+    text = (
+        f'Hello,\n\nYour report request "{title}" could not be accepted:\n\n{reasons}\n\n'
+        "Please correct it and send it again.\n"
+    )
     _send(uow, postman, event, [invalid["submitter"]["email"]], f"Report request not accepted: {title}", text)
 
 
@@ -49,8 +65,10 @@ def on_report_rejected(event: Event, uow, postman: Postman) -> None:
     report = uow.report(rejected["report_id"])
     title = one_line(rejected["title"])
     comment = f"Their comment:\n{quoted(rejected['comment'])}" if rejected.get("comment") else "(no comment)"
-    text = (f"Hello,\n\nThe report \"{title}\" ({rejected['report_id']}) was rejected at stage "
-            f"\"{one_line(rejected['stage'])}\" by {rejected['approver']['email']}.\n\n{comment}\n")
+    text = (
+        f'Hello,\n\nThe report "{title}" ({rejected["report_id"]}) was rejected at stage '
+        f'"{one_line(rejected["stage"])}" by {rejected["approver"]["email"]}.\n\n{comment}\n'
+    )
     _send(uow, postman, event, [report.submitter["email"]], f"Report rejected: {title}", text)
 
 
@@ -58,8 +76,10 @@ def on_report_finalized(event: Event, uow, postman: Postman, storage: Storage) -
     finalized = event.payload
     report = uow.report(finalized["report_id"])
     title = one_line(finalized["title"])
-    text = (f"Hello,\n\nThe report \"{title}\" ({finalized['report_id']}) has been approved. "
-            "The approved version, with its approval page, is attached.\n")
+    text = (
+        f'Hello,\n\nThe report "{title}" ({finalized["report_id"]}) has been approved. '
+        "The approved version, with its approval page, is attached.\n"
+    )
     attachments = _pdf(storage, finalized["document"], finalized["report_id"])
     recipients = list(dict.fromkeys([report.submitter["email"], report.client["email"]]))
     _send(uow, postman, event, recipients, f"Report approved: {title}", text, attachments)
@@ -71,8 +91,10 @@ def on_approval_refused(event: Event, uow, postman: Postman) -> None:
         return  # no address to answer to; the refusal is recorded by approval
     report = uow.report(refused.get("report_id"))
     title = one_line(report.title if report else (refused.get("report_id") or "unknown report"))
-    text = (f"Hello,\n\nYour decision ({one_line(refused.get('decision') or 'unreadable')}) on \"{title}\", stage "
-            f"\"{one_line(refused.get('stage') or '?')}\", was not applied. The reason:\n{quoted(refused['reason'])}\n")
+    text = (
+        f'Hello,\n\nYour decision ({one_line(refused.get("decision") or "unreadable")}) on "{title}", stage '
+        f'"{one_line(refused.get("stage") or "?")}", was not applied. The reason:\n{quoted(refused["reason"])}\n'
+    )
     try:
         recipient = check_address(refused["approver"]["email"])
     except InvalidAddress:
@@ -88,17 +110,34 @@ def _pdf(storage: Storage, document: dict | None, report_id: str) -> list[tuple[
     return [(f"{report_id}-{document['kind']}.pdf", content, "application/pdf")]
 
 
-def _send(uow, postman: Postman, event: Event, to: list[str], subject: str, text: str,
-          attachments: list = (), key: str = "all") -> None:
+def _send(
+    uow,
+    postman: Postman,
+    event: Event,
+    to: list[str],
+    subject: str,
+    text: str,
+    attachments: list = (),
+    key: str = "all",
+) -> None:
     message_id = stable_message_id(f"{event.message_id}.{key}")
-    email = build_email(sender=postman.sender, to=to, subject=subject, text=text,
-                        message_id=message_id, attachments=attachments)
+    email = build_email(
+        sender=postman.sender, to=to, subject=subject, text=text, message_id=message_id, attachments=attachments
+    )
     with uow.commit_now() as session:
         if _locked_record(session, message_id) is None:
-            session.add(Notification(report_id=event.report_id, event_type=event.type,
-                                     event_message_id=event.message_id, recipients=to, subject=email["Subject"],
-                                     email_message_id=message_id, attachments=[a[0] for a in attachments],
-                                     transport=postman.mailer.transport))
+            session.add(
+                Notification(
+                    report_id=event.report_id,
+                    event_type=event.type,
+                    event_message_id=event.message_id,
+                    recipients=to,
+                    subject=email["Subject"],
+                    email_message_id=message_id,
+                    attachments=[a[0] for a in attachments],
+                    transport=postman.mailer.transport,
+                )
+            )
     with uow.commit_now() as session:
         # Locked until this block commits the mark: a copy of this event handled at the same time waits
         # here and then finds the email sent. Only a crash (its lock gone with its connection) leaves one
@@ -111,8 +150,14 @@ def _send(uow, postman: Postman, event: Event, to: list[str], subject: str, text
 
 
 def _locked_record(session, message_id: str) -> Notification | None:
-    return (session.query(Notification).filter_by(email_message_id=message_id)
-            .with_for_update().populate_existing().one_or_none())
+    return (
+        session.query(Notification)
+        .filter_by(email_message_id=message_id)
+        .with_for_update()
+        .populate_existing()
+        .one_or_none()
+    )
+
 
 STAGE = Stage(
     name="notification",

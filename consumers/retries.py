@@ -5,6 +5,7 @@ limit) goes to a delay queue of its tier and comes back to the work queue when i
 one queue per tier, so a long delay never holds up a short one. A permanent failure (a bug, bad
 data a handler could not refuse) and a transient one that has used its tiers go to the dead-letter
 queue with the reason."""
+
 from __future__ import annotations
 
 import smtplib
@@ -21,10 +22,10 @@ class TransientError(Exception):
 
 TRANSIENT = (
     TransientError,
-    sa.OperationalError,   # database unreachable, locked, restarting
+    sa.OperationalError,  # database unreachable, locked, restarting
     sa.InterfaceError,
     sa.DisconnectionError,
-    sa.TimeoutError,       # connection pool exhausted
+    sa.TimeoutError,  # connection pool exhausted
     # A unique constraint lost to another worker handling a copy of the same message (a redelivery and
     # a relayed duplicate at once): on the next attempt the inbox sees the copy that won, and acks.
     sa.IntegrityError,

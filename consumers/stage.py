@@ -1,6 +1,7 @@
 """What a stage is: a name, the handlers it runs for each event type, and what it can tell the runtime
 about a message (what operators filter on, where a follow-up event's trace lives). Nothing about
 brokers or spans."""
+
 from __future__ import annotations
 
 import inspect

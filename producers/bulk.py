@@ -2,6 +2,7 @@
 unconfirmed at a time, instead of waiting for each confirm in turn (which caps near 2,000 a second).
 
 Each message still gets its own producer span and trace context, so each report keeps its own trace."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -23,7 +24,7 @@ _tracer = trace.get_tracer("reportflow.producer")
 @dataclass
 class BulkResult:
     confirmed: int = 0
-    nacked: list[str] = field(default_factory=list)      # message ids the broker refused
+    nacked: list[str] = field(default_factory=list)  # message ids the broker refused
     unroutable: list[str] = field(default_factory=list)  # message ids no queue took
 
     @property
@@ -32,8 +33,9 @@ class BulkResult:
 
 
 class BulkPublisher:
-    def __init__(self, amqp_url: str | None = None, exchange: str | None = None, window: int = 1000,
-                 app_id: str = "upstream"):
+    def __init__(
+        self, amqp_url: str | None = None, exchange: str | None = None, window: int = 1000, app_id: str = "upstream"
+    ):
         settings = Settings.load()
         self._url = amqp_url or settings.amqp_url
         self._exchange = exchange or settings.exchange
@@ -45,9 +47,12 @@ class BulkPublisher:
         events = iter(events)
         for url in broker_urls(self._url):  # the first node that answers
             run = _Run(events, self._exchange, self._window, self._app_id)
-            connection = pika.SelectConnection(pika.URLParameters(url), on_open_callback=run.on_open,
-                                               on_open_error_callback=run.on_error,
-                                               on_close_callback=run.on_closed)
+            connection = pika.SelectConnection(
+                pika.URLParameters(url),
+                on_open_callback=run.on_open,
+                on_open_error_callback=run.on_error,
+                on_close_callback=run.on_closed,
+            )
             run.connection = connection
             connection.ioloop.start()
             if not (run.error and not run.opened):
@@ -57,8 +62,9 @@ class BulkPublisher:
         return run.result
 
     def requests(self, requests: Iterable[dict]) -> BulkResult:
-        return self.publish(Event("report.requested", {**r, "report_id": r.get("report_id") or new_report_id()})
-                            for r in requests)
+        return self.publish(
+            Event("report.requested", {**r, "report_id": r.get("report_id") or new_report_id()}) for r in requests
+        )
 
 
 class _Run:
@@ -101,10 +107,13 @@ class _Run:
 
     def send(self, event: Event) -> None:
         body = encode(event)
-        with _tracer.start_as_current_span(publish_span_name(self.exchange, event.type), kind=SpanKind.PRODUCER,
-                                           attributes=publish_span_attributes(
-                                               self.exchange, event.type, message_id=event.message_id,
-                                               report_id=event.report_id, body_size=len(body))):
+        with _tracer.start_as_current_span(
+            publish_span_name(self.exchange, event.type),
+            kind=SpanKind.PRODUCER,
+            attributes=publish_span_attributes(
+                self.exchange, event.type, message_id=event.message_id, report_id=event.report_id, body_size=len(body)
+            ),
+        ):
             properties = pika.BasicProperties(**message_properties(event, carrier_of_current(), app_id=self.app_id))
             self.channel.basic_publish(self.exchange, event.type, body, properties, mandatory=True)
         self.ledger.published(event.message_id, event.message_id)

@@ -1,4 +1,5 @@
 """The producers' commands, joined under `reportflow` (see shared/cli.py): publish, gateway, demo."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,11 @@ def publish() -> None:
 @publish.command("request")
 @click.argument("request_file", type=click.File("rb"))
 @click.option("--report-id", help="Use this report id instead of the file's (or a new one).")
-@click.option("--no-validate", is_flag=True, help="Send even if it breaks the schema (reportflow will answer with report.invalid).")
+@click.option(
+    "--no-validate",
+    is_flag=True,
+    help="Send even if it breaks the schema (reportflow will answer with report.invalid).",
+)
 def publish_request(request_file, report_id: str | None, no_validate: bool) -> None:
     """Publish report.requested from REQUEST_FILE (JSON)."""
     try:
@@ -66,8 +71,16 @@ def _send(action, validate: bool = True) -> None:
     except Unroutable as exc:
         click.echo(f"Not delivered: {exc}", err=True)
         sys.exit(3)
-    click.echo(json.dumps({"event": published.event_type, "message_id": published.message_id,
-                           "report_id": published.report_id, "trace_id": published.trace_id}))
+    click.echo(
+        json.dumps(
+            {
+                "event": published.event_type,
+                "message_id": published.message_id,
+                "report_id": published.report_id,
+                "trace_id": published.trace_id,
+            }
+        )
+    )
 
 
 @click.command()
@@ -80,8 +93,11 @@ def gateway() -> None:
 
 @click.command()
 @click.option("--timeout", default=120, show_default=True, help="Seconds to wait for each step.")
-@click.option("--request-file", type=click.Path(exists=True, dir_okay=False),
-              default=str(Path(__file__).resolve().parent / "examples" / "q3-revenue.json"))
+@click.option(
+    "--request-file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=str(Path(__file__).resolve().parent / "examples" / "q3-revenue.json"),
+)
 def demo(timeout: int, request_file: str) -> None:
     """Publish a sample request, approve both stages as the approvers would, and print the outcome."""
     from reportflow.producers.client import ReportflowClient
@@ -113,8 +129,12 @@ def demo(timeout: int, request_file: str) -> None:
             for approver in approvers:
                 client.decide(report_id, stage["name"], approver, approve=True, comment="Looks right to me.")
                 click.echo(f"  {approver} approved stage {stage['name']}")
-    summary = wait_for(report_id, lambda s: s["status"] == "finalized" and len(s["notifications"]) >= 4,
-                       "the approved PDF and its emails")
+    summary = wait_for(
+        report_id,
+        lambda s: s["status"] == "finalized" and len(s["notifications"]) >= 4,
+        "the approved PDF and its emails",
+    )
     click.echo(as_text(summary))
+
 
 commands = [publish, gateway, demo]

@@ -1,5 +1,6 @@
 """A kombu-based client for upstream Python systems: publishes report.requested and approval.decided
 with publisher confirms, as persistent messages, with the current trace context in the headers."""
+
 from __future__ import annotations
 
 import uuid
@@ -42,16 +43,27 @@ class PublishedEvent:
 
 
 class ReportflowClient:
-    def __init__(self, amqp_url: str | None = None, exchange: str | None = None, app_id: str = "upstream",
-                 validate: bool = True, max_message_bytes: int | None = None):
+    def __init__(
+        self,
+        amqp_url: str | None = None,
+        exchange: str | None = None,
+        app_id: str = "upstream",
+        validate: bool = True,
+        max_message_bytes: int | None = None,
+    ):
         settings = Settings.load()
         # kombu fails over between the nodes of a cluster given as alternates, one node per retry. A node
         # that is down answers at once, so the next is tried at once, not after kombu's 2, 4, 6 s waits.
         urls = broker_urls(amqp_url or settings.amqp_url)
-        self._retry_policy = {"max_retries": 2 * len(urls) + 1, "interval_start": 0, "interval_step": 0.5,
-                              "interval_max": 2}
-        self._connection = kombu.Connection(urls, failover_strategy="round-robin",
-                                            transport_options={"confirm_publish": True, **self._retry_policy})
+        self._retry_policy = {
+            "max_retries": 2 * len(urls) + 1,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 2,
+        }
+        self._connection = kombu.Connection(
+            urls, failover_strategy="round-robin", transport_options={"confirm_publish": True, **self._retry_policy}
+        )
         self._exchange = kombu.Exchange(exchange or settings.exchange, type="topic", durable=True)
         self._app_id = app_id
         self._validate = validate
@@ -73,11 +85,23 @@ class ReportflowClient:
         request = {**request, "report_id": request.get("report_id") or new_report_id()}
         return self.publish("report.requested", request, message_id)
 
-    def decide(self, report_id: str, stage: str, approver_email: str, approve: bool, comment: str | None = None,
-               approver_id: str | None = None, message_id: str | None = None) -> PublishedEvent:
+    def decide(
+        self,
+        report_id: str,
+        stage: str,
+        approver_email: str,
+        approve: bool,
+        comment: str | None = None,
+        approver_id: str | None = None,
+        message_id: str | None = None,
+    ) -> PublishedEvent:
         approver = {"email": approver_email, **({"id": approver_id} if approver_id else {})}
-        decided = {"report_id": report_id, "stage": stage, "approver": approver,
-                   "decision": "approve" if approve else "reject"}
+        decided = {
+            "report_id": report_id,
+            "stage": stage,
+            "approver": approver,
+            "decision": "approve" if approve else "reject",
+        }
         if comment:
             decided["comment"] = comment
         return self.publish("approval.decided", decided, message_id)
@@ -93,18 +117,30 @@ class ReportflowClient:
         if too_large:
             raise MessageTooLarge(event_type, [too_large])
         exchange = self._exchange.name
-        with _tracer.start_as_current_span(publish_span_name(exchange, event_type), kind=SpanKind.PRODUCER,
-                                           attributes=publish_span_attributes(
-                                               exchange, event_type, message_id=event.message_id,
-                                               report_id=event.report_id, body_size=len(body))) as span:
+        with _tracer.start_as_current_span(
+            publish_span_name(exchange, event_type),
+            kind=SpanKind.PRODUCER,
+            attributes=publish_span_attributes(
+                exchange, event_type, message_id=event.message_id, report_id=event.report_id, body_size=len(body)
+            ),
+        ) as span:
             properties = message_properties(event, carrier_of_current(), app_id=self._app_id)
             headers = properties.pop("headers")
             self._returned.clear()
-            self._producer.publish(body, routing_key=event_type, headers=headers, mandatory=True,
-                                   retry=True, retry_policy=self._retry_policy, **properties)
+            self._producer.publish(
+                body,
+                routing_key=event_type,
+                headers=headers,
+                mandatory=True,
+                retry=True,
+                retry_policy=self._retry_policy,
+                **properties,
+            )
             if event.message_id in self._returned:
-                raise Unroutable(f"no queue is bound for {event_type} on exchange {self._exchange.name!r}; "
-                                 "run `reportflow topology declare`")
+                raise Unroutable(
+                    f"no queue is bound for {event_type} on exchange {self._exchange.name!r}; "
+                    "run `reportflow topology declare`"
+                )
             span_context = span.get_span_context()
             trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else None
             return PublishedEvent(event_type, event.message_id, event.report_id, trace_id)

@@ -11,6 +11,7 @@ publishes the same events any upstream would, and reads reports from the databas
 An approval link's token is a credential. Before anything else sees a request (the tracing
 instrumentation, Flask's routing and logging), the token is taken out of the path: routes, spans and
 log lines only ever show /approve and /approve/document."""
+
 from __future__ import annotations
 
 import hmac
@@ -45,7 +46,7 @@ _LINK_PATH = re.compile(r"^/approve/(?P<token>[^/]+)(?P<rest>/document)?/?$")
 # Pages and answers are private and never framed; the pages' only other resource is their stylesheet.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; form-action 'self'; "
-                               "frame-ancestors 'none'; base-uri 'none'",
+    "frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
@@ -79,17 +80,22 @@ class Refused(Exception):
 
 
 def create_app(settings: Settings, client_factory=None) -> Flask:
-    links = settings.approval_links()          # refuses a missing or weak secret outside development
-    api_token = settings.checked_api_token()   # likewise a weak token
+    links = settings.approval_links()  # refuses a missing or weak secret outside development
+    api_token = settings.checked_api_token()  # likewise a weak token
     app = Gateway(__name__, template_folder=str(ASSETS / "gateway"), static_folder=str(ASSETS / "gateway" / "static"))
     # A body larger than a message may be is refused before it is read (waitress is capped alike, in serve()).
     app.config["MAX_CONTENT_LENGTH"] = settings.max_message_bytes
     engine = make_engine(settings.database_url)
     storage = settings.document_storage()
     public_url = settings.gateway_url.rstrip("/")
-    client_factory = client_factory or (lambda: ReportflowClient(
-        settings.amqp_url, settings.exchange, app_id="reportflow-gateway",
-        max_message_bytes=settings.max_message_bytes))
+    client_factory = client_factory or (
+        lambda: ReportflowClient(
+            settings.amqp_url,
+            settings.exchange,
+            app_id="reportflow-gateway",
+            max_message_bytes=settings.max_message_bytes,
+        )
+    )
 
     def require_api_token() -> None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -108,8 +114,9 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(_):
-        return refusal(Refused(f"the body is larger than {settings.max_message_bytes} bytes, "
-                               "the most a message may carry", 413))
+        return refusal(
+            Refused(f"the body is larger than {settings.max_message_bytes} bytes, the most a message may carry", 413)
+        )
 
     @app.after_request
     def security_headers(response: Response) -> Response:
@@ -139,8 +146,7 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
         except BROKER_DOWN as exc:
             log.warning("broker unavailable for POST /reports: %r", exc)
             raise Refused("the message broker is unavailable; nothing was accepted, try again", 503) from None
-        return jsonify(report_id=published.report_id, trace_id=published.trace_id,
-                       message_id=published.message_id), 202
+        return jsonify(report_id=published.report_id, trace_id=published.trace_id, message_id=published.message_id), 202
 
     @app.get("/reports/<report_id>")
     def report_status(report_id: str):
@@ -182,21 +188,35 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
                 raise Refused(f"This approval link was already used, to {used.decision}. Each link works once.", 409)
             stage, not_decidable = report.stage_open_to(claim.stage, claim.approver)
             if not_decidable:
-                raise Refused(f"Nothing can be decided with this link: {not_decidable.reason}.",
-                              {"not_approver": 403, "unknown": 404}.get(not_decidable.kind, 409))
+                raise Refused(
+                    f"Nothing can be decided with this link: {not_decidable.reason}.",
+                    {"not_approver": 403, "unknown": 404}.get(not_decidable.kind, 409),
+                )
             yield token, claim, session, report, stage
 
     @app.get("/approve")
     def approval_page():
         with open_stage() as (token, claim, _, report, stage):
             form_token = links.form_token(claim)
-            page = render_template("approve.html", report=report, stage=stage, approver=claim.approver,
-                                   form_token=form_token, document_url=f"/approve/{token}/document")
+            page = render_template(
+                "approve.html",
+                report=report,
+                stage=stage,
+                approver=claim.approver,
+                form_token=form_token,
+                document_url=f"/approve/{token}/document",
+            )
         response = Response(page)
         # Double submit: the form's token must match this cookie, which another site can neither read
         # nor set for this one.
-        response.set_cookie("reportflow_form", form_token, httponly=True, samesite="Strict",
-                            secure=request.is_secure, path=f"/approve/{token}")
+        response.set_cookie(
+            "reportflow_form",
+            form_token,
+            httponly=True,
+            samesite="Strict",
+            secure=request.is_secure,
+            path=f"/approve/{token}",
+        )
         return response
 
     @app.get("/approve/document")
@@ -220,22 +240,38 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
             title, stage_name = report.title, stage.name  # the session expires them at commit
             # The link is claimed before the decision is published: the same link submitted twice at once
             # waits here on the row, then finds it used and is told what was recorded.
-            session.add(UsedLink(nonce=claim.nonce, report_id=report.id, stage_name=stage_name,
-                                 approver_email=claim.approver, decision=decision))
+            session.add(
+                UsedLink(
+                    nonce=claim.nonce,
+                    report_id=report.id,
+                    stage_name=stage_name,
+                    approver_email=claim.approver,
+                    decision=decision,
+                )
+            )
             try:
                 session.flush()
             except IntegrityError:
                 session.rollback()
                 recorded = session.get(UsedLink, claim.nonce)
-                return render_template("decided.html", report_title=title, stage=stage_name,
-                                       decision=recorded.decision, already=True), 409
+                return render_template(
+                    "decided.html", report_title=title, stage=stage_name, decision=recorded.decision, already=True
+                ), 409
             try:
                 with client_factory() as client:
-                    client.decide(report.id, stage_name, claim.approver, approve=decision == "approve",
-                                  comment=comment, message_id=claim.decision_message_id)
+                    client.decide(
+                        report.id,
+                        stage_name,
+                        claim.approver,
+                        approve=decision == "approve",
+                        comment=comment,
+                        message_id=claim.decision_message_id,
+                    )
             except BROKER_DOWN as exc:
                 log.warning("broker unavailable for a decision: %r", exc)
-                raise Refused("The decision could not be sent just now; nothing was recorded. Try again.", 503) from None
+                raise Refused(
+                    "The decision could not be sent just now; nothing was recorded. Try again.", 503
+                ) from None
             session.commit()
         return render_template("decided.html", report_title=title, stage=stage_name, decision=decision), 200
 
@@ -264,6 +300,7 @@ def _not_ready(settings: Settings):
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
         return None
+
     return check
 
 
@@ -288,20 +325,33 @@ def serve(settings: Settings | None = None) -> None:
     setup_logging(settings.log_level, settings.log_format, "reportflow-gateway")
     if settings.development:
         if not _loopback(settings.gateway_bind):
-            raise SystemExit(f"REPORTFLOW_ENV=development: the gateway signs links with the published development "
-                             f"key, so it listens on loopback only, not {settings.gateway_bind!r}")
-        log.warning("development mode: approval links are signed with the published development key unless "
-                    "REPORTFLOW_SECRET_KEY is set, and the development API token works; loopback only")
+            raise SystemExit(
+                f"REPORTFLOW_ENV=development: the gateway signs links with the published development "
+                f"key, so it listens on loopback only, not {settings.gateway_bind!r}"
+            )
+        log.warning(
+            "development mode: approval links are signed with the published development key unless "
+            "REPORTFLOW_SECRET_KEY is set, and the development API token works; loopback only"
+        )
     provider = setup_tracing("reportflow-gateway", settings.tracing, settings.environment)
     app = create_app(settings)
     # Alive while this process answers at all (waitress runs in the main thread; its end is the process's).
     health = serve_health(settings, live=lambda: True, ready=_not_ready(settings), provider=provider)
     if provider is not None:
         FlaskInstrumentor().instrument_app(app, tracer_provider=provider)
-    log.info("gateway listening on http://%s:%d (public URL %s)", settings.gateway_bind, settings.gateway_port,
-             settings.gateway_url)
-    server = waitress.create_server(app, host=settings.gateway_bind, port=settings.gateway_port, threads=8,
-                                    max_request_body_size=settings.max_message_bytes)
+    log.info(
+        "gateway listening on http://%s:%d (public URL %s)",
+        settings.gateway_bind,
+        settings.gateway_port,
+        settings.gateway_url,
+    )
+    server = waitress.create_server(
+        app,
+        host=settings.gateway_bind,
+        port=settings.gateway_port,
+        threads=8,
+        max_request_body_size=settings.max_message_bytes,
+    )
 
     def stop(*_):
         raise SystemExit(0)  # out of the server loop, so the spans still queued are flushed below

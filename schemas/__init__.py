@@ -1,4 +1,5 @@
 """The event contract: one JSON Schema per event type, loaded once, used on the way in and out."""
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """Reaching the broker: REPORTFLOW_AMQP_URL may name several nodes of a cluster, separated by commas.
 Every connection (consumers, the client, bulk publishing, the gateway, the CLI) tries them in order and
 takes the first that answers; when that node goes away, the reconnect tries them all again."""
+
 from __future__ import annotations
 
 import socket
@@ -15,8 +16,9 @@ def broker_urls(setting: str) -> list[str]:
     return urls
 
 
-def connection_parameters(setting: str, *, heartbeat: int | None = None, name: str | None = None
-                          ) -> list[pika.URLParameters]:
+def connection_parameters(
+    setting: str, *, heartbeat: int | None = None, name: str | None = None
+) -> list[pika.URLParameters]:
     parameters = []
     for url in broker_urls(setting):
         each = pika.URLParameters(url)

@@ -1,6 +1,7 @@
 """What only the broker's management API can tell (AMQP cannot): the cluster's nodes and which node leads
 each queue. Set REPORTFLOW_BROKER_API_URL (http://user:password@host:15672) to see them in `reportflow
 status`."""
+
 from __future__ import annotations
 
 import base64
@@ -28,5 +29,7 @@ class BrokerApi:
 
     def queue_leaders(self, vhost: str) -> dict[str, str | None]:
         """Queue name -> the node that leads it (a quorum queue's leader, a classic queue's home)."""
-        return {q["name"]: q.get("leader") or q.get("node")
-                for q in self._get(f"/api/queues/{quote(vhost, safe='')}?columns=name,leader,node")}
+        return {
+            q["name"]: q.get("leader") or q.get("node")
+            for q in self._get(f"/api/queues/{quote(vhost, safe='')}?columns=name,leader,node")
+        }

@@ -1,6 +1,7 @@
 """The `reportflow` command: the commands every install has (db, report, trace, config), joined with
 those each installed package contributes through the `reportflow.commands` entry points (the consumers:
 consume, topology, dlq, status; the producers: publish, gateway, demo). shared/ names neither."""
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,20 @@ from reportflow.shared.version import version
 
 COMMAND_ENTRY_POINTS = "reportflow.commands"
 # What the upstream's install (`pip install reportflow`) leaves out, and the extra that brings it.
-EXTRA_FOR_MODULE = {"sqlalchemy": "pipeline", "alembic": "pipeline", "psycopg": "pipeline", "jinja2": "pipeline",
-                    "weasyprint": "pipeline", "pypdf": "pipeline", "honcho": "pipeline", "boto3": "pipeline",
-                    "cryptography": "pipeline", "prometheus_client": "pipeline", "flask": "gateway",
-                    "waitress": "gateway"}
+EXTRA_FOR_MODULE = {
+    "sqlalchemy": "pipeline",
+    "alembic": "pipeline",
+    "psycopg": "pipeline",
+    "jinja2": "pipeline",
+    "weasyprint": "pipeline",
+    "pypdf": "pipeline",
+    "honcho": "pipeline",
+    "boto3": "pipeline",
+    "cryptography": "pipeline",
+    "prometheus_client": "pipeline",
+    "flask": "gateway",
+    "waitress": "gateway",
+}
 
 
 class CommandsOfTheInstall(click.Group):
@@ -32,8 +43,10 @@ class CommandsOfTheInstall(click.Group):
             if top not in EXTRA_FOR_MODULE and not top.startswith("opentelemetry"):
                 raise
             extra = EXTRA_FOR_MODULE.get(top, "pipeline")
-            raise click.ClickException(f"this command needs {top}, which this install of reportflow does not "
-                                       f"have: pip install 'reportflow[{extra}]'") from None
+            raise click.ClickException(
+                f"this command needs {top}, which this install of reportflow does not "
+                f"have: pip install 'reportflow[{extra}]'"
+            ) from None
 
 
 @click.group(cls=CommandsOfTheInstall)
@@ -103,8 +116,10 @@ def trace_command(report_id: str) -> None:
     elif settings.tracing.local_dir:
         rows = load_from_files(Path(settings.tracing.local_dir), summary["trace_id"])
     else:
-        raise click.ClickException("set JAEGER_QUERY_URL, or tracing.local_dir (REPORTFLOW_TRACE_DIR) "
-                                   "where the consumers write spans when no collector is configured")
+        raise click.ClickException(
+            "set JAEGER_QUERY_URL, or tracing.local_dir (REPORTFLOW_TRACE_DIR) "
+            "where the consumers write spans when no collector is configured"
+        )
     click.echo(waterfall(rows))
 
 

@@ -1,5 +1,6 @@
 """Settings, read once at start-up: built-in defaults, then config/app.yaml, then
 config/<environment>.yaml, then environment variables, each overriding the one before."""
+
 from __future__ import annotations
 
 import os
@@ -25,16 +26,16 @@ class InsecureSettings(ValueError):
 class TracingSettings:
     enabled: bool = True
     sampling_ratio: float = 1.0
-    exporter_endpoint: str = ""       # else OTEL_EXPORTER_OTLP_ENDPOINT, else no OTLP export
-    exporter_protocol: str = ""       # else OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf
+    exporter_endpoint: str = ""  # else OTEL_EXPORTER_OTLP_ENDPOINT, else no OTLP export
+    exporter_protocol: str = ""  # else OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf
     # Spans are exported little and often. The SDK's default (every 5 s, 512 at a time) encodes a burst
     # of spans in one go, and every thread of the process waits behind it: p99 per hop went from 97 ms
     # to 7 ms with these values (docs/performance.md). OTEL_BSP_* still win when set.
     batch_max_export_size: int = 64
     batch_schedule_delay_ms: int = 100
-    local_dir: str = ""               # with no collector, spans go here as OTLP JSON lines
-    record_emails: bool = False       # email addresses are PII: off unless asked for
-    late_messages: str = "continue"   # "continue" the report's trace, or "link": a new trace linking back
+    local_dir: str = ""  # with no collector, spans go here as OTLP JSON lines
+    record_emails: bool = False  # email addresses are PII: off unless asked for
+    late_messages: str = "continue"  # "continue" the report's trace, or "link": a new trace linking back
     stats_interval_seconds: int = 60
 
 
@@ -47,8 +48,8 @@ class Settings:
     storage_url: str = ""  # where documents are kept: file:///path or s3://bucket/prefix; "": storage_dir
     smtp_url: str = ""
     mail_from: str = "reportflow <reportflow@localhost>"
-    prefetch: int = 0       # 0: twice the worker threads, at least 4
-    concurrency: int = 0    # worker threads per process; 0: 4 on PostgreSQL, 1 on SQLite (one writer)
+    prefetch: int = 0  # 0: twice the worker threads, at least 4
+    concurrency: int = 0  # worker threads per process; 0: 4 on PostgreSQL, 1 on SQLite (one writer)
     heartbeat_seconds: int = 30
     max_message_bytes: int = 1_048_576
     # Well under RabbitMQ's 30-minute consumer timeout, past which the broker closes the channel.
@@ -57,21 +58,21 @@ class Settings:
     # Seconds before each retry of a transient failure: one delay queue per tier, so a long one never holds
     # up a short one. Past the last, the message is dead-lettered.
     retry_delays: tuple[int, ...] = (1, 5, 30, 120)
-    queue_type: str = "classic"      # or "quorum": replicated work queues, with a delivery limit
-    delivery_limit: int = 20         # quorum queues: deliveries before the broker dead-letters a message
+    queue_type: str = "classic"  # or "quorum": replicated work queues, with a delivery limit
+    delivery_limit: int = 20  # quorum queues: deliveries before the broker dead-letters a message
     environment: str = DEFAULT_ENVIRONMENT
     log_level: str = "INFO"
     log_format: str = "text"  # or "json", for log shippers
     jaeger_ui_url: str = "http://localhost:16686"
     jaeger_query_url: str = ""
-    broker_api_url: str = ""      # the management API (http://user:pass@host:15672): nodes, queue leaders
-    metrics_port: int = 0          # /livez, /readyz and /metrics of this process; 0: off
+    broker_api_url: str = ""  # the management API (http://user:pass@host:15672): nodes, queue leaders
+    metrics_port: int = 0  # /livez, /readyz and /metrics of this process; 0: off
     metrics_bind: str = "0.0.0.0"  # where an orchestrator's probes and Prometheus reach it
-    gateway_url: str = "http://127.0.0.1:8080"   # the public base URL used in emails
+    gateway_url: str = "http://127.0.0.1:8080"  # the public base URL used in emails
     gateway_bind: str = "127.0.0.1"
     gateway_port: int = 8080
-    secret_key: str = ""                           # signs approval links; required outside development
-    api_token: str = ""                            # Bearer token for POST /reports and the JSON endpoints
+    secret_key: str = ""  # signs approval links; required outside development
+    api_token: str = ""  # Bearer token for POST /reports and the JSON endpoints
     link_max_age_seconds: int = 7 * 24 * 3600
     tracing: TracingSettings = field(default_factory=TracingSettings)
 
@@ -139,11 +140,15 @@ class Settings:
 
     def _refuse_weak(self, name: str, value: str, development_value: str) -> None:
         if value == development_value:
-            raise InsecureSettings(f"{name} is the published development value; it works only with "
-                                   f"REPORTFLOW_ENV={DEVELOPMENT} (this process runs as {self.environment!r})")
+            raise InsecureSettings(
+                f"{name} is the published development value; it works only with "
+                f"REPORTFLOW_ENV={DEVELOPMENT} (this process runs as {self.environment!r})"
+            )
         if len(value.encode()) < MIN_SECRET_BYTES:
-            raise InsecureSettings(f"{name} is shorter than {MIN_SECRET_BYTES} bytes; outside development use a "
-                                   "random one, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+            raise InsecureSettings(
+                f"{name} is shorter than {MIN_SECRET_BYTES} bytes; outside development use a "
+                "random one, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
 
 
 # Setting -> environment variables that set it, first one present wins. YAML files use the same
@@ -214,8 +219,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def _as_dict(settings) -> dict:
-    return {f.name: _as_dict(getattr(settings, f.name)) if f.name == "tracing" else getattr(settings, f.name)
-            for f in fields(settings)}
+    return {
+        f.name: _as_dict(getattr(settings, f.name)) if f.name == "tracing" else getattr(settings, f.name)
+        for f in fields(settings)
+    }
 
 
 def _build(defaults: Settings, values: dict) -> Settings:
@@ -224,8 +231,11 @@ def _build(defaults: Settings, values: dict) -> Settings:
     if unknown:
         raise ValueError(f"unknown settings: {', '.join(unknown)}")
     top = {k: _coerce(getattr(defaults, k), v) for k, v in values.items() if "." not in k}
-    nested = {k.split(".", 1)[1]: _coerce(getattr(defaults.tracing, k.split(".", 1)[1]), v)
-              for k, v in values.items() if k.startswith("tracing.")}
+    nested = {
+        k.split(".", 1)[1]: _coerce(getattr(defaults.tracing, k.split(".", 1)[1]), v)
+        for k, v in values.items()
+        if k.startswith("tracing.")
+    }
     return replace(defaults, **top, tracing=replace(defaults.tracing, **nested))
 
 

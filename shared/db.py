@@ -1,4 +1,5 @@
 """Database engine and the unit of work a handler runs in."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -16,12 +17,15 @@ from reportflow.shared.models import InboxRecord, OutboxMessage, Report, utcnow
 # insert path rebuilt and recompiled these per message, and that was a third of a hop's CPU.
 _inbox, _outbox = InboxRecord.__table__, OutboxMessage.__table__
 # SQLAlchemy does not cache the PostgreSQL dialect's insert (it compiles it every time); SQL text it does.
-_CLAIM_ON_POSTGRESQL = text("INSERT INTO inbox (consumer, message_id, event_type, processed_at)"
-                            " VALUES (:consumer, :message_id, :event_type, :processed_at)"
-                            " ON CONFLICT DO NOTHING RETURNING message_id")
+_CLAIM_ON_POSTGRESQL = text(
+    "INSERT INTO inbox (consumer, message_id, event_type, processed_at)"
+    " VALUES (:consumer, :message_id, :event_type, :processed_at)"
+    " ON CONFLICT DO NOTHING RETURNING message_id"
+)
 _RECORD_IN_INBOX = insert(_inbox)
-_SEEN_IN_INBOX = select(_inbox.c.message_id).where(_inbox.c.consumer == bindparam("consumer"),
-                                                  _inbox.c.message_id == bindparam("message_id"))
+_SEEN_IN_INBOX = select(_inbox.c.message_id).where(
+    _inbox.c.consumer == bindparam("consumer"), _inbox.c.message_id == bindparam("message_id")
+)
 _ADD_TO_OUTBOX = insert(_outbox).returning(_outbox.c.id)
 
 
@@ -124,8 +128,12 @@ class UnitOfWork:
         PostgreSQL: claimed first thing, so a copy of the message handled at the same moment waits on
         the row and then finds it. SQLite: checked now and written at commit, because a write this early
         would hold SQLite's single write lock through the whole handler (a PDF render, say)."""
-        values = {"consumer": self.consumer, "message_id": message_id, "event_type": event_type,
-                  "processed_at": utcnow()}
+        values = {
+            "consumer": self.consumer,
+            "message_id": message_id,
+            "event_type": event_type,
+            "processed_at": utcnow(),
+        }
         if self.session.bind.dialect.name == "postgresql":
             self._inbox_pending = None
             return self.session.execute(_CLAIM_ON_POSTGRESQL, values).first() is not None
@@ -138,9 +146,17 @@ class UnitOfWork:
             self.session.execute(_RECORD_IN_INBOX, self._inbox_pending)
         published = []
         for emitted in self.emitted:
-            outbox_id = self.session.execute(_ADD_TO_OUTBOX, {
-                "message_id": emitted.message_id, "event_type": emitted.type, "payload": emitted.payload,
-                "headers": dict(trace_headers), "source": self.consumer, "created_at": utcnow()}).scalar_one()
+            outbox_id = self.session.execute(
+                _ADD_TO_OUTBOX,
+                {
+                    "message_id": emitted.message_id,
+                    "event_type": emitted.type,
+                    "payload": emitted.payload,
+                    "headers": dict(trace_headers),
+                    "source": self.consumer,
+                    "created_at": utcnow(),
+                },
+            ).scalar_one()
             published.append((outbox_id, emitted))
         self.session.commit()
         return published

@@ -4,6 +4,7 @@ Listing takes messages without acknowledging them and closes the channel, which 
 order. A replay sends the message, unchanged but for its failure count, to the work queue it died
 in; its trace context goes with it, so the replay continues the report's trace, and the stage's
 inbox makes replaying an already-applied message harmless."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,7 +45,9 @@ class DeadLetter:
             attempts=int(headers.get(failures.FAILURES) or death.get("count") or 1),
             first_failure=headers.get(failures.FIRST_FAILURE),
             dead_lettered_at=headers.get(failures.DEAD_LETTERED_AT),
-            headers=headers, body=body)
+            headers=headers,
+            body=body,
+        )
 
 
 def _text(value) -> str | None:
@@ -87,8 +90,12 @@ class DeadLetterQueue:
                     continue
                 headers = {**failures.without_failures(letter.headers), failures.REPLAYED: True}
                 try:
-                    channel.basic_publish(*destination, body, failures.same_message(
-                        properties, letter.event_type, headers), mandatory=True)
+                    channel.basic_publish(
+                        *destination,
+                        body,
+                        failures.same_message(properties, letter.event_type, headers),
+                        mandatory=True,
+                    )
                 except pika.exceptions.UnroutableError:
                     continue  # still no queue for it: left in the dead-letter queue
                 channel.basic_ack(method.delivery_tag)

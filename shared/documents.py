@@ -1,4 +1,5 @@
 """Reports as documents: Jinja2 templates from a known set, WeasyPrint PDFs, and where they are kept."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,11 @@ from weasyprint.urls import URLFetcher
 
 ASSETS = Path(__file__).resolve().parent / "templates"
 RENDERS = Counter("reportflow_renders", "PDF renders, by outcome (ok, failed)", ["outcome"])
-RENDER_SECONDS = Histogram("reportflow_render_seconds", "Laying out and writing one PDF",
-                           buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+RENDER_SECONDS = Histogram(
+    "reportflow_render_seconds",
+    "Laying out and writing one PDF",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
 TEMPLATES = {"standard": "standard.html"}
 _tracer = trace.get_tracer("reportflow.documents")
 
@@ -77,8 +81,7 @@ class DocumentRenderer:
         self._base_url = assets.as_uri() + "/"
         self._fetcher = AssetsOnlyFetcher(assets)
         self._fonts = FontConfiguration()
-        self._stylesheet = CSS(filename=str(assets / "report.css"), font_config=self._fonts,
-                               url_fetcher=self._fetcher)
+        self._stylesheet = CSS(filename=str(assets / "report.css"), font_config=self._fonts, url_fetcher=self._fetcher)
 
     def html(self, report) -> str:
         name = TEMPLATES.get(report.template)
@@ -94,8 +97,7 @@ class DocumentRenderer:
         Only the record is rendered; the client receives exactly the pages the approvers approved."""
         with _tracer.start_as_current_span("render template") as span:
             span.set_attribute("report.id", report.id)
-            html = self._jinja.get_template("approval.html").render(report=report, approval=approval,
-                                                                    pages=draft_pages)
+            html = self._jinja.get_template("approval.html").render(report=report, approval=approval, pages=draft_pages)
         record = self.pdf(html)
         with _tracer.start_as_current_span("append approval record") as span:
             combined = append_pdf(draft_pdf, record.pdf)
@@ -111,7 +113,8 @@ class DocumentRenderer:
 
     def _layout_and_write(self, html: str) -> RenderedDocument:
         document = HTML(string=html, base_url=self._base_url, url_fetcher=self._fetcher).render(
-            stylesheets=[self._stylesheet], font_config=self._fonts)
+            stylesheets=[self._stylesheet], font_config=self._fonts
+        )
         return RenderedDocument(pdf=document.write_pdf(), pages=len(document.pages))
 
     def render(self, report) -> RenderedDocument:
@@ -131,8 +134,12 @@ class IsolatedRenderer(DocumentRenderer):
 
     def _start(self) -> ProcessPoolExecutor:
         # spawn, not fork: the parent has threads (pika I/O, workers) that a fork would copy mid-flight.
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_start_child_renderer, initargs=(str(self._assets),))
+        pool = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_child_renderer,
+            initargs=(str(self._assets),),
+        )
         pool.submit(int).result()  # start the child and load WeasyPrint now, not on the first report
         return pool
 

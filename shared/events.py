@@ -1,4 +1,5 @@
 """Events as handlers see them, and as they travel: the wire format of the event contract (README)."""
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,10 @@ def unreadable_version(schema_version: object) -> str | None:
         schema_version = schema_version.decode("utf-8", errors="replace")
     if str(schema_version).split(".", 1)[0].strip() == schemas.SCHEMA_VERSION:
         return None
-    return (f"schema_version {str(schema_version)[:20]!r} is not one this consumer reads (it reads "
-            f"{schemas.SCHEMA_VERSION}); upgrade the consumers before publishing it")
+    return (
+        f"schema_version {str(schema_version)[:20]!r} is not one this consumer reads (it reads "
+        f"{schemas.SCHEMA_VERSION}); upgrade the consumers before publishing it"
+    )
 
 
 def encode(event: Event) -> bytes:
@@ -85,8 +88,14 @@ def message_properties(event: Event, headers: dict | None = None, app_id: str = 
     }
 
 
-def parse(event_type: str | None, message_id: str | None, content_type: str | None, body: bytes,
-          max_bytes: int, schema_version: object = None) -> InvalidMessage | Event:
+def parse(
+    event_type: str | None,
+    message_id: str | None,
+    content_type: str | None,
+    body: bytes,
+    max_bytes: int,
+    schema_version: object = None,
+) -> InvalidMessage | Event:
     """Read one delivery: size, content type, JSON, contract version. The payload is checked by validate()."""
     event_type = event_type or "(unknown)"
     message_id = message_id or f"no-id:{uuid.uuid5(uuid.NAMESPACE_OID, body[:65536].hex())}"

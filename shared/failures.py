@@ -1,6 +1,7 @@
 """What a failed message carries on its way to a retry queue or the dead-letter queue: the headers that
 say why and how often, and the message's own properties, kept so its trace and identity go along.
 The consumer runtime writes them; `reportflow dlq` reads them."""
+
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -19,8 +20,16 @@ UNROUTABLE = "x-reportflow-unroutable"
 REPLAYED = "x-reportflow-replayed"
 OURS = "x-reportflow-"
 # What the broker adds when it dead-letters or redelivers a message itself.
-BROKER_DEATH = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
-                "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason", "x-delivery-count")
+BROKER_DEATH = (
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    "x-delivery-count",
+)
 
 
 def now() -> str:
@@ -50,6 +59,13 @@ def without_failures(headers: dict) -> dict:
 def same_message(properties: pika.BasicProperties, event_type: str, headers: dict) -> pika.BasicProperties:
     """The message as it came, persistent, with new headers: its id, type, report and trace context go along."""
     return pika.BasicProperties(
-        content_type=properties.content_type, content_encoding=properties.content_encoding, delivery_mode=2,
-        message_id=properties.message_id, type=properties.type or event_type, timestamp=properties.timestamp,
-        app_id=properties.app_id, correlation_id=properties.correlation_id, headers=headers)
+        content_type=properties.content_type,
+        content_encoding=properties.content_encoding,
+        delivery_mode=2,
+        message_id=properties.message_id,
+        type=properties.type or event_type,
+        timestamp=properties.timestamp,
+        app_id=properties.app_id,
+        correlation_id=properties.correlation_id,
+        headers=headers,
+    )

@@ -5,6 +5,7 @@
     /metrics  Prometheus's text format, written by prometheus-client (the Prometheus project's own)
 
 The span pipeline's counters are exported from the same registry, so there is one place to scrape."""
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,15 @@ class _Quiet(WSGIRequestHandler):
 
 
 class HealthServer:
-    def __init__(self, port: int, live: Callable[[], bool], ready: Callable[[], str | None], *,
-                 bind: str = "0.0.0.0", registry=REGISTRY):
+    def __init__(
+        self,
+        port: int,
+        live: Callable[[], bool],
+        ready: Callable[[], str | None],
+        *,
+        bind: str = "0.0.0.0",
+        registry=REGISTRY,
+    ):
         """ready() returns None when ready, else why not."""
         self._live, self._ready = live, ready
         self._metrics = make_wsgi_app(registry)
@@ -82,8 +90,9 @@ class SpanPipelineCollector:
 
     def collect(self):
         snapshot = self._provider.stats.snapshot()
-        spans = CounterMetricFamily("reportflow_spans", "Spans through this process's span pipeline, by state",
-                                    labels=["state"])
+        spans = CounterMetricFamily(
+            "reportflow_spans", "Spans through this process's span pipeline, by state", labels=["state"]
+        )
         for state in ("started", "ended", "exported", "failed", "dropped"):
             spans.add_metric([state], snapshot[state])
         yield spans

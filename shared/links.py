@@ -4,6 +4,7 @@ notification puts them in approval emails; the gateway checks them.
 A link's token is encrypted as well as authenticated (Fernet: AES-CBC with HMAC-SHA256 and a
 timestamp), so a leaked URL says nothing about the report, the stage or the approver. The token is
 a credential: the gateway keeps it out of its spans and logs (producers/gateway.py)."""
+
 from __future__ import annotations
 
 import base64
@@ -52,8 +53,9 @@ class ApprovalLinks:
         return f"{self.base_url}/approve/{self.token(report_id, stage, approver, issued_at=issued_at)}"
 
     def token(self, report_id: str, stage: str, approver: str, *, issued_at: float | None = None) -> str:
-        claim = json.dumps({"r": report_id, "s": stage, "a": approver, "n": uuid.uuid4().hex},
-                           separators=(",", ":")).encode()
+        claim = json.dumps(
+            {"r": report_id, "s": stage, "a": approver, "n": uuid.uuid4().hex}, separators=(",", ":")
+        ).encode()
         issued_at = int(time.time() if issued_at is None else issued_at)
         return self._fernet.encrypt_at_time(claim, issued_at).decode().rstrip("=")
 

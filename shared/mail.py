@@ -1,4 +1,5 @@
 """Outgoing email: built with the standard library, sent over SMTP or, with no SMTP configured, kept as .eml files."""
+
 from __future__ import annotations
 
 import re
@@ -16,8 +17,11 @@ from prometheus_client import Counter
 from reportflow import schemas
 
 _tracer = trace.get_tracer("reportflow.mail")
-EMAILS = Counter("reportflow_emails", "Emails handed to the mail server (or written), by outcome (sent, failed)",
-                 ["transport", "outcome"])
+EMAILS = Counter(
+    "reportflow_emails",
+    "Emails handed to the mail server (or written), by outcome (sent, failed)",
+    ["transport", "outcome"],
+)
 # Line breaks of every kind (\v, \f, \x1c-\x1e, \x85, \u2028, \u2029 too) and other control characters.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 
@@ -46,8 +50,15 @@ def quoted(text: str) -> str:
     return "\n".join(f"> {line}".rstrip() for line in lines)
 
 
-def build_email(*, sender: str, to: list[str], subject: str, text: str, message_id: str,
-                attachments: list[tuple[str, bytes, str]] = ()) -> EmailMessage:
+def build_email(
+    *,
+    sender: str,
+    to: list[str],
+    subject: str,
+    text: str,
+    message_id: str,
+    attachments: list[tuple[str, bytes, str]] = (),
+) -> EmailMessage:
     """One email; attachments are (filename, content, mime type)."""
     message = EmailMessage()
     message["From"] = sender
@@ -140,4 +151,3 @@ class FolderMailer:
 
 def mailer_from_settings(smtp_url: str, storage_dir: Path):
     return SmtpMailer(smtp_url) if smtp_url else FolderMailer(Path(storage_dir) / "mail")
-

@@ -1,4 +1,5 @@
 """Schema migrations, run as `reportflow db upgrade`."""
+
 from __future__ import annotations
 
 from pathlib import Path

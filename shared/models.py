@@ -1,4 +1,5 @@
 """The tables: reports and their stages, decisions, refusals, documents, notifications, inbox, outbox."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ class Report(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
     stages: Mapped[list[ApprovalStage]] = relationship(
-        back_populates="report", order_by="ApprovalStage.position", cascade="all, delete-orphan")
+        back_populates="report", order_by="ApprovalStage.position", cascade="all, delete-orphan"
+    )
     documents: Mapped[list[Document]] = relationship(back_populates="report", cascade="all, delete-orphan")
 
     @property
@@ -93,7 +95,8 @@ class ApprovalStage(Base):
 
     report: Mapped[Report] = relationship(back_populates="stages")
     decisions: Mapped[list[Decision]] = relationship(
-        back_populates="stage", order_by="Decision.id", cascade="all, delete-orphan")
+        back_populates="stage", order_by="Decision.id", cascade="all, delete-orphan"
+    )
 
     def decision_of(self, approver: str) -> Decision | None:
         return next((d for d in self.decisions if d.approver_email == approver), None)
@@ -147,8 +150,14 @@ class Document(Base):
     report: Mapped[Report] = relationship(back_populates="documents")
 
     def as_event(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "storage_key": self.storage_key,
-                "size_bytes": self.size_bytes, "sha256": self.sha256, "pages": self.pages}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "storage_key": self.storage_key,
+            "size_bytes": self.size_bytes,
+            "sha256": self.sha256,
+            "pages": self.pages,
+        }
 
 
 class Notification(Base):

@@ -1,5 +1,6 @@
 """What every reportflow publish shares, whoever publishes (the client, the bulk publisher, a stage):
 the attributes of its publish span, and the sorting of the broker's publisher confirms."""
+
 from __future__ import annotations
 
 from typing import Generic, TypeVar
@@ -17,8 +18,15 @@ def publish_destination(exchange: str, routing_key: str) -> str:
     return f"{exchange}:{routing_key}" if exchange and routing_key else (exchange or routing_key)
 
 
-def publish_span_attributes(exchange: str, routing_key: str, *, message_id: str | None, report_id: str | None,
-                            body_size: int, server: tuple[str, int] | None = None) -> dict:
+def publish_span_attributes(
+    exchange: str,
+    routing_key: str,
+    *,
+    message_id: str | None,
+    report_id: str | None,
+    body_size: int,
+    server: tuple[str, int] | None = None,
+) -> dict:
     """The OpenTelemetry messaging conventions for a RabbitMQ publish, and the report it is about."""
     attributes = {
         "messaging.system": "rabbitmq",
@@ -62,8 +70,9 @@ class ConfirmLedger(Generic[Item]):
 
     def answered(self, method) -> list[tuple[str, Item]]:
         """What a Basic.Ack or Basic.Nack settles: ("confirmed" | "returned" | "refused", item) each."""
-        sequences = [s for s in self._unconfirmed if s <= method.delivery_tag] if method.multiple \
-            else [method.delivery_tag]
+        sequences = (
+            [s for s in self._unconfirmed if s <= method.delivery_tag] if method.multiple else [method.delivery_tag]
+        )
         settled = []
         for sequence in sequences:
             if sequence not in self._unconfirmed:

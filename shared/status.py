@@ -1,5 +1,6 @@
 """What each consumer process is doing, for `reportflow status`: every process writes a small JSON
 file under <storage>/status, and the command reads them beside the broker's queue depths."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,14 @@ class StatusFile(threading.Thread):
             time.sleep(STATUS_INTERVAL_SECONDS)
 
     def write(self) -> None:
-        status = {"stage": self.stage, "pid": os.getpid(), "started_at": self.started_at, "updated_at": time.time(),
-                  **self.snapshot(), "spans": self.provider.stats.snapshot() if self.provider is not None else None}
+        status = {
+            "stage": self.stage,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "updated_at": time.time(),
+            **self.snapshot(),
+            "spans": self.provider.stats.snapshot() if self.provider is not None else None,
+        }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(status))
         os.replace(tmp, self.path)

@@ -5,6 +5,7 @@ nothing assumes that two processes share a disk.
 
 S3 is reached with boto3 (AWS's own client, kept in step with the API), configured the standard way:
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL for MinIO and friends."""
+
 from __future__ import annotations
 
 import hashlib
@@ -92,8 +93,7 @@ class S3Storage(_Checked):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _put(self, key: str, content: bytes) -> None:
-        self._client.put_object(Bucket=self.bucket, Key=self._object(key), Body=content,
-                                ContentType="application/pdf")
+        self._client.put_object(Bucket=self.bucket, Key=self._object(key), Body=content, ContentType="application/pdf")
 
     def _get(self, key: str) -> bytes:
         return self._client.get_object(Bucket=self.bucket, Key=self._object(key))["Body"].read()
@@ -117,4 +117,3 @@ def storage_from_url(url: str) -> Storage:
 def _check_key(key: str) -> None:
     if not key or key.startswith("/") or ".." in key.split("/") or any(ord(c) < 32 for c in key):
         raise ValueError(f"not a storage key: {key!r}")
-

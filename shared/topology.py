@@ -1,5 +1,6 @@
 """The broker's shape, in one place: the topic exchange, a durable work queue per stage bound by event
 type, a delay queue per stage and retry tier, and the dead-letter route every work queue has."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,8 +19,12 @@ class Topology:
 
     @classmethod
     def of(cls, settings: Settings, retry_delays: tuple[int, ...] | None = None) -> "Topology":
-        return cls(exchange=settings.exchange, queue_type=settings.queue_type, delivery_limit=settings.delivery_limit,
-                   retry_delays=settings.retry_delays if retry_delays is None else retry_delays)
+        return cls(
+            exchange=settings.exchange,
+            queue_type=settings.queue_type,
+            delivery_limit=settings.delivery_limit,
+            retry_delays=settings.retry_delays if retry_delays is None else retry_delays,
+        )
 
     def queue(self, stage: str) -> str:
         return f"{self.exchange}.{stage}"
@@ -29,9 +34,14 @@ class Topology:
 
     def all_queues(self, stages) -> list[str]:
         """Every queue this topology has for these stages: work, retry tiers, dead letters."""
-        return [*(q for stage in stages for q in (self.queue(stage), *(self.retry_queue(stage, d)
-                                                                      for d in self.retry_delays))),
-                self.dead_letter_queue]
+        return [
+            *(
+                q
+                for stage in stages
+                for q in (self.queue(stage), *(self.retry_queue(stage, d) for d in self.retry_delays))
+            ),
+            self.dead_letter_queue,
+        ]
 
     @property
     def dead_letter_exchange(self) -> str:
@@ -49,8 +59,12 @@ class Topology:
 
     def retry_queue_arguments(self, stage: str, delay_seconds: int) -> dict:
         # Expired messages go back to the work queue through the default exchange.
-        return {"x-message-ttl": delay_seconds * 1000, "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": self.queue(stage), **self._kind()}
+        return {
+            "x-message-ttl": delay_seconds * 1000,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.queue(stage),
+            **self._kind(),
+        }
 
     def dead_letter_queue_arguments(self) -> dict:
         return self._kind()
@@ -71,7 +85,9 @@ def declare(channel, topology: Topology, bindings: dict[str, list[str]]) -> None
     try:
         channel.exchange_declare(topology.exchange, exchange_type="topic", durable=True)
         channel.exchange_declare(topology.dead_letter_exchange, exchange_type="fanout", durable=True)
-        channel.queue_declare(topology.dead_letter_queue, durable=True, arguments=topology.dead_letter_queue_arguments())
+        channel.queue_declare(
+            topology.dead_letter_queue, durable=True, arguments=topology.dead_letter_queue_arguments()
+        )
         channel.queue_bind(topology.dead_letter_queue, topology.dead_letter_exchange)
         for stage, event_types in bindings.items():
             queue = topology.queue(stage)
@@ -79,12 +95,16 @@ def declare(channel, topology: Topology, bindings: dict[str, list[str]]) -> None
             for event_type in event_types:
                 channel.queue_bind(queue, topology.exchange, routing_key=event_type)
             for delay in topology.retry_delays:
-                channel.queue_declare(topology.retry_queue(stage, delay), durable=True,
-                                      arguments=topology.retry_queue_arguments(stage, delay))
+                channel.queue_declare(
+                    topology.retry_queue(stage, delay),
+                    durable=True,
+                    arguments=topology.retry_queue_arguments(stage, delay),
+                )
     except pika.exceptions.ChannelClosedByBroker as refused:
         if refused.reply_code != 406:
             raise
         raise TopologyMismatch(
             f"the broker refused reportflow's topology ({refused.reply_text}). A queue keeps the type and "
             f"arguments it was declared with: REPORTFLOW_QUEUE_TYPE={topology.queue_type} does not match "
-            "what is there. See docs/deploying.md, 'Quorum queues', to move a topology.") from None
+            "what is there. See docs/deploying.md, 'Quorum queues', to move a topology."
+        ) from None

@@ -1,6 +1,7 @@
 """Trace context carried in message headers, read and written with the OpenTelemetry API alone: what a
 publisher needs, so that the client's install does not bring the SDK. Which formats are read and written
 is the propagator's business, installed by tracing.setup_tracing in the processes that trace."""
+
 from __future__ import annotations
 
 from opentelemetry import context, propagate

@@ -1,5 +1,6 @@
 """A report's trace in the terminal: read as OTLP JSON from Jaeger's query API v3, or from the span
 files a process writes when no collector is configured, and printed as an indented waterfall."""
+
 from __future__ import annotations
 
 import base64
@@ -50,12 +51,19 @@ def spans_from_otlp_json(document: dict) -> list[SpanRow]:
             for span in scope_spans.get("spans", []):
                 status = span.get("status", {})
                 failed = status.get("code") in (2, "STATUS_CODE_ERROR")
-                rows.append(SpanRow(
-                    trace_id=_hex(span["traceId"]), span_id=_hex(span["spanId"]),
-                    parent_id=_hex(span.get("parentSpanId")), name=span.get("name", "?"), service=service,
-                    start_ns=int(span.get("startTimeUnixNano", 0)), end_ns=int(span.get("endTimeUnixNano", 0)),
-                    error=(status.get("message") or "error") if failed else None,
-                    links=len(span.get("links", []))))
+                rows.append(
+                    SpanRow(
+                        trace_id=_hex(span["traceId"]),
+                        span_id=_hex(span["spanId"]),
+                        parent_id=_hex(span.get("parentSpanId")),
+                        name=span.get("name", "?"),
+                        service=service,
+                        start_ns=int(span.get("startTimeUnixNano", 0)),
+                        end_ns=int(span.get("endTimeUnixNano", 0)),
+                        error=(status.get("message") or "error") if failed else None,
+                        links=len(span.get("links", [])),
+                    )
+                )
     return rows
 
 
@@ -86,14 +94,18 @@ def waterfall(rows: list[SpanRow]) -> str:
     origin = min(r.start_ns for r in rows)
     end = max(r.end_ns for r in rows)
     width = max(len(r.service) for r in rows)
-    lines = [f"trace {rows[0].trace_id}: {len(rows)} spans over {(end - origin) / 1e9:.3f} s",
-             f"{'start':>10} {'duration':>10}  {'service':<{width}}  span"]
+    lines = [
+        f"trace {rows[0].trace_id}: {len(rows)} spans over {(end - origin) / 1e9:.3f} s",
+        f"{'start':>10} {'duration':>10}  {'service':<{width}}  span",
+    ]
 
     def walk(parent: str | None, depth: int) -> None:
         for row in sorted(by_parent.get(parent, []), key=lambda r: r.start_ns):
             flags = (f"  [error: {row.error}]" if row.error else "") + (f"  [{row.links} link(s)]" if row.links else "")
-            lines.append(f"{(row.start_ns - origin) / 1e6:>8.1f}ms {(row.end_ns - row.start_ns) / 1e6:>8.1f}ms  "
-                         f"{row.service:<{width}}  {'  ' * depth}{row.name}{flags}")
+            lines.append(
+                f"{(row.start_ns - origin) / 1e6:>8.1f}ms {(row.end_ns - row.start_ns) / 1e6:>8.1f}ms  "
+                f"{row.service:<{width}}  {'  ' * depth}{row.name}{flags}"
+            )
             walk(row.span_id, depth + 1)
 
     walk(None, 0)

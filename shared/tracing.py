@@ -1,5 +1,6 @@
 """OpenTelemetry for every reportflow process: resource, sampler, exporter, propagation, log correlation,
 a span pipeline that watches itself, and decorators for the project's own code and its extensions."""
+
 from __future__ import annotations
 
 import atexit
@@ -39,8 +40,13 @@ class UpstreamFriendlyPropagator(TextMapPropagator):
     Upstream systems keep whatever format they have; what reportflow publishes is the standard one.
     W3C is read last, so it wins when a message carries several formats."""
 
-    _readers = (JaegerPropagator(), B3MultiFormat(), B3SingleFormat(), TraceContextTextMapPropagator(),
-                W3CBaggagePropagator())
+    _readers = (
+        JaegerPropagator(),
+        B3MultiFormat(),
+        B3SingleFormat(),
+        TraceContextTextMapPropagator(),
+        W3CBaggagePropagator(),
+    )
     _writers = (TraceContextTextMapPropagator(), W3CBaggagePropagator())
 
     _reader_fields = tuple(frozenset(r.fields) for r in _readers)
@@ -89,8 +95,9 @@ def sdk_disabled() -> bool:
     return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
 
 
-def setup_tracing(service_name: str, settings: TracingSettings | None = None,
-                  environment: str = "development") -> TracerProvider | None:
+def setup_tracing(
+    service_name: str, settings: TracingSettings | None = None, environment: str = "development"
+) -> TracerProvider | None:
     """Install this process's tracer provider; None when tracing is off (then no exporter exists and
     the API's no-op tracer passes incoming trace context through unchanged)."""
     global _enabled
@@ -104,8 +111,13 @@ def setup_tracing(service_name: str, settings: TracingSettings | None = None,
         return None
 
     detected = Resource.create()  # OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME, when set
-    ours = {"service.name": service_name, "service.namespace": "reportflow", "service.version": version(),
-            "deployment.environment.name": environment, "service.instance.id": str(uuid.uuid4())}
+    ours = {
+        "service.name": service_name,
+        "service.namespace": "reportflow",
+        "service.version": version(),
+        "deployment.environment.name": environment,
+        "service.instance.id": str(uuid.uuid4()),
+    }
     set_by_user = set(detected.attributes) if os.environ.get("OTEL_RESOURCE_ATTRIBUTES") else set()
     if os.environ.get("OTEL_SERVICE_NAME"):
         set_by_user.add("service.name")
@@ -118,10 +130,14 @@ def setup_tracing(service_name: str, settings: TracingSettings | None = None,
     exporter = _exporter(settings, service_name)
     if exporter is not None:
         watched = WatchedExporter(exporter, provider.stats)
-        batch = {k: v for k, (v, standard) in {
-            "max_export_batch_size": (settings.batch_max_export_size, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
-            "schedule_delay_millis": (settings.batch_schedule_delay_ms, "OTEL_BSP_SCHEDULE_DELAY"),
-        }.items() if v and not os.environ.get(standard)}
+        batch = {
+            k: v
+            for k, (v, standard) in {
+                "max_export_batch_size": (settings.batch_max_export_size, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
+                "schedule_delay_millis": (settings.batch_schedule_delay_ms, "OTEL_BSP_SCHEDULE_DELAY"),
+            }.items()
+            if v and not os.environ.get(standard)
+        }
         processor = BatchSpanProcessor(watched, **batch)
         provider.stats.watch_queue(processor)
         provider.add_span_processor(processor)
@@ -139,12 +155,19 @@ def setup_command_tracing() -> None:
 
 
 def _exporter(settings: TracingSettings, service_name: str) -> SpanExporter | None:
-    endpoint = (settings.exporter_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-                or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    endpoint = (
+        settings.exporter_endpoint
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
     if not endpoint:
         return JsonLinesExporter(Path(settings.local_dir), service_name) if settings.local_dir else None
-    protocol = (settings.exporter_protocol or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
+    protocol = (
+        settings.exporter_protocol
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    )
     explicit = {"endpoint": _traces_url(endpoint, protocol)} if settings.exporter_endpoint else {}
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -220,11 +243,17 @@ class SpanPipelineStats(SpanProcessor):
     def snapshot(self) -> dict:
         queued = self._queue_of() if self._queue_of else 0
         accounted = self.exported + self.failed + queued + self.in_export
-        return {"started": self.started, "ended": self.ended, "exported": self.exported,
-                "failed": self.failed, "export_failures": self.export_failures,
-                "dropped": max(0, self.ended - accounted) if self._queue_of else 0, "queued": queued,
-                "export_ms_last": round(self.export_seconds_last * 1000, 2),
-                "export_ms_max": round(self.export_seconds_max * 1000, 2)}
+        return {
+            "started": self.started,
+            "ended": self.ended,
+            "exported": self.exported,
+            "failed": self.failed,
+            "export_failures": self.export_failures,
+            "dropped": max(0, self.ended - accounted) if self._queue_of else 0,
+            "queued": queued,
+            "export_ms_last": round(self.export_seconds_last * 1000, 2),
+            "export_ms_max": round(self.export_seconds_max * 1000, 2),
+        }
 
 
 class WatchedExporter(SpanExporter):
@@ -270,7 +299,11 @@ def log_span_stats_periodically(provider: TracerProvider | None, interval_second
         while True:
             time.sleep(interval_seconds)
             snapshot = provider.stats.snapshot()
-            level = logging.WARNING if snapshot["export_failures"] > previous_failures or snapshot["dropped"] else logging.INFO
+            level = (
+                logging.WARNING
+                if snapshot["export_failures"] > previous_failures or snapshot["dropped"]
+                else logging.INFO
+            )
             log.log(level, "span pipeline: %s", snapshot)
             previous_failures = snapshot["export_failures"]
 
@@ -282,15 +315,19 @@ def _traced(span_name: str | None, attributes: dict | None, kind=trace.SpanKind.
     def decorate(function):
         name = span_name or function.__qualname__
         tracer = trace.get_tracer(function.__module__)
-        fixed = attributes if attributes is not None else {
-            "code.function.name": function.__qualname__, "code.namespace": function.__module__}
+        fixed = (
+            attributes
+            if attributes is not None
+            else {"code.function.name": function.__qualname__, "code.namespace": function.__module__}
+        )
 
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
             if not _enabled:
                 return function(*args, **kwargs)
-            with tracer.start_as_current_span(name, kind=kind, attributes=fixed,
-                                              record_exception=False, set_status_on_exception=False) as span:
+            with tracer.start_as_current_span(
+                name, kind=kind, attributes=fixed, record_exception=False, set_status_on_exception=False
+            ) as span:
                 try:
                     return function(*args, **kwargs)
                 except Exception as exc:
@@ -298,7 +335,9 @@ def _traced(span_name: str | None, attributes: dict | None, kind=trace.SpanKind.
                     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
                     span.set_attribute("error.type", type(exc).__qualname__)
                     raise
+
         return wrapper
+
     return decorate
 
 
@@ -310,8 +349,9 @@ def trace_function(function=None, *, name: str | None = None):
 
 def trace_external_call(service: str, operation: str):
     """A CLIENT span for a call to another system (SMTP, storage, an HTTP API)."""
-    return _traced(f"{service} {operation}", {"peer.service": service, "reportflow.operation": operation},
-                   trace.SpanKind.CLIENT)
+    return _traced(
+        f"{service} {operation}", {"peer.service": service, "reportflow.operation": operation}, trace.SpanKind.CLIENT
+    )
 
 
 def trace_business_operation(name: str):
@@ -336,10 +376,15 @@ class JsonLogFormatter(logging.Formatter):
         self.service = service
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-                 "level": record.levelname, "logger": record.name, "service": self.service,
-                 "message": record.getMessage(), "trace_id": getattr(record, "trace_id", "-"),
-                 "span_id": getattr(record, "span_id", "-")}
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "service": self.service,
+            "message": record.getMessage(),
+            "trace_id": getattr(record, "trace_id", "-"),
+            "span_id": getattr(record, "span_id", "-"),
+        }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -353,7 +398,8 @@ def setup_logging(level: str = "INFO", log_format: str = "text", service: str = 
         formatter.converter = time.gmtime
     else:
         formatter = logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s trace_id=%(trace_id)s span_id=%(span_id)s %(message)s")
+            "%(asctime)s %(levelname)s %(name)s trace_id=%(trace_id)s span_id=%(span_id)s %(message)s"
+        )
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

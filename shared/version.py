@@ -1,5 +1,6 @@
 """reportflow's version, from the installed package's metadata (pyproject.toml): what `reportflow --version`
 prints and every span's service.version says."""
+
 from __future__ import annotations
 
 from importlib import metadata

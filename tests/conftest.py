@@ -1,5 +1,6 @@
 """Real services for the tests: RabbitMQ on its own vhost, SQLite and PostgreSQL on their own
 databases, an SMTP server (aiosmtpd) and an OTLP/HTTP receiver on loopback."""
+
 from __future__ import annotations
 
 import json
@@ -138,6 +139,7 @@ def uow_on():
     def make(url) -> Units:
         engines.append(make_engine(url))
         return Units(sessionmaker(engines[-1], expire_on_commit=False))
+
     yield make
     for engine in engines:
         engine.dispose()
@@ -156,8 +158,11 @@ def broker(exchange):
     connection = pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL))
     yield connection
     try:
-        channel = connection.channel() if connection.is_open else \
-            pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL)).channel()
+        channel = (
+            connection.channel()
+            if connection.is_open
+            else pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL)).channel()
+        )
         # Every tier the tests use (theirs and the default ones) of every stage, and the test's own queues.
         topology = Topology(exchange, retry_delays=tuple(sorted({*TEST_RETRY_TIERS, *Settings.retry_delays})))
         for queue in topology.all_queues(consumers.STAGE_NAMES):
@@ -197,6 +202,7 @@ class Tap:
         def found():
             matches = [e for e in self.drain() if e[0] == event_type]
             return matches if len(matches) >= count else None
+
         return wait_until(found, timeout, what=f"{count} x {event_type}")
 
 
@@ -208,10 +214,17 @@ def tap(broker, exchange) -> Tap:
 @pytest.fixture
 def settings_for(tmp_path, exchange):
     def make(database_url: str, **overrides) -> Settings:
-        values = dict(amqp_url=TEST_AMQP_URL, exchange=exchange, database_url=database_url,
-                      storage_dir=tmp_path / "storage", smtp_url="", heartbeat_seconds=10)
+        values = dict(
+            amqp_url=TEST_AMQP_URL,
+            exchange=exchange,
+            database_url=database_url,
+            storage_dir=tmp_path / "storage",
+            smtp_url="",
+            heartbeat_seconds=10,
+        )
         values.update(overrides)
         return Settings(**values)
+
     return make
 
 
@@ -225,10 +238,12 @@ class SmtpSink:
 
         class Handler:
             async def handle_DATA(self, server, session, envelope):
-                sink.messages.append({
-                    "envelope_to": list(envelope.rcpt_tos),
-                    "message": message_from_bytes(envelope.content, policy=policy.default),
-                })
+                sink.messages.append(
+                    {
+                        "envelope_to": list(envelope.rcpt_tos),
+                        "message": message_from_bytes(envelope.content, policy=policy.default),
+                    }
+                )
                 return "250 OK"
 
         self.port = free_port()
@@ -291,20 +306,23 @@ class OtlpReceiver:
             resource = {a.key: _any_value(a.value) for a in resource_spans.resource.attributes}
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
-                    self.spans.append({
-                        "service": resource.get("service.name"),
-                        "resource": resource,
-                        "name": span.name,
-                        "kind": span.kind,
-                        "trace_id": span.trace_id.hex(),
-                        "span_id": span.span_id.hex(),
-                        "parent_id": span.parent_span_id.hex() or None,
-                        "attributes": {a.key: _any_value(a.value) for a in span.attributes},
-                        "links": [{"trace_id": link.trace_id.hex(), "span_id": link.span_id.hex()}
-                                  for link in span.links],
-                        "status": span.status.code,
-                        "events": [e.name for e in span.events],
-                    })
+                    self.spans.append(
+                        {
+                            "service": resource.get("service.name"),
+                            "resource": resource,
+                            "name": span.name,
+                            "kind": span.kind,
+                            "trace_id": span.trace_id.hex(),
+                            "span_id": span.span_id.hex(),
+                            "parent_id": span.parent_span_id.hex() or None,
+                            "attributes": {a.key: _any_value(a.value) for a in span.attributes},
+                            "links": [
+                                {"trace_id": link.trace_id.hex(), "span_id": link.span_id.hex()} for link in span.links
+                            ],
+                            "status": span.status.code,
+                            "events": [e.name for e in span.events],
+                        }
+                    )
 
     def stop(self):
         self.server.shutdown()
@@ -324,8 +342,6 @@ def otlp():
     receiver.stop()
 
 
-
-
 # -- S3 -------------------------------------------------------------------------------------------------
 class S3Server:
     """moto's standalone S3 server on loopback, as a process of its own: the real S3 API over HTTP."""
@@ -338,24 +354,37 @@ class S3Server:
 
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "reportflow-test",
-                    "AWS_SECRET_ACCESS_KEY": "reportflow-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "reportflow-test",
+            "AWS_SECRET_ACCESS_KEY": "reportflow-test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
         self._log = open(folder / "moto.log", "wb")
-        self._process = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
-                                          "-p", str(self.port)], stdout=self._log, stderr=subprocess.STDOUT)
+        self._process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
         def answers():
             try:
                 return urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1).status == 200
             except OSError:
                 return False
+
         wait_until(answers, 30, what="the S3 server")
 
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
 
     def bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)

@@ -1,6 +1,7 @@
 """What the tests share: where the test services are, waiting, sample requests and events, running a
 handler as the runtime does, and running a consumer in a thread. Test modules import from here (and use
 the fixtures in conftest.py), never from each other."""
+
 from __future__ import annotations
 
 import json
@@ -68,17 +69,28 @@ TWO_STAGES = [
 ]
 
 
-
-
 def handle(units, handler, message: Event | InvalidMessage, **dependencies) -> list[Event]:
     """Run one handler through the runtime's own processing (inbox claim, handler, outbox, one commit), in
     the message's trace context; the events it emitted are returned, an exception is raised."""
-    stage = Stage(handler.__module__.rsplit(".", 1)[-1], **(
-        {"handlers": {}, "on_invalid": {message.type: handler}} if isinstance(message, InvalidMessage)
-        else {"handlers": {message.type: handler}}))
+    stage = Stage(
+        handler.__module__.rsplit(".", 1)[-1],
+        **(
+            {"handlers": {}, "on_invalid": {message.type: handler}}
+            if isinstance(message, InvalidMessage)
+            else {"handlers": {message.type: handler}}
+        ),
+    )
     telemetry = Telemetry(stage, TracingSettings(), units.session_factory, ("127.0.0.1", 5672))
-    processor = Processor(stage, units.session_factory, dependencies, telemetry, RetryPolicy(()),
-                          queue=f"test.{stage.name}", exchange="test", max_message_bytes=1_048_576)
+    processor = Processor(
+        stage,
+        units.session_factory,
+        dependencies,
+        telemetry,
+        RetryPolicy(()),
+        queue=f"test.{stage.name}",
+        exchange="test",
+        max_message_bytes=1_048_576,
+    )
     carried = isinstance(message, Event) and message.trace_context
     token = context.attach(context_from(message.trace_context)) if carried else None
     try:
@@ -91,8 +103,11 @@ def handle(units, handler, message: Event | InvalidMessage, **dependencies) -> l
 
 
 def request_event(**overrides) -> Event:
-    return Event("report.requested", sample_request(**overrides),
-                 trace_context={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+    return Event(
+        "report.requested",
+        sample_request(**overrides),
+        trace_context={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+    )
 
 
 def decide(report_id, stage, email, decision="approve", comment=None) -> Event:
@@ -104,14 +119,22 @@ def decide(report_id, stage, email, decision="approve", comment=None) -> Event:
 
 def open_first_stage(uow, report_id: str) -> list[Event]:
     document = {"id": 1, "kind": "draft", "storage_key": "k", "size_bytes": 10, "sha256": "0" * 64, "pages": 1}
-    return handle(uow, approval.on_report_generated,
-                  Event("report.generated", {"report_id": report_id, "document": document}))
+    return handle(
+        uow, approval.on_report_generated, Event("report.generated", {"report_id": report_id, "document": document})
+    )
 
 
 DOCUMENT = {"id": 1, "kind": "draft", "storage_key": "bench", "size_bytes": 1, "sha256": "0" * 64, "pages": 1}
+
+
 def first_event(report_id: str) -> dict:
-    return {"report_id": report_id, "title": "t", "template": "standard",
-            "submitter": {"email": "a@example.com"}, "stages": ["s"]}
+    return {
+        "report_id": report_id,
+        "title": "t",
+        "template": "standard",
+        "submitter": {"email": "a@example.com"},
+        "stages": ["s"],
+    }
 
 
 def example_payloads(report_id: str) -> dict[str, dict]:
@@ -170,5 +193,3 @@ def count(database_url: str, model, *where) -> int:
             return session.scalar(select(func.count()).select_from(model).where(*where))
     finally:
         engine.dispose()
-
-

@@ -1,6 +1,7 @@
 """What a run of many two-stage reports must end with, however it was disturbed: every report finalized,
 one draft and one final each, its decisions, and every email once (beyond the documented resend bound).
 For the fault and cluster tests."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -16,9 +17,10 @@ from tests.helpers import sample_request
 def small_request(report_id: str) -> dict:
     request = sample_request(report_id=report_id, title=f"Fault report {report_id}")
     request["data"]["table"]["rows"] = request["data"]["table"]["rows"][:10]
-    request["approval_stages"] = [{"name": "review", "approvers": ["bob@example.com"], "rule": "all"},
-                                  {"name": "sign-off", "approvers": ["carol@example.com", "dan@example.com"],
-                                   "rule": "any"}]
+    request["approval_stages"] = [
+        {"name": "review", "approvers": ["bob@example.com"], "rule": "all"},
+        {"name": "sign-off", "approvers": ["carol@example.com", "dan@example.com"], "rule": "any"},
+    ]
     return request
 
 
@@ -35,11 +37,17 @@ def tally(url: str) -> dict:
     engine = make_engine(url)
     try:
         with Session(engine) as session:
+
             def per_report(model, *where):
                 return Counter(session.scalars(select(model.report_id).where(*where)))
-            return {"documents": per_report(Document), "drafts": per_report(Document, Document.kind == "draft"),
-                    "finals": per_report(Document, Document.kind == "final"), "decisions": per_report(Decision),
-                    "notifications": session.scalar(select(func.count()).select_from(Notification))}
+
+            return {
+                "documents": per_report(Document),
+                "drafts": per_report(Document, Document.kind == "draft"),
+                "finals": per_report(Document, Document.kind == "final"),
+                "decisions": per_report(Decision),
+                "notifications": session.scalar(select(func.count()).select_from(Notification)),
+            }
     finally:
         engine.dispose()
 
@@ -52,14 +60,19 @@ def missing_emails(url: str, report_ids: list[str], smtp) -> str:
     with Session(engine) as session:
         for report_id in report_ids:
             title = f"Fault report {report_id}"
-            expected = [("bob@example.com", f"Approval needed: {title} (stage 1 of 2: review)"),
-                        ("carol@example.com", f"Approval needed: {title} (stage 2 of 2: sign-off)"),
-                        ("dan@example.com", f"Approval needed: {title} (stage 2 of 2: sign-off)"),
-                        ("ann@example.com", f"Report approved: {title}")]
+            expected = [
+                ("bob@example.com", f"Approval needed: {title} (stage 1 of 2: review)"),
+                ("carol@example.com", f"Approval needed: {title} (stage 2 of 2: sign-off)"),
+                ("dan@example.com", f"Approval needed: {title} (stage 2 of 2: sign-off)"),
+                ("ann@example.com", f"Report approved: {title}"),
+            ]
             for to, subject in expected:
                 if (to, subject) not in received:
-                    rows = session.execute(select(Notification.status, Notification.recipients).where(
-                        Notification.report_id == report_id, Notification.subject == subject)).all()
+                    rows = session.execute(
+                        select(Notification.status, Notification.recipients).where(
+                            Notification.report_id == report_id, Notification.subject == subject
+                        )
+                    ).all()
                     lines.append(f"missing {to}: {subject}; notifications rows: {rows}")
     engine.dispose()
     return "\n".join(lines)

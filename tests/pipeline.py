@@ -1,4 +1,5 @@
 """The Procfile's processes under test control, and an upstream that approves as soon as it is asked."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ STAGES = STAGE_NAMES
 
 def procfile_commands() -> dict[str, str]:
     lines = (ROOT / "Procfile").read_text().splitlines()
-    return {name.strip(): command.strip() for name, command in
-            (line.split(":", 1) for line in lines if line.strip() and not line.startswith("#"))}
+    return {
+        name.strip(): command.strip()
+        for name, command in (line.split(":", 1) for line in lines if line.strip() and not line.startswith("#"))
+    }
 
 
 class Pipeline:
@@ -45,15 +48,17 @@ class Pipeline:
         for each in [name] if name else self.commands:
             log = open(self.folder / f"{each}.log", "ab")
             env = {**self.env, **self.per_process.get(each, {})}
-            self.processes[each] = subprocess.Popen(["/bin/sh", "-c", self.commands[each]], env=env,
-                                                    cwd=self.folder, stdout=log, stderr=subprocess.STDOUT)
+            self.processes[each] = subprocess.Popen(
+                ["/bin/sh", "-c", self.commands[each]], env=env, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def wait_consuming(self, broker, exchange: str, timeout: float = 60, stages=STAGES) -> None:
         def consuming():
             channel = broker.channel()  # a failed passive declare closes its channel: a new one per look
             try:
-                return all(channel.queue_declare(f"{exchange}.{stage}", passive=True).method.consumer_count
-                           for stage in stages)
+                return all(
+                    channel.queue_declare(f"{exchange}.{stage}", passive=True).method.consumer_count for stage in stages
+                )
             except pika.exceptions.ChannelClosedByBroker:
                 return False
             finally:
@@ -136,13 +141,26 @@ class AutoApprover(threading.Thread):
         for approver in approvers:
             report_id = requested["report_id"]
             decision = "reject" if report_id in self.reject else "approve"
-            decided = {"report_id": report_id, "stage": stage["name"], "approver": {"email": approver},
-                       "decision": decision}
+            decided = {
+                "report_id": report_id,
+                "stage": stage["name"],
+                "approver": {"email": approver},
+                "decision": decision,
+            }
             message_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{properties.message_id}/{approver}"))
-            channel.basic_publish(self.exchange, "approval.decided", json.dumps(decided).encode(),
-                                  pika.BasicProperties(content_type="application/json", delivery_mode=2,
-                                                       message_id=message_id, type="approval.decided",
-                                                       headers=properties.headers), mandatory=True)
+            channel.basic_publish(
+                self.exchange,
+                "approval.decided",
+                json.dumps(decided).encode(),
+                pika.BasicProperties(
+                    content_type="application/json",
+                    delivery_mode=2,
+                    message_id=message_id,
+                    type="approval.decided",
+                    headers=properties.headers,
+                ),
+                mandatory=True,
+            )
             self.decided.append((report_id, stage["name"], approver))
         channel.basic_ack(method.delivery_tag)
 

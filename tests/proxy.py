@@ -1,5 +1,6 @@
 """A loopback TCP proxy the tests can cut: a database or broker that goes away for one consumer only,
 without stopping the server that other tests (or a `make run`) share."""
+
 from __future__ import annotations
 
 import socket

@@ -2,6 +2,7 @@
 own parser), names every JSON Schema and only those, says who receives what as the stages do, and every
 example in it is a message the schemas accept. Those examples are today's messages: they must stay
 valid as later versions add fields (additive changes within a major schema_version)."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ PARSER = ROOT / "tests" / "asyncapi"
 def parsed() -> dict:
     if not (PARSER / "node_modules" / "@asyncapi" / "parser").is_dir() or not shutil.which("node"):
         pytest.fail("the AsyncAPI parser is not installed: make test installs it (tests/asyncapi, npm ci)")
-    run = subprocess.run(["node", str(PARSER / "validate.mjs"), str(DOCUMENT)], capture_output=True, text=True,
-                         timeout=120, cwd=PARSER)
+    run = subprocess.run(
+        ["node", str(PARSER / "validate.mjs"), str(DOCUMENT)], capture_output=True, text=True, timeout=120, cwd=PARSER
+    )
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout)
 
@@ -36,16 +38,21 @@ def test_the_asyncapi_document_is_valid_by_the_asyncapi_parser(parsed):
 
 def test_every_schema_has_its_message_and_every_message_its_schema(parsed):
     document = yaml.safe_load(DOCUMENT.read_text())
-    referenced = {m["payload"]["schema"]["$ref"].removeprefix("./").removesuffix(".json")
-                  for m in document["components"]["messages"].values()}
+    referenced = {
+        m["payload"]["schema"]["$ref"].removeprefix("./").removesuffix(".json")
+        for m in document["components"]["messages"].values()
+    }
     assert referenced == set(schemas.event_types())
     assert set(parsed["document"]["messages"]) == set(schemas.event_types())
     assert set(parsed["document"]["channels"]) == set(schemas.event_types())
 
 
 def test_who_receives_what_is_what_the_stages_bind(parsed):
-    received = {(o["id"].split("Receives")[0], o["channel"]) for o in parsed["document"]["operations"]
-                if o["action"] == "receive"}
+    received = {
+        (o["id"].split("Receives")[0], o["channel"])
+        for o in parsed["document"]["operations"]
+        if o["action"] == "receive"
+    }
     bound = {(stage, event_type) for stage, types in consumers.bindings().items() for event_type in types}
     assert received == bound
 

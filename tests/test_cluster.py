@@ -1,6 +1,7 @@
 """reportflow on a real three-node RabbitMQ cluster (infra/rabbitmq-cluster.sh: three nodes of Debian's
 rabbitmq-server on loopback), with quorum queues, PostgreSQL and S3 documents: nodes stopped mid-run,
 nothing lost, nothing twice, and two generation processes sharing the work."""
+
 from __future__ import annotations
 
 import os
@@ -65,29 +66,46 @@ def reconnect_seconds(log: str, stops: list[float]) -> list[float]:
     return found
 
 
-def test_fifty_reports_survive_nodes_stopping_under_them(cluster, tmp_path, exchange, postgres_url, smtp, s3,
-                                                        record_property):
+def test_fifty_reports_survive_nodes_stopping_under_them(
+    cluster, tmp_path, exchange, postgres_url, smtp, s3, record_property
+):
     api = BrokerApi(API)
     bucket = s3.bucket("reportflow-cluster")
     names = (*STAGES, "generation@2")
     metrics = {name: free_port() for name in ("generation", "generation@2")}
-    pipeline = Pipeline(tmp_path, {
-        "REPORTFLOW_AMQP_URL": cluster, "REPORTFLOW_QUEUE_TYPE": "quorum", "REPORTFLOW_EXCHANGE": exchange,
-        "REPORTFLOW_DATABASE_URL": postgres_url, "REPORTFLOW_STORAGE_URL": f"s3://{bucket}/cluster",
-        "REPORTFLOW_STORAGE_DIR": str(tmp_path / "scratch"), "REPORTFLOW_SMTP_URL": smtp.url,
-        "REPORTFLOW_OUTBOX_RELAY_SECONDS": "2", "REPORTFLOW_HEARTBEAT_SECONDS": "5", "TRACING_ENABLED": "false",
-        "REPORTFLOW_METRICS_BIND": "127.0.0.1", **s3.env}, names=names,
-        per_process={name: {"REPORTFLOW_METRICS_PORT": str(port)} for name, port in metrics.items()})
+    pipeline = Pipeline(
+        tmp_path,
+        {
+            "REPORTFLOW_AMQP_URL": cluster,
+            "REPORTFLOW_QUEUE_TYPE": "quorum",
+            "REPORTFLOW_EXCHANGE": exchange,
+            "REPORTFLOW_DATABASE_URL": postgres_url,
+            "REPORTFLOW_STORAGE_URL": f"s3://{bucket}/cluster",
+            "REPORTFLOW_STORAGE_DIR": str(tmp_path / "scratch"),
+            "REPORTFLOW_SMTP_URL": smtp.url,
+            "REPORTFLOW_OUTBOX_RELAY_SECONDS": "2",
+            "REPORTFLOW_HEARTBEAT_SECONDS": "5",
+            "TRACING_ENABLED": "false",
+            "REPORTFLOW_METRICS_BIND": "127.0.0.1",
+            **s3.env,
+        },
+        names=names,
+        per_process={name: {"REPORTFLOW_METRICS_PORT": str(port)} for name, port in metrics.items()},
+    )
     approver = AutoApprover(exchange, amqp_url=cluster)
     report_ids = [f"cl-{n:02d}" for n in range(50)]
     try:
         pipeline.start()
-        wait_until(lambda: all(q.get("consumers") for q in _work_queues(api, exchange)) or pipeline.exited(), 90,
-                   what="every stage consuming on the cluster")
+        wait_until(
+            lambda: all(q.get("consumers") for q in _work_queues(api, exchange)) or pipeline.exited(),
+            90,
+            what="every stage consuming on the cluster",
+        )
         assert not pipeline.exited(), pipeline.logs()
         approver.start()
-        assert BulkPublisher(cluster, exchange).publish(Event("report.requested", small_request(r))
-                                                       for r in report_ids).ok
+        assert (
+            BulkPublisher(cluster, exchange).publish(Event("report.requested", small_request(r)) for r in report_ids).ok
+        )
         wait_until(lambda: statuses(postgres_url)["finalized"] >= 3, 180, what="the run under way")
 
         first = leader(api, f"{exchange}.generation")  # the node leading generation's queue goes away
@@ -96,18 +114,34 @@ def test_fifty_reports_survive_nodes_stopping_under_them(cluster, tmp_path, exch
         time.sleep(20)
         node_ctl(first, "start_app")
         node_ctl(first, "await_startup")
-        second = next(n["name"] for n in api.nodes() if n["running"] and n["name"] != first
-                      and n["name"] != leader(api, f"{exchange}.generation"))  # then another, not the leader
+        second = next(
+            n["name"]
+            for n in api.nodes()
+            if n["running"] and n["name"] != first and n["name"] != leader(api, f"{exchange}.generation")
+        )  # then another, not the leader
         stops.append(time.time())
         node_ctl(second, "stop_app")
-        shown = subprocess.run([str(Path(sys.executable).parent / "reportflow"), "status"], capture_output=True,
-                               text=True, timeout=60, env={**os.environ, "REPORTFLOW_AMQP_URL": cluster,
-                                                           "REPORTFLOW_EXCHANGE": exchange, "REPORTFLOW_BROKER_API_URL": API})
+        shown = subprocess.run(
+            [str(Path(sys.executable).parent / "reportflow"), "status"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={
+                **os.environ,
+                "REPORTFLOW_AMQP_URL": cluster,
+                "REPORTFLOW_EXCHANGE": exchange,
+                "REPORTFLOW_BROKER_API_URL": API,
+            },
+        )
         try:
-            wait_until(lambda: statuses(postgres_url)["finalized"] == len(report_ids), 400,
-                       what="fifty finalized reports")
-            wait_until(lambda: len({m["message"]["Message-ID"] for m in smtp.messages}) >= 4 * len(report_ids),
-                       60, what="every email")
+            wait_until(
+                lambda: statuses(postgres_url)["finalized"] == len(report_ids), 400, what="fifty finalized reports"
+            )
+            wait_until(
+                lambda: len({m["message"]["Message-ID"] for m in smtp.messages}) >= 4 * len(report_ids),
+                60,
+                what="every email",
+            )
         finally:
             node_ctl(second, "start_app")
         outcome = check_everything_arrived_once(postgres_url, report_ids, smtp, notification_kills=0)
@@ -119,8 +153,9 @@ def test_fifty_reports_survive_nodes_stopping_under_them(cluster, tmp_path, exch
             approver.stop()
         pipeline.close()
     # Both generation processes rendered, and no report twice: a draft and a final version each.
-    assert all(count > 0 for count in per_process.values()) and sum(per_process.values()) == 2 * len(report_ids), \
+    assert all(count > 0 for count in per_process.values()) and sum(per_process.values()) == 2 * len(report_ids), (
         per_process
+    )
     assert dead_letters == 0
     objects = s3.client().list_objects_v2(Bucket=bucket)["KeyCount"]
     assert objects == 2 * len(report_ids)
@@ -128,8 +163,11 @@ def test_fifty_reports_survive_nodes_stopping_under_them(cluster, tmp_path, exch
     # reportflow status names the nodes, the one down, and the node leading each work queue.
     assert f"{second} (down)" in shown.stdout, shown.stdout + shown.stderr
     assert re.search(rf"{exchange}\.generation\s+\d+\s+\d+\s+rf-[abc]@localhost", shown.stdout), shown.stdout
-    figures = {"renders per generation process": per_process, "reconnect seconds": [round(b, 2) for b in back],
-               **outcome}
+    figures = {
+        "renders per generation process": per_process,
+        "reconnect seconds": [round(b, 2) for b in back],
+        **outcome,
+    }
     record_property("cluster", figures)
     print(f"cluster run: {figures}")
 

@@ -1,4 +1,5 @@
 """The event contract: schemas, and how a delivery is read into an event or a stated reason."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,17 @@ def read(body, event_type="report.requested", content_type="application/json", m
 
 def test_every_event_in_the_flow_has_a_schema():
     assert set(schemas.event_types()) >= {
-        "report.requested", "approval.decided", "report.created", "report.invalid", "report.generated",
-        "approval.requested", "approval.refused", "report.approved", "report.rejected", "report.finalized"}
+        "report.requested",
+        "approval.decided",
+        "report.created",
+        "report.invalid",
+        "report.generated",
+        "approval.requested",
+        "approval.refused",
+        "report.approved",
+        "report.rejected",
+        "report.finalized",
+    }
 
 
 def test_the_example_request_is_valid():
@@ -36,15 +46,18 @@ def test_the_example_request_is_valid():
     assert isinstance(message, Event) and message.payload["title"] == "Q3 revenue review"
 
 
-@pytest.mark.parametrize("body, content_type, event_type, reason", [
-    (b"{not json", "application/json", "report.requested", "not UTF-8 JSON"),
-    (b"\xff\xfe", "application/json", "report.requested", "not UTF-8 JSON"),
-    (b"[1, 2]", "application/json", "report.requested", "not a JSON object"),
-    (b"{}", "text/plain", "report.requested", "content type 'text/plain'"),
-    (b"{}", "application/json", "report.exploded", "unknown event type 'report.exploded'"),
-    (b'{"title": 5}', "application/json", "report.requested", "5 is not of type 'string'"),
-    (b"x" * (LIMIT + 1), "application/json", "report.requested", "over the limit"),
-])
+@pytest.mark.parametrize(
+    "body, content_type, event_type, reason",
+    [
+        (b"{not json", "application/json", "report.requested", "not UTF-8 JSON"),
+        (b"\xff\xfe", "application/json", "report.requested", "not UTF-8 JSON"),
+        (b"[1, 2]", "application/json", "report.requested", "not a JSON object"),
+        (b"{}", "text/plain", "report.requested", "content type 'text/plain'"),
+        (b"{}", "application/json", "report.exploded", "unknown event type 'report.exploded'"),
+        (b'{"title": 5}', "application/json", "report.requested", "5 is not of type 'string'"),
+        (b"x" * (LIMIT + 1), "application/json", "report.requested", "over the limit"),
+    ],
+)
 def test_every_way_a_message_can_be_wrong_is_named(body, content_type, event_type, reason):
     message = read(body, event_type, content_type)
     assert isinstance(message, InvalidMessage)
@@ -112,34 +125,59 @@ def _with_approver(address: str) -> dict:
     return sample_request(approval_stages=[{"name": "review", "approvers": [address]}])
 
 
-@pytest.mark.parametrize("request_", [
-    _with_approver("bob@example.com\n"),          # Python's `$` matches before a final newline
-    _with_approver("a,b@example.com"),            # two recipients in one header
-    _with_approver("bob@[127.0.0.1]"),
-    _with_approver("bob@example.com\r\nBcc: evil@example.com"),
-    sample_request(report_id="rtnl\n"),           # a storage folder with a newline in its name
-    sample_request(title="Q3\u2028Decide here instead: https://evil.example"),
-    sample_request(title="Q3\x0bvertical tab"),
-    sample_request(title="Q3\x85next line"),
-    sample_request(title="Q3\n\nDecide here instead: https://evil.example"),
-    sample_request(approval_stages=[{"name": "review\r\nBcc: x@example.com", "approvers": ["bob@example.com"]}]),
-], ids=["newline-after-address", "comma", "ip-literal", "header-injection", "report-id-newline", "u2028-title",
-        "vt-title", "nel-title", "blank-lines-title", "crlf-stage-name"])
+@pytest.mark.parametrize(
+    "request_",
+    [
+        _with_approver("bob@example.com\n"),  # Python's `$` matches before a final newline
+        _with_approver("a,b@example.com"),  # two recipients in one header
+        _with_approver("bob@[127.0.0.1]"),
+        _with_approver("bob@example.com\r\nBcc: evil@example.com"),
+        sample_request(report_id="rtnl\n"),  # a storage folder with a newline in its name
+        sample_request(title="Q3\u2028Decide here instead: https://evil.example"),
+        sample_request(title="Q3\x0bvertical tab"),
+        sample_request(title="Q3\x85next line"),
+        sample_request(title="Q3\n\nDecide here instead: https://evil.example"),
+        sample_request(approval_stages=[{"name": "review\r\nBcc: x@example.com", "approvers": ["bob@example.com"]}]),
+    ],
+    ids=[
+        "newline-after-address",
+        "comma",
+        "ip-literal",
+        "header-injection",
+        "report-id-newline",
+        "u2028-title",
+        "vt-title",
+        "nel-title",
+        "blank-lines-title",
+        "crlf-stage-name",
+    ],
+)
 def test_strings_that_reach_headers_paths_or_subjects_cannot_carry_line_breaks_or_control_characters(request_):
     message = read(json.dumps(request_).encode())
     assert isinstance(message, InvalidMessage), request_
     assert schemas.validator("report.requested").is_valid(request_) is False  # the reference agrees
 
 
-@pytest.mark.parametrize("address", ["bob@example.com\n", "a,b@example.com", "bob@[127.0.0.1]", "bob@localhost",
-                                     "b ob@example.com", "\u2028bob@example.com", "bob@example.com\x85"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "bob@example.com\n",
+        "a,b@example.com",
+        "bob@[127.0.0.1]",
+        "bob@localhost",
+        "b ob@example.com",
+        "\u2028bob@example.com",
+        "bob@example.com\x85",
+    ],
+)
 def test_the_mailer_and_the_contract_hold_one_address_rule(address):
     from reportflow.shared.mail import InvalidAddress, check_address
 
     with pytest.raises(InvalidAddress):
         check_address(address)
     assert not schemas.validator("approval.decided").is_valid(
-        {"report_id": "r-1", "stage": "s", "approver": {"email": address}, "decision": "approve"})
+        {"report_id": "r-1", "stage": "s", "approver": {"email": address}, "decision": "approve"}
+    )
     assert check_address("o'brien+q3@mail.example.co.uk") == "o'brien+q3@mail.example.co.uk"
 
 
@@ -180,13 +218,14 @@ def test_deeply_nested_json_is_a_stated_reason_not_a_crash():
     assert isinstance(message, InvalidMessage) and "nested too deeply" in message.reasons[0]
 
 
-@pytest.mark.parametrize("version, readable", [(None, True), ("1", True), ("1.4", True), (b"1", True),
-                                               ("2", False), ("0", False), ("banana", False)])
+@pytest.mark.parametrize(
+    "version, readable",
+    [(None, True), ("1", True), ("1.4", True), (b"1", True), ("2", False), ("0", False), ("banana", False)],
+)
 def test_a_major_schema_version_the_consumer_does_not_read_is_a_stated_reason(version, readable):
     from reportflow.shared.events import parse
 
-    parsed = parse("report.requested", "m-1", "application/json", json.dumps(sample_request()).encode(), LIMIT,
-                   version)
+    parsed = parse("report.requested", "m-1", "application/json", json.dumps(sample_request()).encode(), LIMIT, version)
     assert isinstance(parsed, Event) is readable
     if not readable:
         assert "upgrade the consumers" in parsed.reasons[0]

@@ -1,4 +1,5 @@
 """Documents: a report a client would accept, and untrusted data that stays data."""
+
 from __future__ import annotations
 
 import io
@@ -23,9 +24,16 @@ def renderer():
 
 def report(**overrides) -> Report:
     request = sample_request(**overrides)
-    return Report(id="rpt-abc123", title=request["title"], template=request["template"], status="created",
-                  submitter=request["submitter"], client=request["client"], data=request["data"],
-                  created_at=datetime(2026, 11, 24, tzinfo=timezone.utc))
+    return Report(
+        id="rpt-abc123",
+        title=request["title"],
+        template=request["template"],
+        status="created",
+        submitter=request["submitter"],
+        client=request["client"],
+        data=request["data"],
+        created_at=datetime(2026, 11, 24, tzinfo=timezone.utc),
+    )
 
 
 def pages(pdf: bytes) -> list[str]:
@@ -46,8 +54,10 @@ def test_a_long_table_repeats_its_header_and_every_page_has_page_x_of_y_and_the_
 
 
 def test_report_data_is_escaped_not_interpreted(renderer):
-    data = {"summary": '<img src="file:///etc/passwd"><b>bold</b>', "sections": [
-        {"heading": "{{ 7*7 }}", "body": "<script>alert(1)</script>"}]}
+    data = {
+        "summary": '<img src="file:///etc/passwd"><b>bold</b>',
+        "sections": [{"heading": "{{ 7*7 }}", "body": "<script>alert(1)</script>"}],
+    }
     html = renderer.html(report(data=data))
     assert "&lt;img src=&#34;file:///etc/passwd&#34;&gt;" in html
     assert "<script>" not in html and "{{ 7*7 }}" in html
@@ -60,8 +70,9 @@ def test_templates_come_from_a_known_set_by_name(renderer):
         renderer.html(report(template="../../etc/passwd"))
 
 
-@pytest.mark.parametrize("url", ["file:///etc/passwd", "http://127.0.0.1:1/x.css", "https://example.com/a.png",
-                                 "data:text/css,body{}"])
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "http://127.0.0.1:1/x.css", "https://example.com/a.png", "data:text/css,body{}"]
+)
 def test_the_fetcher_serves_only_the_projects_assets(url):
     with pytest.raises(ValueError):
         AssetsOnlyFetcher().fetch(url)
@@ -70,6 +81,7 @@ def test_the_fetcher_serves_only_the_projects_assets(url):
 def test_the_fetcher_serves_the_projects_own_stylesheet():
     fetcher = AssetsOnlyFetcher()
     from reportflow.shared.documents import ASSETS
+
     response = fetcher.fetch((ASSETS / "report.css").as_uri())
     assert b"@page" in response.read()
     response.close()

@@ -1,5 +1,6 @@
 """End to end: the Procfile's four processes, real RabbitMQ, a real database, a real SMTP server, and
 the spans they export over OTLP/HTTP, decoded from protobuf as a collector would."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,15 +22,26 @@ from tests.helpers import TEST_AMQP_URL, sample_request, wait_until
 from tests.pipeline import STAGES, Pipeline
 
 pytestmark = pytest.mark.e2e
+
+
 @pytest.fixture
 def pipeline(database_url, exchange, broker, smtp, otlp, tmp_path):
     """The four processes of the Procfile, configured for this test's vhost, exchange, database and servers."""
-    pipeline = Pipeline(tmp_path, {
-        "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange,
-        "REPORTFLOW_DATABASE_URL": database_url, "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
-        "REPORTFLOW_SMTP_URL": smtp.url, "REPORTFLOW_MAIL_FROM": "reportflow <reportflow@example.com>",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_BSP_SCHEDULE_DELAY": "200", "REPORTFLOW_ENV": "test"})
+    pipeline = Pipeline(
+        tmp_path,
+        {
+            "REPORTFLOW_AMQP_URL": TEST_AMQP_URL,
+            "REPORTFLOW_EXCHANGE": exchange,
+            "REPORTFLOW_DATABASE_URL": database_url,
+            "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
+            "REPORTFLOW_SMTP_URL": smtp.url,
+            "REPORTFLOW_MAIL_FROM": "reportflow <reportflow@example.com>",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "REPORTFLOW_ENV": "test",
+        },
+    )
     try:
         pipeline.start()
         pipeline.wait_consuming(broker, exchange)
@@ -40,8 +52,15 @@ def pipeline(database_url, exchange, broker, smtp, otlp, tmp_path):
 
 def requested_for(tap, report_id: str, stage: str):
     def found():
-        return next((e for e in tap.drain() if e[0] == "approval.requested"
-                     and e[1]["report_id"] == report_id and e[1]["stage"]["name"] == stage), None)
+        return next(
+            (
+                e
+                for e in tap.drain()
+                if e[0] == "approval.requested" and e[1]["report_id"] == report_id and e[1]["stage"]["name"] == stage
+            ),
+            None,
+        )
+
     return wait_until(found, 60, what=f"approval.requested for {report_id} {stage}")
 
 
@@ -61,20 +80,30 @@ def pika_upstream_publish(exchange: str, request: dict, tracer_provider) -> None
     channel = connection.channel()
     channel.confirm_delivery()
     PikaInstrumentor.instrument_channel(channel, tracer_provider=tracer_provider)
-    channel.basic_publish(exchange, "report.requested", json.dumps(request).encode(), pika.BasicProperties(
-        content_type="application/json", delivery_mode=2, message_id="pika-upstream-1", type="report.requested",
-        headers={"schema_version": "1"}), mandatory=True)
+    channel.basic_publish(
+        exchange,
+        "report.requested",
+        json.dumps(request).encode(),
+        pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=2,
+            message_id="pika-upstream-1",
+            type="report.requested",
+            headers={"schema_version": "1"},
+        ),
+        mandatory=True,
+    )
     connection.close()
 
 
 def test_reports_go_from_request_to_approved_pdf_and_emails_in_one_trace_each(
-        pipeline, database_url, exchange, tap, smtp, otlp, tmp_path, tracer_provider, finished_spans):
+    pipeline, database_url, exchange, tap, smtp, otlp, tmp_path, tracer_provider, finished_spans
+):
     tracer = trace.get_tracer("upstream-test")
     with ReportflowClient(TEST_AMQP_URL, exchange) as client:
         a = client.request_report(sample_request(report_id="rep-a", title="Q3 revenue review"))
         with tracer.start_as_current_span("upstream pika request") as pika_root:
-            pika_upstream_publish(exchange, sample_request(report_id="rep-b", title="Q3 cost review"),
-                                  tracer_provider)
+            pika_upstream_publish(exchange, sample_request(report_id="rep-b", title="Q3 cost review"), tracer_provider)
         c = client.request_report(sample_request(report_id="rep-c", title="Q3 forecast"))
         bad = client.publish("report.requested", sample_request(report_id="rep-bad", template="glossy"))
 
@@ -116,27 +145,30 @@ def test_reports_go_from_request_to_approved_pdf_and_emails_in_one_trace_each(
 
     # -- the emails, as the SMTP server received them ------------------------------------------------------
     subjects = sorted((m["envelope_to"][0], m["message"]["Subject"]) for m in smtp.messages)
-    assert subjects == sorted([
-        ("bob@example.com", "Approval needed: Q3 revenue review (stage 1 of 2: review)"),
-        ("bob@example.com", "Approval needed: Q3 cost review (stage 1 of 2: review)"),
-        ("bob@example.com", "Approval needed: Q3 forecast (stage 1 of 2: review)"),
-        ("carol@example.com", "Approval needed: Q3 revenue review (stage 2 of 2: sign-off)"),
-        ("dan@example.com", "Approval needed: Q3 revenue review (stage 2 of 2: sign-off)"),
-        ("carol@example.com", "Approval needed: Q3 cost review (stage 2 of 2: sign-off)"),
-        ("dan@example.com", "Approval needed: Q3 cost review (stage 2 of 2: sign-off)"),
-        ("ann@example.com", "Report approved: Q3 revenue review"),
-        ("ann@example.com", "Report approved: Q3 cost review"),
-        ("ann@example.com", "Report rejected: Q3 forecast"),
-        ("ann@example.com", "Report request not accepted: Q3 revenue review"),
-        ("mallory@example.com", "Decision not applied: Q3 revenue review"),
-    ])
+    assert subjects == sorted(
+        [
+            ("bob@example.com", "Approval needed: Q3 revenue review (stage 1 of 2: review)"),
+            ("bob@example.com", "Approval needed: Q3 cost review (stage 1 of 2: review)"),
+            ("bob@example.com", "Approval needed: Q3 forecast (stage 1 of 2: review)"),
+            ("carol@example.com", "Approval needed: Q3 revenue review (stage 2 of 2: sign-off)"),
+            ("dan@example.com", "Approval needed: Q3 revenue review (stage 2 of 2: sign-off)"),
+            ("carol@example.com", "Approval needed: Q3 cost review (stage 2 of 2: sign-off)"),
+            ("dan@example.com", "Approval needed: Q3 cost review (stage 2 of 2: sign-off)"),
+            ("ann@example.com", "Report approved: Q3 revenue review"),
+            ("ann@example.com", "Report approved: Q3 cost review"),
+            ("ann@example.com", "Report rejected: Q3 forecast"),
+            ("ann@example.com", "Report request not accepted: Q3 revenue review"),
+            ("mallory@example.com", "Decision not applied: Q3 revenue review"),
+        ]
+    )
     [approved_a] = [m for m in smtp.messages if m["message"]["Subject"] == "Report approved: Q3 revenue review"]
     assert approved_a["envelope_to"] == ["ann@example.com", "cfo@client.example"]
     attachment = next(approved_a["message"].iter_attachments())
     assert attachment.get_content_type() == "application/pdf"
     assert hashlib.sha256(attachment.get_content()).digest() == hashlib.sha256(final_a.read_bytes()).digest()
-    [invalid] = [m["message"] for m in smtp.messages
-                 if m["message"]["Subject"].startswith("Report request not accepted")]
+    [invalid] = [
+        m["message"] for m in smtp.messages if m["message"]["Subject"].startswith("Report request not accepted")
+    ]
     assert "unknown template 'glossy'" in invalid.get_content()
     [rejected] = [m["message"] for m in smtp.messages if m["message"]["Subject"].startswith("Report rejected")]
     assert "Wrong quarter" in rejected.get_content()
@@ -145,19 +177,29 @@ def test_reports_go_from_request_to_approved_pdf_and_emails_in_one_trace_each(
     wait_until(lambda: otlp.spans, 10, what="exported spans")
     exported = otlp.spans
     upstream = {format(s.context.span_id, "016x"): s for s in finished_spans()}
-    trace_of = {"rep-a": a.trace_id, "rep-b": format(pika_root.get_span_context().trace_id, "032x"),
-                "rep-c": c.trace_id, "rep-bad": bad.trace_id}
+    trace_of = {
+        "rep-a": a.trace_id,
+        "rep-b": format(pika_root.get_span_context().trace_id, "032x"),
+        "rep-c": c.trace_id,
+        "rep-bad": bad.trace_id,
+    }
     assert {s["trace_id"] for s in exported} == set(trace_of.values()), "spans outside the reports' traces"
 
     spans_a = [s for s in exported if s["trace_id"] == a.trace_id]
     assert {s["service"] for s in spans_a} == {f"reportflow-{stage}" for stage in STAGES}
-    known = {s["span_id"] for s in spans_a} | {i for i, s in upstream.items()
-                                               if format(s.context.trace_id, "032x") == a.trace_id}
+    known = {s["span_id"] for s in spans_a} | {
+        i for i, s in upstream.items() if format(s.context.trace_id, "032x") == a.trace_id
+    }
     orphans = [s["name"] for s in spans_a if s["parent_id"] not in known]
     assert orphans == [], f"spans whose parent is not in the trace: {orphans}"
     names = {s["name"] for s in spans_a}
-    assert {f"process {exchange}:report.requested:{exchange}.creation", "render pdf", "smtp send",
-            f"publish {exchange}:report.finalized", f"process {exchange}:approval.decided:{exchange}.approval"} <= names
+    assert {
+        f"process {exchange}:report.requested:{exchange}.creation",
+        "render pdf",
+        "smtp send",
+        f"publish {exchange}:report.finalized",
+        f"process {exchange}:approval.decided:{exchange}.approval",
+    } <= names
     decisions = [s for s in spans_a if s["name"].startswith(f"process {exchange}:approval.decided")]
     assert len(decisions) == 3  # bob in-trace, mallory refused, carol late
     linked = [s for s in decisions if s["links"]]

@@ -1,5 +1,6 @@
 """Fault tests with real processes: kill -9 at random moments, a RabbitMQ restart. Every report still
 ends approved, with exactly the rows and emails it should have."""
+
 from __future__ import annotations
 
 import random
@@ -24,11 +25,19 @@ pytestmark = pytest.mark.fault
 
 @pytest.fixture
 def faulty_pipeline(postgres_url, exchange, broker, smtp, tmp_path):
-    pipeline = Pipeline(tmp_path, {
-        "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange,
-        "REPORTFLOW_DATABASE_URL": postgres_url, "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
-        "REPORTFLOW_SMTP_URL": smtp.url, "REPORTFLOW_OUTBOX_RELAY_SECONDS": "2",
-        "REPORTFLOW_RETRY_DELAYS": ",".join(map(str, TEST_RETRY_TIERS)), "REPORTFLOW_HEARTBEAT_SECONDS": "10"})
+    pipeline = Pipeline(
+        tmp_path,
+        {
+            "REPORTFLOW_AMQP_URL": TEST_AMQP_URL,
+            "REPORTFLOW_EXCHANGE": exchange,
+            "REPORTFLOW_DATABASE_URL": postgres_url,
+            "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
+            "REPORTFLOW_SMTP_URL": smtp.url,
+            "REPORTFLOW_OUTBOX_RELAY_SECONDS": "2",
+            "REPORTFLOW_RETRY_DELAYS": ",".join(map(str, TEST_RETRY_TIERS)),
+            "REPORTFLOW_HEARTBEAT_SECONDS": "10",
+        },
+    )
     approver = AutoApprover(exchange)
     try:
         pipeline.start()
@@ -40,12 +49,14 @@ def faulty_pipeline(postgres_url, exchange, broker, smtp, tmp_path):
         pipeline.close()
 
 
-def test_kill_9_at_random_moments_loses_nothing_and_repeats_nothing(faulty_pipeline, postgres_url, exchange,
-                                                                    smtp, broker, record_property):
+def test_kill_9_at_random_moments_loses_nothing_and_repeats_nothing(
+    faulty_pipeline, postgres_url, exchange, smtp, broker, record_property
+):
     pipeline, _ = faulty_pipeline
     report_ids = [f"rep-{n:02d}" for n in range(50)]
     result = BulkPublisher(TEST_AMQP_URL, exchange).publish(
-        Event("report.requested", small_request(r)) for r in report_ids)
+        Event("report.requested", small_request(r)) for r in report_ids
+    )
     assert result.ok and result.confirmed == 50
 
     # Four rounds; each round kills every stage once, in a random order, at random moments.
@@ -69,6 +80,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_repeats_nothing(faulty_pipel
     print(f"\nkill -9 run: kills={pipeline.kills} figures={figures}")
     from reportflow.shared.dead_letters import DeadLetterQueue
     from reportflow.shared.topology import Topology
+
     letters = DeadLetterQueue(TEST_AMQP_URL, Topology(exchange)).list()
     assert [(d.stage, d.event_type, d.error) for d in letters] == []
 
@@ -76,8 +88,11 @@ def test_kill_9_at_random_moments_loses_nothing_and_repeats_nothing(faulty_pipel
 def test_a_rabbitmq_restart_mid_run_loses_nothing(faulty_pipeline, postgres_url, exchange, smtp):
     pipeline, _ = faulty_pipeline
     report_ids = [f"rmq-{n:02d}" for n in range(12)]
-    assert BulkPublisher(TEST_AMQP_URL, exchange).publish(
-        Event("report.requested", small_request(r)) for r in report_ids).ok
+    assert (
+        BulkPublisher(TEST_AMQP_URL, exchange)
+        .publish(Event("report.requested", small_request(r)) for r in report_ids)
+        .ok
+    )
     wait_until(lambda: statuses(postgres_url)["finalized"] >= 2, 120, what="the run to be under way")
     try:
         subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=60)

@@ -1,6 +1,7 @@
 """The HTTP gateway, running as its Procfile line runs it, against the real broker and database; and an
 approver deciding from the link in their email, in a real browser (Debian's Chromium, driven by
 Playwright)."""
+
 from __future__ import annotations
 
 import io
@@ -41,12 +42,23 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def gateway(tmp_path, exchange, broker, postgres_url, otlp):
     port = free_port()
-    pipeline = Pipeline(tmp_path, {
-        "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange, "REPORTFLOW_DATABASE_URL": postgres_url,
-        "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"), "REPORTFLOW_ENV": "test",
-        "REPORTFLOW_SECRET_KEY": SECRET, "REPORTFLOW_API_TOKEN": TOKEN, "REPORTFLOW_GATEWAY_PORT": str(port),
-        "REPORTFLOW_GATEWAY_URL": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
-        "OTEL_BSP_SCHEDULE_DELAY": "100"}, names=("gateway",))
+    pipeline = Pipeline(
+        tmp_path,
+        {
+            "REPORTFLOW_AMQP_URL": TEST_AMQP_URL,
+            "REPORTFLOW_EXCHANGE": exchange,
+            "REPORTFLOW_DATABASE_URL": postgres_url,
+            "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
+            "REPORTFLOW_ENV": "test",
+            "REPORTFLOW_SECRET_KEY": SECRET,
+            "REPORTFLOW_API_TOKEN": TOKEN,
+            "REPORTFLOW_GATEWAY_PORT": str(port),
+            "REPORTFLOW_GATEWAY_URL": f"http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        },
+        names=("gateway",),
+    )
     pipeline.start()
     base = f"http://127.0.0.1:{port}"
     try:
@@ -54,6 +66,7 @@ def gateway(tmp_path, exchange, broker, postgres_url, otlp):
         assert not pipeline.exited(), pipeline.logs()
         channel = broker.channel()
         from reportflow import consumers
+
         declare(channel, Topology(exchange), consumers.bindings())
         yield base, pipeline
     finally:
@@ -74,6 +87,7 @@ def call(method: str, url: str, body=None, token: str | None = TOKEN, opener=Non
         data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
     if form is not None:
         from urllib.parse import urlencode
+
         data, headers["Content-Type"] = urlencode(form).encode(), "application/x-www-form-urlencoded"
     request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
@@ -97,8 +111,11 @@ def test_post_reports_publishes_with_confirms_and_answers_202_with_the_ids(gatew
     [(_, payload, properties)] = tap.wait_for("report.requested")
     assert payload["title"] == "Q3 revenue review" and properties.message_id == answer["message_id"]
     assert answer["trace_id"] in properties.headers["traceparent"]
-    server = wait_until(lambda: next((s for s in otlp.spans if s["kind"] == 2 and s["name"] == "POST /reports"), None),
-                        10, what="the HTTP span")
+    server = wait_until(
+        lambda: next((s for s in otlp.spans if s["kind"] == 2 and s["name"] == "POST /reports"), None),
+        10,
+        what="the HTTP span",
+    )
     assert server["trace_id"] == answer["trace_id"] and server["parent_id"] is None  # the root of the report's trace
     assert server["service"] == "reportflow-gateway"
 
@@ -115,8 +132,14 @@ def test_post_reports_refuses_bad_bodies_and_callers_without_the_token(gateway, 
 def test_an_unavailable_broker_is_a_503_and_nothing_is_accepted(tmp_path, postgres_url):
     from reportflow.producers.gateway import create_app
 
-    settings = Settings(amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F", database_url=postgres_url,
-                        secret_key=SECRET, api_token=TOKEN, environment="test", storage_dir=tmp_path)
+    settings = Settings(
+        amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F",
+        database_url=postgres_url,
+        secret_key=SECRET,
+        api_token=TOKEN,
+        environment="test",
+        storage_dir=tmp_path,
+    )
     client = create_app(settings).test_client()
     response = client.post("/reports", json=sample_request(), headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 503 and "unavailable" in response.json["error"]
@@ -132,10 +155,18 @@ def test_outside_development_the_gateway_refuses_to_start_without_a_secret(postg
 @pytest.fixture
 def report_in_approval(postgres_url, uow_on, tmp_path):
     unit = uow_on(postgres_url)
-    handle(unit, creation.on_report_requested, Event("report.requested", sample_request(
-        report_id="r-gw", approval_stages=TWO_STAGES)))
-    handle(unit, generation.on_report_created, Event("report.created", {"report_id": "r-gw"}),
-           renderer=DocumentRenderer(), storage=FolderStorage(tmp_path / "storage"))
+    handle(
+        unit,
+        creation.on_report_requested,
+        Event("report.requested", sample_request(report_id="r-gw", approval_stages=TWO_STAGES)),
+    )
+    handle(
+        unit,
+        generation.on_report_created,
+        Event("report.created", {"report_id": "r-gw"}),
+        renderer=DocumentRenderer(),
+        storage=FolderStorage(tmp_path / "storage"),
+    )
     open_first_stage(unit, "r-gw")
     return "r-gw"
 
@@ -168,16 +199,28 @@ def test_a_valid_link_opens_the_page_publishes_the_decision_once_and_then_is_use
     url = links.url("r-gw", "review", "bob@example.com")
     status, page, opener, form_token = open_link(url)
     assert status == 200 and b"Q3 revenue review" in page and b"Approve" in page and b"Reject" in page
-    status, page, _ = call("POST", url, token=None, opener=opener,
-                           form={"form_token": form_token, "decision": "approve", "comment": "Fine by me"})
+    status, page, _ = call(
+        "POST",
+        url,
+        token=None,
+        opener=opener,
+        form={"form_token": form_token, "decision": "approve", "comment": "Fine by me"},
+    )
     assert status == 200 and b"Thank you" in page
     [(_, decided, properties)] = tap.wait_for("approval.decided")
-    assert decided == {"report_id": "r-gw", "stage": "review", "approver": {"email": "bob@example.com"},
-                       "decision": "approve", "comment": "Fine by me"}
+    assert decided == {
+        "report_id": "r-gw",
+        "stage": "review",
+        "approver": {"email": "bob@example.com"},
+        "decision": "approve",
+        "comment": "Fine by me",
+    }
     assert properties.message_id == links.claim(url.rsplit("/", 1)[1]).decision_message_id
     status, page, _ = call("GET", url, token=None)
     assert status == 409 and b"already used" in page
-    status, page, _ = call("POST", url, token=None, opener=opener, form={"form_token": form_token, "decision": "reject"})
+    status, page, _ = call(
+        "POST", url, token=None, opener=opener, form={"form_token": form_token, "decision": "reject"}
+    )
     assert status == 409
     time.sleep(0.5)
     assert len([e for e in tap.drain() if e[0] == "approval.decided"]) == 1
@@ -194,8 +237,11 @@ def test_forged_expired_closed_stage_outsider_and_cross_site_posts_publish_nothi
         "expired": (expired, 403, b"expired"),
         "closed stage": (links.url("r-gw", "sign-off", "carol@example.com"), 409, b"not open yet"),
         "outsider": (links.url("r-gw", "review", "mallory@example.com"), 403, b"is not an approver"),
-        "other secret": (links_for(base).__class__("another-secret", base, 3600).url("r-gw", "review", "bob@example.com"),
-                         403, b"not valid"),
+        "other secret": (
+            links_for(base).__class__("another-secret", base, 3600).url("r-gw", "review", "bob@example.com"),
+            403,
+            b"not valid",
+        ),
     }
     for name, (url, expected_status, words) in pages.items():
         status, page, _ = call("GET", url, token=None)
@@ -204,8 +250,11 @@ def test_forged_expired_closed_stage_outsider_and_cross_site_posts_publish_nothi
         assert status in (403, 409), name
     # The right link, but a form that did not come from its page (no cookie, forged or missing token).
     _, _, _, form_token = open_link(good)
-    for form in ({"decision": "approve"}, {"decision": "approve", "form_token": form_token},
-                 {"decision": "approve", "form_token": "forged"}):
+    for form in (
+        {"decision": "approve"},
+        {"decision": "approve", "form_token": form_token},
+        {"decision": "approve", "form_token": "forged"},
+    ):
         status, page, _ = call("POST", good, token=None, form=form)
         assert status == 403 and b"did not come from the approval page" in page
     time.sleep(0.5)
@@ -218,35 +267,59 @@ CHROMIUM = "/usr/bin/chromium"
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
 def test_an_approver_decides_from_the_email_in_a_browser_and_the_report_is_finalized(
-        tmp_path, exchange, broker, postgres_url, smtp, otlp):
+    tmp_path, exchange, broker, postgres_url, smtp, otlp
+):
     from playwright.sync_api import sync_playwright
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    pipeline = Pipeline(tmp_path, {
-        "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange, "REPORTFLOW_DATABASE_URL": postgres_url,
-        "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"), "REPORTFLOW_ENV": "test", "REPORTFLOW_SMTP_URL": smtp.url,
-        "REPORTFLOW_SECRET_KEY": SECRET, "REPORTFLOW_API_TOKEN": TOKEN, "REPORTFLOW_GATEWAY_PORT": str(port),
-        "REPORTFLOW_GATEWAY_URL": base, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint},
-        names=(*STAGE_NAMES, "gateway"))
+    pipeline = Pipeline(
+        tmp_path,
+        {
+            "REPORTFLOW_AMQP_URL": TEST_AMQP_URL,
+            "REPORTFLOW_EXCHANGE": exchange,
+            "REPORTFLOW_DATABASE_URL": postgres_url,
+            "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
+            "REPORTFLOW_ENV": "test",
+            "REPORTFLOW_SMTP_URL": smtp.url,
+            "REPORTFLOW_SECRET_KEY": SECRET,
+            "REPORTFLOW_API_TOKEN": TOKEN,
+            "REPORTFLOW_GATEWAY_PORT": str(port),
+            "REPORTFLOW_GATEWAY_URL": base,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+        },
+        names=(*STAGE_NAMES, "gateway"),
+    )
     try:
         pipeline.start()
         pipeline.wait_consuming(broker, exchange)
         wait_until(lambda: _answers(base), 30, what="the gateway")
-        request = sample_request(report_id="r-browser", approval_stages=[
-            {"name": "review", "approvers": ["bob@example.com"]}])
+        request = sample_request(
+            report_id="r-browser", approval_stages=[{"name": "review", "approvers": ["bob@example.com"]}]
+        )
         assert call("POST", f"{base}/reports", request)[0] == 202
 
         def link_in_email():
             emails = [m["message"] for m in smtp.messages if "bob@example.com" in m["envelope_to"]]
             found = emails and re.search(r"http://127\.0\.0\.1:\d+/approve/\S+", emails[0].get_body().get_content())
             return found.group(0) if found else None
+
         url = wait_until(link_in_email, 60, what="bob's approval email with his link")
 
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM,
+                args=[
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                ],
+            )
             page = browser.new_page(viewport={"width": 900, "height": 760})
             page.goto(url)
             assert page.locator("h1").inner_text() == "Q3 revenue review"
@@ -262,11 +335,15 @@ def test_an_approver_decides_from_the_email_in_a_browser_and_the_report_is_final
         def finalized():
             status, body, _ = call("GET", f"{base}/reports/r-browser")
             return status == 200 and json.loads(body)["status"] == "finalized" and json.loads(body)
+
         report = wait_until(finalized, 60, what="the report finalized")
         [decision] = report["stages"][0]["decisions"]
         assert (decision["approver"], decision["comment"]) == ("bob@example.com", "Approved from the email.")
-        wait_until(lambda: any(m["message"]["Subject"] == "Report approved: Q3 revenue review" for m in smtp.messages),
-                   30, what="the final email")
+        wait_until(
+            lambda: any(m["message"]["Subject"] == "Report approved: Q3 revenue review" for m in smtp.messages),
+            30,
+            what="the final email",
+        )
         assert pipeline.stop()["gateway"] == 0  # flushes spans
     finally:
         pipeline.close()
@@ -281,7 +358,7 @@ def test_an_approver_decides_from_the_email_in_a_browser_and_the_report_is_final
 
 # -- hardening ---------------------------------------------------------------------------------------------
 def _pieces(token: str, size: int = 12) -> set[str]:
-    return {token[i:i + size] for i in range(len(token) - size + 1)}
+    return {token[i : i + size] for i in range(len(token) - size + 1)}
 
 
 def test_no_part_of_a_link_token_reaches_the_spans_or_the_log(gateway, report_in_approval, otlp, tap):
@@ -291,8 +368,10 @@ def test_no_part_of_a_link_token_reaches_the_spans_or_the_log(gateway, report_in
     opened, used = open_link(approver), None
     assert opened[0] == 200
     assert call("GET", f"{approver}/document", token=None, opener=opened[2])[0] == 200
-    assert call("POST", approver, token=None, opener=opened[2],
-                form={"form_token": opened[3], "decision": "approve"})[0] == 200
+    assert (
+        call("POST", approver, token=None, opener=opened[2], form={"form_token": opened[3], "decision": "approve"})[0]
+        == 200
+    )
     used = call("GET", approver, token=None)
     expired = links.url("r-gw", "review", "eve@example.com", issued_at=time.time() - 8 * 24 * 3600)
     outsider = links.url("r-gw", "review", "mallory@example.com")
@@ -311,6 +390,7 @@ def test_no_part_of_a_link_token_reaches_the_spans_or_the_log(gateway, report_in
         assert not leaked, f"part of a link token left the request: {leaked[:3]}"
     # And the token itself says nothing to whoever reads it.
     import base64
+
     readable = base64.urlsafe_b64decode(tokens[0] + "=" * (-len(tokens[0]) % 4))
     assert not any(word in readable for word in (b"r-gw", b"review", b"bob@example.com"))
 
@@ -321,8 +401,9 @@ def test_a_body_larger_than_a_message_is_refused_before_it_is_read(gateway, tap)
     base, _ = gateway
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as connection:
-        connection.sendall(b"POST /reports HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: 300000000\r\n\r\n{")  # 300 MB announced, one byte sent
+        connection.sendall(
+            b"POST /reports HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 300000000\r\n\r\n{"
+        )  # 300 MB announced, one byte sent
         answer = connection.recv(4096)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
 
@@ -340,8 +421,12 @@ def test_a_report_the_bus_would_refuse_for_its_size_is_a_413_and_nothing_is_publ
     # Under the HTTP cap by 10 bytes: the message, with the report id the gateway adds, is what is too large.
     body = json.dumps(request, separators=(",", ":")).encode()
     assert len(body) == limit - 10
-    http = urllib.request.Request(f"{base}/reports", data=body, method="POST", headers={
-        "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    http = urllib.request.Request(
+        f"{base}/reports",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
     try:
         urllib.request.urlopen(http, timeout=30)
         raise AssertionError("accepted")
@@ -354,8 +439,12 @@ def test_a_report_the_bus_would_refuse_for_its_size_is_a_413_and_nothing_is_publ
 def test_bad_bodies_bearer_schemes_hosts_and_headers_get_clear_answers(gateway, report_in_approval):
     base, _ = gateway
     nested = b"[" * 50_000 + b"]" * 50_000
-    http = urllib.request.Request(f"{base}/reports", data=nested, method="POST", headers={
-        "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    http = urllib.request.Request(
+        f"{base}/reports",
+        data=nested,
+        method="POST",
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
     try:
         urllib.request.urlopen(http, timeout=10)
     except urllib.error.HTTPError as error:
@@ -367,12 +456,14 @@ def test_bad_bodies_bearer_schemes_hosts_and_headers_get_clear_answers(gateway, 
             return urllib.request.urlopen(request, timeout=10).status
         except urllib.error.HTTPError as error:
             return error.code
+
     assert with_authorization(f"bearer {TOKEN}") == 200 and with_authorization(f"BEARER {TOKEN}") == 200
     assert with_authorization(TOKEN) == 401 and with_authorization(f"Basic {TOKEN}") == 401
 
     # Document URLs come from REPORTFLOW_GATEWAY_URL, whatever Host the request names.
-    request = urllib.request.Request(f"{base}/reports/r-gw", headers={"Authorization": f"Bearer {TOKEN}",
-                                                                      "Host": "evil.example"})
+    request = urllib.request.Request(
+        f"{base}/reports/r-gw", headers={"Authorization": f"Bearer {TOKEN}", "Host": "evil.example"}
+    )
     report = json.loads(urllib.request.urlopen(request, timeout=10).read())
     assert report["documents"][0]["url"] == f"{base}/reports/r-gw/document"
 
@@ -391,8 +482,14 @@ def test_a_link_submitted_twice_at_once_is_told_what_was_recorded(gateway, repor
     url = links_for(base).url("r-gw", "review", "bob@example.com")
     _, _, opener, form_token = open_link(url)
     with ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(lambda decision: call("POST", url, token=None, opener=opener, form={
-            "form_token": form_token, "decision": decision}), ["approve", "reject"] * 3))
+        answers = list(
+            pool.map(
+                lambda decision: call(
+                    "POST", url, token=None, opener=opener, form={"form_token": form_token, "decision": decision}
+                ),
+                ["approve", "reject"] * 3,
+            )
+        )
     sent = [a for a in answers if a[0] == 200]
     assert len(sent) == 1 and sorted(a[0] for a in answers) == [200, 409, 409, 409, 409, 409]
     recorded = re.search(rb"decision to <strong>(\w+)</strong>", sent[0][1]).group(1).decode()
@@ -404,7 +501,8 @@ def test_a_link_submitted_twice_at_once_is_told_what_was_recorded(gateway, repor
 
 
 def test_an_approver_who_already_decided_elsewhere_is_told_so_and_nothing_is_sent(
-        gateway, report_in_approval, postgres_url, uow_on, tap):
+    gateway, report_in_approval, postgres_url, uow_on, tap
+):
     from reportflow.consumers import approval
     from tests.helpers import decide
 

@@ -1,4 +1,5 @@
 """The stage handlers on their own: no broker, no SMTP server; a real database, renderer and folder mailer."""
+
 from __future__ import annotations
 
 import hashlib
@@ -59,10 +60,13 @@ def test_creation_chooses_a_report_id_when_the_request_has_none(uow):
     assert emitted[0].payload["report_id"].startswith("rpt-")
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"template": "glossy"}, "unknown template 'glossy'"),
-    ({"approval_stages": [{"name": "a", "approvers": ["x@example.com"]}] * 2}, "stage names must be distinct"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"template": "glossy"}, "unknown template 'glossy'"),
+        ({"approval_stages": [{"name": "a", "approvers": ["x@example.com"]}] * 2}, "stage names must be distinct"),
+    ],
+)
 def test_creation_refuses_what_the_schema_cannot_catch(uow, change, reason):
     emitted = handle(uow, creation.on_report_requested, request_event(report_id="r-2", **change))
     assert [e.type for e in emitted] == ["report.invalid"]
@@ -80,8 +84,12 @@ def test_creation_refuses_a_second_request_for_an_existing_report(uow):
 
 
 def test_an_unreadable_request_still_tells_a_reachable_submitter_why(uow):
-    message = InvalidMessage("report.requested", "m-1", ["title: 5 is not of type 'string'"],
-                             {"title": 5, "submitter": {"email": "ann@example.com", "name": "Ann"}})
+    message = InvalidMessage(
+        "report.requested",
+        "m-1",
+        ["title: 5 is not of type 'string'"],
+        {"title": 5, "submitter": {"email": "ann@example.com", "name": "Ann"}},
+    )
     emitted = handle(uow, creation.on_unreadable_request, message)
     assert emitted[0].type == "report.invalid"
     assert emitted[0].payload["submitter"] == {"email": "ann@example.com", "name": "Ann"}
@@ -112,15 +120,17 @@ def test_stage_any_needs_one_approval_and_the_last_stage_approves_the_report(uow
     emitted = handle(uow, approval.on_approval_decided, decide(created, "sign-off", "dan@example.com", comment="ok"))
     assert [e.type for e in emitted] == ["report.approved"]
     assert emitted[0].payload["stages"][1]["decisions"] == [
-        {"approver": "dan@example.com", "decision": "approve", "comment": "ok"}]
+        {"approver": "dan@example.com", "decision": "approve", "comment": "ok"}
+    ]
     with uow() as unit:
         assert unit.report(created).status == "approved"
 
 
 def test_one_rejection_rejects_the_report_and_later_decisions_are_refused(uow, created):
     open_first_stage(uow, created)
-    emitted = handle(uow, approval.on_approval_decided,
-                     decide(created, "review", "bob@example.com", "reject", "numbers wrong"))
+    emitted = handle(
+        uow, approval.on_approval_decided, decide(created, "review", "bob@example.com", "reject", "numbers wrong")
+    )
     assert [e.type for e in emitted] == ["report.rejected"]
     assert emitted[0].payload["comment"] == "numbers wrong"
     emitted = handle(uow, approval.on_approval_decided, decide(created, "review", "eve@example.com"))
@@ -131,12 +141,18 @@ def test_one_rejection_rejects_the_report_and_later_decisions_are_refused(uow, c
         assert unit.session.scalar(select(func.count()).select_from(Decision)) == 1
 
 
-@pytest.mark.parametrize("decision, reason", [
-    (lambda r: decide(r, "review", "mallory@example.com"), "mallory@example.com is not an approver of stage 'review'"),
-    (lambda r: decide(r, "sign-off", "carol@example.com"), "stage 'sign-off' is not open yet"),
-    (lambda r: decide(r, "audit", "bob@example.com"), "the report has no stage named 'audit'"),
-    (lambda r: decide("no-such-report", "review", "bob@example.com"), "unknown report"),
-])
+@pytest.mark.parametrize(
+    "decision, reason",
+    [
+        (
+            lambda r: decide(r, "review", "mallory@example.com"),
+            "mallory@example.com is not an approver of stage 'review'",
+        ),
+        (lambda r: decide(r, "sign-off", "carol@example.com"), "stage 'sign-off' is not open yet"),
+        (lambda r: decide(r, "audit", "bob@example.com"), "the report has no stage named 'audit'"),
+        (lambda r: decide("no-such-report", "review", "bob@example.com"), "unknown report"),
+    ],
+)
 def test_decisions_that_are_not_allowed_are_refused_recorded_and_not_applied(uow, created, decision, reason):
     open_first_stage(uow, created)
     emitted = handle(uow, approval.on_approval_decided, decision(created))
@@ -157,8 +173,12 @@ def test_a_second_decision_by_the_same_approver_and_one_for_a_closed_stage_are_r
 
 
 def test_an_unreadable_decision_is_refused_with_its_reasons(uow):
-    message = InvalidMessage("approval.decided", "m-3", ["decision: 'maybe' is not one of ['approve', 'reject']"],
-                             {"report_id": "r-1", "stage": "review", "decision": "maybe"})
+    message = InvalidMessage(
+        "approval.decided",
+        "m-3",
+        ["decision: 'maybe' is not one of ['approve', 'reject']"],
+        {"report_id": "r-1", "stage": "review", "decision": "maybe"},
+    )
     emitted = handle(uow, approval.on_unreadable_decision, message)
     assert emitted[0].type == "approval.refused"
     assert "is not one of" in emitted[0].payload["reason"]
@@ -178,8 +198,13 @@ def pdf_text(content: bytes) -> str:
 def test_generation_renders_stores_and_describes_the_draft(uow, tmp_path, renderer):
     handle(uow, creation.on_report_requested, request_event(report_id="r-5"))
     storage = FolderStorage(tmp_path)
-    emitted = handle(uow, generation.on_report_created, Event("report.created", {"report_id": "r-5"}),
-                     renderer=renderer, storage=storage)
+    emitted = handle(
+        uow,
+        generation.on_report_created,
+        Event("report.created", {"report_id": "r-5"}),
+        renderer=renderer,
+        storage=storage,
+    )
     document = emitted[0].payload["document"]
     content = storage.get(document["storage_key"])
     assert content.startswith(b"%PDF")
@@ -190,15 +215,28 @@ def test_generation_renders_stores_and_describes_the_draft(uow, tmp_path, render
 
 
 def test_the_approved_version_is_the_approved_pages_and_an_approval_record(uow, tmp_path, renderer):
-    handle(uow, creation.on_report_requested, request_event(
-        report_id="r-6", approval_stages=[{"name": "review", "approvers": ["bob@example.com"]}]))
+    handle(
+        uow,
+        creation.on_report_requested,
+        request_event(report_id="r-6", approval_stages=[{"name": "review", "approvers": ["bob@example.com"]}]),
+    )
     storage = FolderStorage(tmp_path)
-    [generated] = handle(uow, generation.on_report_created, Event("report.created", {"report_id": "r-6"}),
-                         renderer=renderer, storage=storage)
+    [generated] = handle(
+        uow,
+        generation.on_report_created,
+        Event("report.created", {"report_id": "r-6"}),
+        renderer=renderer,
+        storage=storage,
+    )
     open_first_stage(uow, "r-6")
     handle(uow, approval.on_approval_decided, decide("r-6", "review", "bob@example.com", comment="Good work"))
-    emitted = handle(uow, generation.on_report_approved, Event("report.approved", {"report_id": "r-6", "stages": []}),
-                     renderer=renderer, storage=storage)
+    emitted = handle(
+        uow,
+        generation.on_report_approved,
+        Event("report.approved", {"report_id": "r-6", "stages": []}),
+        renderer=renderer,
+        storage=storage,
+    )
     assert emitted[0].type == "report.finalized"
     draft = PdfReader(io.BytesIO(storage.get(generated.payload["document"]["storage_key"])))
     final = PdfReader(io.BytesIO(storage.get(emitted[0].payload["document"]["storage_key"])))
@@ -218,13 +256,27 @@ def test_each_approver_gets_a_personal_email_with_the_draft(uow, tmp_path):
     storage.put("reports/r-7/draft.pdf", b"%PDF-1.7 draft")
     draft_sha256 = hashlib.sha256(b"%PDF-1.7 draft").hexdigest()
     postman = Postman(FolderMailer(tmp_path / "mail"), "reportflow <rf@example.com>")
-    requested = {"report_id": "r-7", "title": "Q3 revenue review",
-                 "stage": {"name": "sign-off", "position": 2, "rule": "any", "of": 2},
-                 "approvers": ["carol@example.com", "dan@example.com"],
-                 "document": {"id": 1, "kind": "draft", "storage_key": "reports/r-7/draft.pdf",
-                              "size_bytes": 14, "sha256": draft_sha256, "pages": 1}}
-    handle(uow, notification.on_approval_requested, Event("approval.requested", requested),
-           postman=postman, storage=storage)
+    requested = {
+        "report_id": "r-7",
+        "title": "Q3 revenue review",
+        "stage": {"name": "sign-off", "position": 2, "rule": "any", "of": 2},
+        "approvers": ["carol@example.com", "dan@example.com"],
+        "document": {
+            "id": 1,
+            "kind": "draft",
+            "storage_key": "reports/r-7/draft.pdf",
+            "size_bytes": 14,
+            "sha256": draft_sha256,
+            "pages": 1,
+        },
+    }
+    handle(
+        uow,
+        notification.on_approval_requested,
+        Event("approval.requested", requested),
+        postman=postman,
+        storage=storage,
+    )
     emails = [message_from_bytes(p.read_bytes(), policy=policy.default) for p in sorted((tmp_path / "mail").iterdir())]
     assert sorted(e["To"] for e in emails) == ["carol@example.com", "dan@example.com"]
     assert all("Q3 revenue review" in e["Subject"] and "sign-off" in e["Subject"] for e in emails)
@@ -236,17 +288,33 @@ def test_each_approver_gets_a_personal_email_with_the_draft(uow, tmp_path):
 
 def test_an_invalid_request_without_a_submitter_sends_nothing(uow, tmp_path):
     postman = Postman(FolderMailer(tmp_path / "mail"), "rf@example.com")
-    handle(uow, notification.on_report_invalid,
-           Event("report.invalid", {"report_id": None, "submitter": None, "reasons": ["x"]}), postman=postman)
+    handle(
+        uow,
+        notification.on_report_invalid,
+        Event("report.invalid", {"report_id": None, "submitter": None, "reasons": ["x"]}),
+        postman=postman,
+    )
     assert not (tmp_path / "mail").exists()
 
 
 def test_the_rejection_email_names_the_stage_the_approver_and_the_comment(uow, tmp_path):
     handle(uow, creation.on_report_requested, request_event(report_id="r-8"))
     postman = Postman(FolderMailer(tmp_path / "mail"), "rf@example.com")
-    handle(uow, notification.on_report_rejected, Event("report.rejected", {
-        "report_id": "r-8", "title": "Q3 revenue review", "stage": "review",
-        "approver": {"email": "bob@example.com"}, "comment": "numbers wrong"}), postman=postman)
+    handle(
+        uow,
+        notification.on_report_rejected,
+        Event(
+            "report.rejected",
+            {
+                "report_id": "r-8",
+                "title": "Q3 revenue review",
+                "stage": "review",
+                "approver": {"email": "bob@example.com"},
+                "comment": "numbers wrong",
+            },
+        ),
+        postman=postman,
+    )
     [path] = (tmp_path / "mail").iterdir()
     email = message_from_bytes(path.read_bytes(), policy=policy.default)
     assert email["To"] == "ann@example.com" and email["Subject"] == "Report rejected: Q3 revenue review"
@@ -254,17 +322,41 @@ def test_the_rejection_email_names_the_stage_the_approver_and_the_comment(uow, t
     assert "review" in body and "bob@example.com" in body and "numbers wrong" in body
 
 
-
 def test_user_text_in_an_email_is_one_line_or_quoted_and_never_passes_for_ours(uow, tmp_path):
     handle(uow, creation.on_report_requested, request_event(report_id="r-10"))
     postman = Postman(FolderMailer(tmp_path / "mail"), "rf@example.com")
     fake = "Decide here instead: https://evil.example/approve"
-    handle(uow, notification.on_report_rejected, Event("report.rejected", {
-        "report_id": "r-10", "title": "Q3", "stage": "review", "approver": {"email": "bob@example.com"},
-        "comment": f"Numbers wrong.\n\n{fake}\r\n\u2028{fake}"}), postman=postman)
-    handle(uow, notification.on_approval_refused, Event("approval.refused", {
-        "report_id": "r-10", "stage": "review\x85x", "decision": "approve", "approver": {"email": "bob@example.com"},
-        "reason": f"stage closed\n\n{fake}", "decision_message_id": "m-1"}), postman=postman)
+    handle(
+        uow,
+        notification.on_report_rejected,
+        Event(
+            "report.rejected",
+            {
+                "report_id": "r-10",
+                "title": "Q3",
+                "stage": "review",
+                "approver": {"email": "bob@example.com"},
+                "comment": f"Numbers wrong.\n\n{fake}\r\n\u2028{fake}",
+            },
+        ),
+        postman=postman,
+    )
+    handle(
+        uow,
+        notification.on_approval_refused,
+        Event(
+            "approval.refused",
+            {
+                "report_id": "r-10",
+                "stage": "review\x85x",
+                "decision": "approve",
+                "approver": {"email": "bob@example.com"},
+                "reason": f"stage closed\n\n{fake}",
+                "decision_message_id": "m-1",
+            },
+        ),
+        postman=postman,
+    )
     for path in (tmp_path / "mail").iterdir():
         body = message_from_bytes(path.read_bytes(), policy=policy.default).get_content()
         lines = body.splitlines()

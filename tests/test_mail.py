@@ -1,4 +1,5 @@
 """Email over a real SMTP conversation (aiosmtpd on loopback), and addresses that are checked."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,14 @@ from reportflow.shared.mail import InvalidAddress, SmtpMailer, build_email, stab
 
 
 def test_an_email_with_a_pdf_travels_over_smtp(smtp):
-    email = build_email(sender="reportflow <rf@example.com>", to=["ann@example.com", "cfo@client.example"],
-                        subject="Report approved: Q3", text="Attached.", message_id=stable_message_id("abc.1"),
-                        attachments=[("r.pdf", b"%PDF-1.7", "application/pdf")])
+    email = build_email(
+        sender="reportflow <rf@example.com>",
+        to=["ann@example.com", "cfo@client.example"],
+        subject="Report approved: Q3",
+        text="Attached.",
+        message_id=stable_message_id("abc.1"),
+        attachments=[("r.pdf", b"%PDF-1.7", "application/pdf")],
+    )
     SmtpMailer(smtp.url).send(email)
     [received] = smtp.to("cfo@client.example")
     assert received["Subject"] == "Report approved: Q3"
@@ -18,16 +24,22 @@ def test_an_email_with_a_pdf_travels_over_smtp(smtp):
     assert smtp.messages[0]["envelope_to"] == ["ann@example.com", "cfo@client.example"]
 
 
-@pytest.mark.parametrize("address", ["not-an-address", "a@b", "x@example.com\nBcc: evil@example.com",
-                                     "<x@example.com>", "a b@example.com"])
+@pytest.mark.parametrize(
+    "address", ["not-an-address", "a@b", "x@example.com\nBcc: evil@example.com", "<x@example.com>", "a b@example.com"]
+)
 def test_bad_addresses_are_refused_before_anything_is_sent(address):
     with pytest.raises(InvalidAddress):
         build_email(sender="rf@example.com", to=[address], subject="s", text="t", message_id="<m@x>")
 
 
 def test_a_subject_cannot_carry_extra_headers():
-    email = build_email(sender="rf@example.com", to=["a@example.com"], subject="Hi\r\nBcc: evil@example.com",
-                        text="t", message_id="<m@x>")
+    email = build_email(
+        sender="rf@example.com",
+        to=["a@example.com"],
+        subject="Hi\r\nBcc: evil@example.com",
+        text="t",
+        message_id="<m@x>",
+    )
     assert email["Bcc"] is None
 
 
@@ -59,12 +71,19 @@ def test_the_mailer_logs_in_when_the_url_has_credentials():
             return "250 OK"
 
     port = free_port()
-    controller = Controller(Handler(), hostname="127.0.0.1", port=port, authenticator=authenticator,
-                            auth_required=True, auth_require_tls=False)
+    controller = Controller(
+        Handler(),
+        hostname="127.0.0.1",
+        port=port,
+        authenticator=authenticator,
+        auth_required=True,
+        auth_require_tls=False,
+    )
     controller.start()
     try:
-        email = build_email(sender="rf@example.com", to=["a@example.com"], subject="s", text="t",
-                            message_id="<login@x>")
+        email = build_email(
+            sender="rf@example.com", to=["a@example.com"], subject="s", text="t", message_id="<login@x>"
+        )
         SmtpMailer(f"smtp://reportflow:s3cret@127.0.0.1:{port}").send(email)
     finally:
         controller.stop()

@@ -1,4 +1,5 @@
 """Alembic: the migrations build the same schema as the models, both ways, on both databases."""
+
 from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
@@ -18,7 +19,15 @@ def test_migrations_match_the_models_and_go_down_and_up_again(database_url):
         downgrade(database_url, "base")
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
         upgrade(database_url)
-        assert {"reports", "approval_stages", "decisions", "refusals", "documents", "notifications",
-                "inbox", "outbox"} <= set(inspect(engine).get_table_names())
+        assert {
+            "reports",
+            "approval_stages",
+            "decisions",
+            "refusals",
+            "documents",
+            "notifications",
+            "inbox",
+            "outbox",
+        } <= set(inspect(engine).get_table_names())
     finally:
         engine.dispose()

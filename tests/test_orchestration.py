@@ -1,6 +1,7 @@
 """What an orchestrator sees of a process (/livez, /readyz, /metrics), and a consumer that fails over to
 another broker address when its node goes away. The lost node is a proxy the test cuts, in front of the
 machine's broker; the three-node cluster is tested on its own."""
+
 from __future__ import annotations
 
 import re
@@ -50,19 +51,27 @@ def proxies():
     def make() -> TcpProxy:
         made.append(TcpProxy(BROKER_PORT))
         return made[-1]
+
     yield make
     for proxy in made:
         proxy.close()
 
 
-def test_a_consumer_tells_its_health_and_counts_what_it_handled(tmp_path, exchange, broker, sqlite_url, tap,
-                                                                 proxies):
+def test_a_consumer_tells_its_health_and_counts_what_it_handled(tmp_path, exchange, broker, sqlite_url, tap, proxies):
     node = proxies()
     port = free_port()
-    pipeline = Pipeline(tmp_path, {"REPORTFLOW_AMQP_URL": through(node), "REPORTFLOW_EXCHANGE": exchange,
-                                   "REPORTFLOW_DATABASE_URL": sqlite_url, "REPORTFLOW_METRICS_PORT": str(port),
-                                   "REPORTFLOW_METRICS_BIND": "127.0.0.1", "TRACING_ENABLED": "false"},
-                        names=("creation",))
+    pipeline = Pipeline(
+        tmp_path,
+        {
+            "REPORTFLOW_AMQP_URL": through(node),
+            "REPORTFLOW_EXCHANGE": exchange,
+            "REPORTFLOW_DATABASE_URL": sqlite_url,
+            "REPORTFLOW_METRICS_PORT": str(port),
+            "REPORTFLOW_METRICS_BIND": "127.0.0.1",
+            "TRACING_ENABLED": "false",
+        },
+        names=("creation",),
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         pipeline.start()
@@ -77,12 +86,24 @@ def test_a_consumer_tells_its_health_and_counts_what_it_handled(tmp_path, exchan
 
         def counted():
             text = probe(f"{base}/metrics")[1]
-            return text if metric(text, "reportflow_messages_total", stage="creation",
-                                  event_type="report.requested", outcome="handled") == 6 else None
+            return (
+                text
+                if metric(
+                    text,
+                    "reportflow_messages_total",
+                    stage="creation",
+                    event_type="report.requested",
+                    outcome="handled",
+                )
+                == 6
+                else None
+            )
+
         text = wait_until(counted, 20, what="six handled messages counted")
         assert metric(text, "reportflow_handling_seconds_count", stage="creation", event_type="report.requested") == 6
-        assert metric(text, "reportflow_time_in_queue_seconds_count", stage="creation",
-                      event_type="report.requested") == 6
+        assert (
+            metric(text, "reportflow_time_in_queue_seconds_count", stage="creation", event_type="report.requested") == 6
+        )
         assert metric(text, "reportflow_messages_in_flight", stage="creation") == 0
 
         node.cut()  # its only broker node goes away: alive, but not ready
@@ -95,14 +116,22 @@ def test_a_consumer_tells_its_health_and_counts_what_it_handled(tmp_path, exchan
         pipeline.close()
 
 
-def test_a_consumer_fails_over_to_the_next_broker_address_and_back_to_work(tmp_path, exchange, broker, sqlite_url,
-                                                                           tap, proxies):
+def test_a_consumer_fails_over_to_the_next_broker_address_and_back_to_work(
+    tmp_path, exchange, broker, sqlite_url, tap, proxies
+):
     first, second = proxies(), proxies()
     dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/{urlsplit(TEST_AMQP_URL).path.lstrip('/')}"
     nodes = ",".join([dead, through(first), through(second)])  # the first address never answers
-    pipeline = Pipeline(tmp_path, {"REPORTFLOW_AMQP_URL": nodes, "REPORTFLOW_EXCHANGE": exchange,
-                                   "REPORTFLOW_DATABASE_URL": sqlite_url, "TRACING_ENABLED": "false"},
-                        names=("creation",))
+    pipeline = Pipeline(
+        tmp_path,
+        {
+            "REPORTFLOW_AMQP_URL": nodes,
+            "REPORTFLOW_EXCHANGE": exchange,
+            "REPORTFLOW_DATABASE_URL": sqlite_url,
+            "TRACING_ENABLED": "false",
+        },
+        names=("creation",),
+    )
     try:
         pipeline.start()
         pipeline.wait_consuming(broker, exchange, stages=("creation",))
@@ -123,10 +152,20 @@ def test_a_consumer_fails_over_to_the_next_broker_address_and_back_to_work(tmp_p
 def test_the_gateway_tells_its_health_too(tmp_path, exchange, postgres_url, proxies):
     node = proxies()
     port, metrics_port = free_port(), free_port()
-    pipeline = Pipeline(tmp_path, {
-        "REPORTFLOW_AMQP_URL": through(node), "REPORTFLOW_EXCHANGE": exchange, "REPORTFLOW_DATABASE_URL": postgres_url,
-        "REPORTFLOW_ENV": "development", "REPORTFLOW_GATEWAY_PORT": str(port), "REPORTFLOW_METRICS_PORT": str(metrics_port),
-        "REPORTFLOW_METRICS_BIND": "127.0.0.1", "REPORTFLOW_TRACE_DIR": str(tmp_path / "traces")}, names=("gateway",))
+    pipeline = Pipeline(
+        tmp_path,
+        {
+            "REPORTFLOW_AMQP_URL": through(node),
+            "REPORTFLOW_EXCHANGE": exchange,
+            "REPORTFLOW_DATABASE_URL": postgres_url,
+            "REPORTFLOW_ENV": "development",
+            "REPORTFLOW_GATEWAY_PORT": str(port),
+            "REPORTFLOW_METRICS_PORT": str(metrics_port),
+            "REPORTFLOW_METRICS_BIND": "127.0.0.1",
+            "REPORTFLOW_TRACE_DIR": str(tmp_path / "traces"),
+        },
+        names=("gateway",),
+    )
     base = f"http://127.0.0.1:{metrics_port}"
     try:
         pipeline.start()

@@ -1,5 +1,6 @@
 """Nothing lost, nothing twice, in the runtime: retries, dead letters, bad input, duplicates, replays,
 and a database that goes away. Real broker, real databases; consumers run in this process."""
+
 from __future__ import annotations
 
 import json
@@ -37,17 +38,24 @@ FAST = RetryPolicy(delays=(1, 1))
 
 
 def stage_consumer(settings, handler, retry_policy=FAST, event_type="report.requested") -> Consumer:
-    return Consumer(Stage("creation", {event_type: handler}), settings, session_factory(settings), {},
-                    retry_policy=retry_policy)
+    return Consumer(
+        Stage("creation", {event_type: handler}), settings, session_factory(settings), {}, retry_policy=retry_policy
+    )
 
 
 def created_payload(report_id: str) -> dict:
-    return {"report_id": report_id, "title": "t", "template": "standard", "submitter": {"email": "a@example.com"},
-            "stages": ["s"]}
+    return {
+        "report_id": report_id,
+        "title": "t",
+        "template": "standard",
+        "submitter": {"email": "a@example.com"},
+        "stages": ["s"],
+    }
 
 
-def test_a_transient_failure_is_retried_with_backoff_and_applied_once(settings_for, sqlite_url, tap, exchange,
-                                                                       broker, finished_spans):
+def test_a_transient_failure_is_retried_with_backoff_and_applied_once(
+    settings_for, sqlite_url, tap, exchange, broker, finished_spans
+):
     calls = []
 
     def flaky(event, uow):
@@ -74,7 +82,8 @@ def test_a_transient_failure_is_retried_with_backoff_and_applied_once(settings_f
 
 
 def test_what_keeps_failing_is_dead_lettered_after_its_attempts_and_the_consumer_keeps_serving(
-        settings_for, sqlite_url, tap, exchange, broker):
+    settings_for, sqlite_url, tap, exchange, broker
+):
     def always_down(event, uow):
         if event.payload["report_id"] == "r-doomed":
             raise OperationalError("SELECT 1", {}, Exception("connection refused"))
@@ -95,7 +104,8 @@ def test_what_keeps_failing_is_dead_lettered_after_its_attempts_and_the_consumer
 
 
 def test_an_emitted_event_no_queue_takes_is_dead_lettered_itself_and_replayed_once_a_queue_is_bound(
-        settings_for, sqlite_url, exchange, broker):
+    settings_for, sqlite_url, exchange, broker
+):
     def emits_unroutable(event, uow):
         uow.emit("report.created", created_payload("r-unroutable"))
 
@@ -106,8 +116,9 @@ def test_an_emitted_event_no_queue_takes_is_dead_lettered_itself_and_replayed_on
         with ReportflowClient(TEST_AMQP_URL, exchange) as client:
             request = client.request_report(sample_request(report_id="r-unroutable"))
         settled(consumer, 1)
-        [letter] = wait_until(lambda: DeadLetterQueue(TEST_AMQP_URL, consumer.topology).list(), 20,
-                              what="a dead letter")
+        [letter] = wait_until(
+            lambda: DeadLetterQueue(TEST_AMQP_URL, consumer.topology).list(), 20, what="a dead letter"
+        )
     # The event that could not go anywhere waits under its own name; the request was handled and acked.
     assert (letter.event_type, letter.stage) == ("report.created", "creation")
     assert letter.error.startswith("unroutable: no queue takes report.created")
@@ -148,12 +159,21 @@ def oversized_table_request() -> bytes:
 BAD_INPUTS = {
     "not-json": (dict(content_type="application/json", type="report.requested"), b"{oops", "not UTF-8 JSON"),
     "wrong-content-type": (dict(content_type="text/csv", type="report.requested"), b"a,b", "content type 'text/csv'"),
-    "schema-violation": (dict(content_type="application/json", type="report.requested"),
-                         json.dumps({"title": 1}).encode(), "is not of type 'string'"),
-    "over-size-limit": (dict(content_type="application/json", type="report.requested"), b" " * 70_000,
-                        "over the limit of 65536"),
-    "table-over-row-limit": (dict(content_type="application/json", type="report.requested"),
-                             oversized_table_request(), "data/table/rows"),
+    "schema-violation": (
+        dict(content_type="application/json", type="report.requested"),
+        json.dumps({"title": 1}).encode(),
+        "is not of type 'string'",
+    ),
+    "over-size-limit": (
+        dict(content_type="application/json", type="report.requested"),
+        b" " * 70_000,
+        "over the limit of 65536",
+    ),
+    "table-over-row-limit": (
+        dict(content_type="application/json", type="report.requested"),
+        oversized_table_request(),
+        "data/table/rows",
+    ),
 }
 
 
@@ -162,8 +182,13 @@ def test_every_bad_request_ends_in_report_invalid_with_its_reason(settings_for, 
     with running(build_consumer("creation", settings)) as consumer:
         for name, (properties, body, _) in BAD_INPUTS.items():
             limit_test = name == "over-size-limit"
-            raw_publish(exchange, "report.requested", body if not limit_test else b" " * (65536 * 8 + 1),
-                        message_id=name, **properties)
+            raw_publish(
+                exchange,
+                "report.requested",
+                body if not limit_test else b" " * (65536 * 8 + 1),
+                message_id=name,
+                **properties,
+            )
         invalid = tap.wait_for("report.invalid", len(BAD_INPUTS))
         settled(consumer, len(BAD_INPUTS))
     reasons = {e[1]["request_message_id"]: " ".join(e[1]["reasons"]) for e in invalid}
@@ -173,16 +198,36 @@ def test_every_bad_request_ends_in_report_invalid_with_its_reason(settings_for, 
     assert dead_letters(broker, exchange) == []
 
 
-def test_unknown_event_types_are_dead_lettered_and_bad_trace_headers_do_not_matter(settings_for, sqlite_url, tap,
-                                                                                   exchange, broker):
+def test_unknown_event_types_are_dead_lettered_and_bad_trace_headers_do_not_matter(
+    settings_for, sqlite_url, tap, exchange, broker
+):
     body = json.dumps(sample_request(report_id="r-tp")).encode()
     with running(build_consumer("creation", settings_for(sqlite_url))) as consumer:
-        raw_publish(exchange, "report.requested", b"{}", content_type="application/json", type="report.exploded",
-                    message_id="unknown-type")
-        raw_publish(exchange, "report.requested", body, content_type="application/json", type="report.requested",
-                    message_id="garbled", headers={"traceparent": "00-zzzz-not-a-trace-01", "uber-trace-id": "::"})
-        raw_publish(exchange, "report.requested", json.dumps(sample_request(report_id="r-none")).encode(),
-                    content_type="application/json", type="report.requested", message_id="no-headers")
+        raw_publish(
+            exchange,
+            "report.requested",
+            b"{}",
+            content_type="application/json",
+            type="report.exploded",
+            message_id="unknown-type",
+        )
+        raw_publish(
+            exchange,
+            "report.requested",
+            body,
+            content_type="application/json",
+            type="report.requested",
+            message_id="garbled",
+            headers={"traceparent": "00-zzzz-not-a-trace-01", "uber-trace-id": "::"},
+        )
+        raw_publish(
+            exchange,
+            "report.requested",
+            json.dumps(sample_request(report_id="r-none")).encode(),
+            content_type="application/json",
+            type="report.requested",
+            message_id="no-headers",
+        )
         created = tap.wait_for("report.created", 2)
         settled(consumer, 3)
     assert {e[1]["report_id"] for e in created} == {"r-tp", "r-none"}
@@ -198,8 +243,17 @@ def test_duplicates_and_a_replayed_dead_letter_apply_once(settings_for, database
     def sometimes_broken(event, uow):
         if broken.is_set():
             raise ValueError("bug in this version")
-        uow.add(Report(id=event.payload["report_id"], title="t", template="standard", status="created",
-                       submitter={}, client={}, data={}))
+        uow.add(
+            Report(
+                id=event.payload["report_id"],
+                title="t",
+                template="standard",
+                status="created",
+                submitter={},
+                client={},
+                data={},
+            )
+        )
         uow.emit("report.created", created_payload(event.payload["report_id"]))
 
     settings = settings_for(database_url)
@@ -216,8 +270,14 @@ def test_duplicates_and_a_replayed_dead_letter_apply_once(settings_for, database
         # The same message again, twice: published by a retrying upstream, and replayed by hand.
         with ReportflowClient(TEST_AMQP_URL, exchange) as client:
             client.request_report(sample_request(report_id="r-replay"), message_id="m-replay")
-        raw_publish("", f"{exchange}.creation", json.dumps(sample_request(report_id="r-replay")).encode(),
-                    content_type="application/json", type="report.requested", message_id="m-replay")
+        raw_publish(
+            "",
+            f"{exchange}.creation",
+            json.dumps(sample_request(report_id="r-replay")).encode(),
+            content_type="application/json",
+            type="report.requested",
+            message_id="m-replay",
+        )
         settled(consumer, 4)
     assert len([e for e in tap.drain() if e[0] == "report.created"]) == 1
     assert count(database_url, Report) == 1
@@ -233,7 +293,8 @@ def postgres_behind_proxy(postgres_url):
 
 
 def test_a_database_outage_is_retried_through_and_nothing_reaches_the_dead_letter_queue(
-        settings_for, postgres_behind_proxy, tap, exchange, broker):
+    settings_for, postgres_behind_proxy, tap, exchange, broker
+):
     import time
 
     proxy, url = postgres_behind_proxy
@@ -251,7 +312,7 @@ def test_a_database_outage_is_retried_through_and_nothing_reaches_the_dead_lette
     assert {e[1]["report_id"] for e in created} == {"r-before", *{f"r-outage-{n}" for n in range(5)}}
     assert dead_letters(broker, exchange) == []
     assert consumer.connections_opened == 1
-    assert count(url.replace(f'127.0.0.1:{proxy.port}', '127.0.0.1:5432'), Report) == 6
+    assert count(url.replace(f"127.0.0.1:{proxy.port}", "127.0.0.1:5432"), Report) == 6
 
 
 def test_the_relay_publishes_what_a_crash_left_in_the_outbox(settings_for, sqlite_url, tap):
@@ -262,10 +323,16 @@ def test_the_relay_publishes_what_a_crash_left_in_the_outbox(settings_for, sqlit
     settings = settings_for(sqlite_url, outbox_relay_seconds=1)
     factory = session_factory(settings)
     with factory() as session, session.begin():  # committed, then the process died before publishing
-        session.add(OutboxMessage(message_id="left-behind", event_type="report.created",
-                                  payload=created_payload("r-orphan"), source="creation",
-                                  headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
-                                  created_at=datetime.now(timezone.utc) - timedelta(minutes=5)))
+        session.add(
+            OutboxMessage(
+                message_id="left-behind",
+                event_type="report.created",
+                payload=created_payload("r-orphan"),
+                source="creation",
+                headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+                created_at=datetime.now(timezone.utc) - timedelta(minutes=5),
+            )
+        )
     with running(build_consumer("creation", settings)):
         [(_, payload, properties)] = tap.wait_for("report.created", timeout=20)
     assert payload["report_id"] == "r-orphan" and properties.message_id == "left-behind"
@@ -281,7 +348,10 @@ def test_quorum_work_queues_carry_a_delivery_limit_and_serve(settings_for, sqlit
         tap.wait_for("report.created")
     listing = subprocess.run(
         ["rabbitmqctl", "list_queues", "-p", "reportflow-test", "name", "type", "arguments", "--no-table-headers"],
-        capture_output=True, text=True, timeout=60).stdout
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     types = {line.split("\t")[0]: line for line in listing.splitlines() if line.startswith(f"{exchange}.")}
     assert "x-delivery-limit" in types[f"{exchange}.creation"]
     ours = Topology(exchange, retry_delays=Settings.retry_delays).all_queues(STAGE_NAMES)  # work, tiers, DLQ
@@ -293,9 +363,17 @@ def test_a_topology_of_another_queue_type_stops_the_process_with_the_reason(tmp_
     from tests.pipeline import Pipeline
 
     broker.channel().queue_declare(f"{exchange}.creation", durable=True)
-    pipeline = Pipeline(tmp_path, {"REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange,
-                                   "REPORTFLOW_DATABASE_URL": sqlite_url, "REPORTFLOW_QUEUE_TYPE": "quorum",
-                                   "TRACING_ENABLED": "false"}, names=("creation",))
+    pipeline = Pipeline(
+        tmp_path,
+        {
+            "REPORTFLOW_AMQP_URL": TEST_AMQP_URL,
+            "REPORTFLOW_EXCHANGE": exchange,
+            "REPORTFLOW_DATABASE_URL": sqlite_url,
+            "REPORTFLOW_QUEUE_TYPE": "quorum",
+            "TRACING_ENABLED": "false",
+        },
+        names=("creation",),
+    )
     try:
         pipeline.start()
         wait_until(pipeline.exited, 60, what="the consumer to stop")

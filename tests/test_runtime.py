@@ -1,4 +1,5 @@
 """The consumer runtime against the real RabbitMQ (own vhost) and both databases."""
+
 from __future__ import annotations
 
 import json
@@ -54,13 +55,26 @@ def test_a_duplicated_message_id_has_one_effect(settings_for, database_url, tap,
     assert count(database_url, Report) == 1
 
 
-def test_malformed_requests_become_report_invalid_and_the_consumer_keeps_serving(settings_for, sqlite_url, tap,
-                                                                                 exchange):
+def test_malformed_requests_become_report_invalid_and_the_consumer_keeps_serving(
+    settings_for, sqlite_url, tap, exchange
+):
     with running(build_consumer("creation", settings_for(sqlite_url))) as consumer:
-        raw_publish(exchange, "report.requested", b"{definitely not json", content_type="application/json",
-                    message_id="bad-1", type="report.requested")
-        raw_publish(exchange, "report.requested", json.dumps({"title": "No submitter"}).encode(),
-                    content_type="application/json", message_id="bad-2", type="report.requested")
+        raw_publish(
+            exchange,
+            "report.requested",
+            b"{definitely not json",
+            content_type="application/json",
+            message_id="bad-1",
+            type="report.requested",
+        )
+        raw_publish(
+            exchange,
+            "report.requested",
+            json.dumps({"title": "No submitter"}).encode(),
+            content_type="application/json",
+            message_id="bad-2",
+            type="report.requested",
+        )
         with ReportflowClient(TEST_AMQP_URL, exchange) as client:
             client.request_report(sample_request(report_id="r-rt-3"))
         invalid = tap.wait_for("report.invalid", 2)
@@ -71,26 +85,52 @@ def test_malformed_requests_become_report_invalid_and_the_consumer_keeps_serving
     assert any("'submitter' is a required property" in r for r in reasons["bad-2"])
 
 
-def test_a_request_in_a_contract_version_this_consumer_does_not_read_is_answered(settings_for, sqlite_url, tap,
-                                                                                  exchange):
+def test_a_request_in_a_contract_version_this_consumer_does_not_read_is_answered(
+    settings_for, sqlite_url, tap, exchange
+):
     with running(build_consumer("creation", settings_for(sqlite_url))) as consumer:
-        raw_publish(exchange, "report.requested", json.dumps(sample_request(report_id="r-v2")).encode(),
-                    content_type="application/json", message_id="v2-1", type="report.requested",
-                    headers={"schema_version": "2"})
+        raw_publish(
+            exchange,
+            "report.requested",
+            json.dumps(sample_request(report_id="r-v2")).encode(),
+            content_type="application/json",
+            message_id="v2-1",
+            type="report.requested",
+            headers={"schema_version": "2"},
+        )
         [(_, invalid, _)] = tap.wait_for("report.invalid")
         settled(consumer, 1)
     assert invalid["report_id"] == "r-v2" and "schema_version '2'" in invalid["reasons"][0]
 
 
-def test_what_no_handler_can_read_or_handle_is_dead_lettered_with_its_reason(settings_for, sqlite_url, broker,
-                                                                              exchange):
+def test_what_no_handler_can_read_or_handle_is_dead_lettered_with_its_reason(
+    settings_for, sqlite_url, broker, exchange
+):
     with running(build_consumer("generation", settings_for(sqlite_url))) as consumer:
-        raw_publish(exchange, "report.created", b"\x00garbage", content_type="application/json",
-                    message_id="poison-1", type="report.created")
-        raw_publish(exchange, "report.created", json.dumps(
-            {"report_id": "nobody", "title": "t", "template": "standard", "submitter": {"email": "a@example.com"},
-             "stages": ["s"]}).encode(), content_type="application/json", message_id="orphan-1",
-            type="report.created")
+        raw_publish(
+            exchange,
+            "report.created",
+            b"\x00garbage",
+            content_type="application/json",
+            message_id="poison-1",
+            type="report.created",
+        )
+        raw_publish(
+            exchange,
+            "report.created",
+            json.dumps(
+                {
+                    "report_id": "nobody",
+                    "title": "t",
+                    "template": "standard",
+                    "submitter": {"email": "a@example.com"},
+                    "stages": ["s"],
+                }
+            ).encode(),
+            content_type="application/json",
+            message_id="orphan-1",
+            type="report.created",
+        )
         settled(consumer, 2)
     letters = {h["x-reportflow-error"].split(":")[0]: h for h, _ in dead_letters(broker, exchange)}
     assert set(letters) == {"body is not UTF-8 JSON", "ReportNotFound"}
@@ -105,8 +145,16 @@ def test_a_render_longer_than_the_heartbeat_keeps_the_connection(settings_for, s
     def slow(event, uow):
         calls.append(event.message_id)
         time.sleep(7)  # > 2 heartbeat intervals of 2 s: the broker would drop a starved connection
-        uow.emit("report.created", {"report_id": "slow", "title": "t", "template": "standard",
-                                    "submitter": {"email": "a@example.com"}, "stages": ["s"]})
+        uow.emit(
+            "report.created",
+            {
+                "report_id": "slow",
+                "title": "t",
+                "template": "standard",
+                "submitter": {"email": "a@example.com"},
+                "stages": ["s"],
+            },
+        )
 
     settings = settings_for(sqlite_url, heartbeat_seconds=2)
     consumer = Consumer(Stage("creation", {"report.requested": slow}), settings, session_factory(settings), {})
@@ -157,8 +205,13 @@ def test_pipelined_confirms_sort_every_publish_into_taken_or_returned(broker, ex
     channel.queue_bind(f"{exchange}.confirms", exchange, routing_key="bound")
     confirms = PipelinedConfirms(broker, instrument=lambda channel: None)
     for n in range(200):  # a burst, so the broker answers some with one multiple ack
-        confirms.publish(exchange, "bound" if n != 57 else "nowhere", b"{}",
-                         pika.BasicProperties(message_id=f"m-{n}", delivery_mode=2), item=n)
+        confirms.publish(
+            exchange,
+            "bound" if n != 57 else "nowhere",
+            b"{}",
+            pika.BasicProperties(message_id=f"m-{n}", delivery_mode=2),
+            item=n,
+        )
     assert confirms.unconfirmed == 200  # nothing waited for
     answered = ([], [], [])
     deadline = time.monotonic() + 20
@@ -193,8 +246,11 @@ def test_a_connection_that_closed_under_the_loop_is_reopened_not_fatal():
     That is a lost connection like any other: the consumer reconnects instead of dying."""
     from reportflow.consumers.runtime.connection import BrokerConnection
 
-    broker_connection, stopping, served = BrokerConnection(TEST_AMQP_URL, 10, "test-closed-under-loop"), \
-        threading.Event(), []
+    broker_connection, stopping, served = (
+        BrokerConnection(TEST_AMQP_URL, 10, "test-closed-under-loop"),
+        threading.Event(),
+        [],
+    )
 
     def serve(connection):
         served.append(connection)
@@ -202,6 +258,7 @@ def test_a_connection_that_closed_under_the_loop_is_reopened_not_fatal():
             connection.close()
             connection.process_data_events(time_limit=0.1)
         stopping.set()
+
     thread = threading.Thread(target=broker_connection.run, args=(serve, stopping), daemon=True)
     thread.start()
     thread.join(30)

@@ -1,4 +1,5 @@
 """Settings: files then environment, secrets masked, and development as a choice made out loud."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,14 @@ STRONG = "a-production-secret-of-more-than-32-bytes"
 def test_settings_layer_files_then_environment_and_mask_secrets(tmp_path):
     (tmp_path / "app.yaml").write_text("prefetch: 2\ntracing:\n  sampling_ratio: 0.5\n  late_messages: link\n")
     (tmp_path / "staging.yaml").write_text("prefetch: 3\namqp_url: amqp://svc:hunter2@mq:5672/prod\n")
-    settings = Settings.load({"REPORTFLOW_CONFIG_DIR": str(tmp_path), "REPORTFLOW_ENV": "staging",
-                                  "TRACING_ENABLED": "false", "REPORTFLOW_TRACING_SAMPLING_RATIO": "0.1"})
+    settings = Settings.load(
+        {
+            "REPORTFLOW_CONFIG_DIR": str(tmp_path),
+            "REPORTFLOW_ENV": "staging",
+            "TRACING_ENABLED": "false",
+            "REPORTFLOW_TRACING_SAMPLING_RATIO": "0.1",
+        }
+    )
     assert settings.prefetch == 3 and settings.environment == "staging"
     assert settings.tracing.enabled is False and settings.tracing.sampling_ratio == 0.1
     assert settings.tracing.late_messages == "link"
@@ -40,8 +47,11 @@ def test_settings_layer_files_then_environment_and_mask_secrets(tmp_path):
 
 
 def test_config_show_prints_the_effective_settings_masked(tmp_path):
-    result = CliRunner().invoke(cli, ["config", "show"], env={
-        "REPORTFLOW_CONFIG_DIR": str(tmp_path), "REPORTFLOW_SMTP_URL": "smtp://mailer:s3cret@mail:587"})
+    result = CliRunner().invoke(
+        cli,
+        ["config", "show"],
+        env={"REPORTFLOW_CONFIG_DIR": str(tmp_path), "REPORTFLOW_SMTP_URL": "smtp://mailer:s3cret@mail:587"},
+    )
     assert result.exit_code == 0, result.output
     assert "smtp_url = smtp://mailer:***@mail:587" in result.output and "s3cret" not in result.output
     assert "tracing.enabled = True" in result.output
@@ -50,8 +60,9 @@ def test_config_show_prints_the_effective_settings_masked(tmp_path):
 def test_a_password_in_a_url_query_is_masked_too():
     shown = mask_url("postgresql://db.example/reports?sslmode=require&password=hunter2&api_key=k3y")
     assert "hunter2" not in shown and "k3y" not in shown and "sslmode=require" in shown
-    result = CliRunner().invoke(cli, ["config", "show"], env={
-        "REPORTFLOW_DATABASE_URL": "postgresql://db/reports?password=hunter2"})
+    result = CliRunner().invoke(
+        cli, ["config", "show"], env={"REPORTFLOW_DATABASE_URL": "postgresql://db/reports?password=hunter2"}
+    )
     assert result.exit_code == 0 and "hunter2" not in result.output, result.output
 
 
@@ -86,10 +97,21 @@ def test_a_link_signed_with_the_development_secret_works_in_development_only():
 
 def _gateway(env: dict, timeout: float = 20) -> subprocess.Popen:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("REPORTFLOW_")}
-    environment.update({"REPORTFLOW_GATEWAY_PORT": str(free_port()), "TRACING_ENABLED": "false",
-                        "REPORTFLOW_DATABASE_URL": "sqlite:///:memory:", **env})
-    return subprocess.Popen([str(Path(sys.executable).parent / "reportflow"), "gateway"], env=environment, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    environment.update(
+        {
+            "REPORTFLOW_GATEWAY_PORT": str(free_port()),
+            "TRACING_ENABLED": "false",
+            "REPORTFLOW_DATABASE_URL": "sqlite:///:memory:",
+            **env,
+        }
+    )
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "reportflow"), "gateway"],
+        env=environment,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_the_gateway_without_reportflow_env_refuses_to_start_on_development_secrets():
@@ -108,8 +130,11 @@ def test_in_development_the_gateway_listens_on_loopback_only_and_says_so():
     process = _gateway({"REPORTFLOW_ENV": "development"})
     try:
         lines = []
-        wait_until(lambda: lines.append(process.stdout.readline()) or "gateway listening" in lines[-1], 30,
-                   what="the gateway to start")
+        wait_until(
+            lambda: lines.append(process.stdout.readline()) or "gateway listening" in lines[-1],
+            30,
+            what="the gateway to start",
+        )
         assert any("WARNING" in line and "development mode" in line for line in lines), lines
     finally:
         process.terminate()

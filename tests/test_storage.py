@@ -1,4 +1,5 @@
 """Where documents are kept: a folder, or an S3 API (moto's server on loopback), behind one adapter."""
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,7 @@ def test_the_adapter_is_chosen_by_url(tmp_path, s3):
 
 
 @pytest.mark.e2e
-def test_the_pipeline_shares_no_disk_documents_live_in_s3_only(tmp_path, exchange, broker, postgres_url, smtp, s3,
-                                                              tap):
+def test_the_pipeline_shares_no_disk_documents_live_in_s3_only(tmp_path, exchange, broker, postgres_url, smtp, s3, tap):
     """Every process gets a folder of its own and the S3 API: reports finish, the emails carry the PDFs read
     back from S3, and no PDF is written to any local folder."""
     from tests.helpers import TEST_AMQP_URL, sample_request, wait_until
@@ -55,23 +55,39 @@ def test_the_pipeline_shares_no_disk_documents_live_in_s3_only(tmp_path, exchang
 
     bucket = s3.bucket("reportflow-documents")
     folders = {stage: tmp_path / f"{stage}-disk" for stage in STAGES}
-    pipeline = Pipeline(tmp_path, {
-        "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange, "REPORTFLOW_DATABASE_URL": postgres_url,
-        "REPORTFLOW_STORAGE_URL": f"s3://{bucket}/prod", "REPORTFLOW_SMTP_URL": smtp.url, "TRACING_ENABLED": "false",
-        **s3.env}, per_process={stage: {"REPORTFLOW_STORAGE_DIR": str(folder)} for stage, folder in folders.items()})
+    pipeline = Pipeline(
+        tmp_path,
+        {
+            "REPORTFLOW_AMQP_URL": TEST_AMQP_URL,
+            "REPORTFLOW_EXCHANGE": exchange,
+            "REPORTFLOW_DATABASE_URL": postgres_url,
+            "REPORTFLOW_STORAGE_URL": f"s3://{bucket}/prod",
+            "REPORTFLOW_SMTP_URL": smtp.url,
+            "TRACING_ENABLED": "false",
+            **s3.env,
+        },
+        per_process={stage: {"REPORTFLOW_STORAGE_DIR": str(folder)} for stage, folder in folders.items()},
+    )
     approver = AutoApprover(exchange)
     try:
         pipeline.start()
         pipeline.wait_consuming(broker, exchange)
         approver.start()
         from reportflow.producers import ReportflowClient
+
         with ReportflowClient(TEST_AMQP_URL, exchange) as client:
             for n in range(3):
                 client.request_report(sample_request(report_id=f"r-s3-{n}"))
         tap.wait_for("report.finalized", 3, timeout=120)
-        finals = wait_until(lambda: [m for m in smtp.messages if m["message"]["Subject"].startswith("Report approved")
-                                     ] if len([m for m in smtp.messages if m["message"]["Subject"].startswith(
-                                         "Report approved")]) == 3 else None, 60, what="three final emails")
+        finals = wait_until(
+            lambda: (
+                [m for m in smtp.messages if m["message"]["Subject"].startswith("Report approved")]
+                if len([m for m in smtp.messages if m["message"]["Subject"].startswith("Report approved")]) == 3
+                else None
+            ),
+            60,
+            what="three final emails",
+        )
     finally:
         approver.stop()
         pipeline.close()

@@ -1,5 +1,6 @@
 """Tracing to the standard: checked on the OTLP wire (a receiver decoding protobuf) against consumer
 processes started as the Procfile starts them, and the pieces that make it up."""
+
 from __future__ import annotations
 
 import json
@@ -48,10 +49,18 @@ def stage_process(tmp_path, exchange, broker, otlp):
     pipelines = []
 
     def start(stage: str, database_url: str, **env) -> Pipeline:
-        pipeline = Pipeline(tmp_path, {
-            "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange,
-            "REPORTFLOW_DATABASE_URL": database_url, "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
-            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100", **env})
+        pipeline = Pipeline(
+            tmp_path,
+            {
+                "REPORTFLOW_AMQP_URL": TEST_AMQP_URL,
+                "REPORTFLOW_EXCHANGE": exchange,
+                "REPORTFLOW_DATABASE_URL": database_url,
+                "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
+                "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+                "OTEL_BSP_SCHEDULE_DELAY": "100",
+                **env,
+            },
+        )
         pipeline.start(stage)
         pipelines.append(pipeline)
         wait_until(lambda: _consumers(broker, f"{exchange}.{stage}") or pipeline.exited(), 60, what=stage)
@@ -75,25 +84,43 @@ def _consumers(broker, queue: str) -> int:
 
 
 def publish_request(exchange: str, report_id: str, headers: dict) -> None:
-    raw_publish(exchange, "report.requested", json.dumps(sample_request(report_id=report_id)).encode(),
-                content_type="application/json", type="report.requested", message_id=f"m-{report_id}",
-                headers=headers)
+    raw_publish(
+        exchange,
+        "report.requested",
+        json.dumps(sample_request(report_id=report_id)).encode(),
+        content_type="application/json",
+        type="report.requested",
+        message_id=f"m-{report_id}",
+        headers=headers,
+    )
 
 
 def process_span(otlp, report_id: str) -> dict:
-    return wait_until(lambda: next((s for s in otlp.spans if s["name"].startswith("process ")
-                                    and s["attributes"].get("report.id") == report_id), None), 30,
-                      what=f"the process span of {report_id}")
+    return wait_until(
+        lambda: next(
+            (
+                s
+                for s in otlp.spans
+                if s["name"].startswith("process ") and s["attributes"].get("report.id") == report_id
+            ),
+            None,
+        ),
+        30,
+        what=f"the process span of {report_id}",
+    )
 
 
 # -- propagation --------------------------------------------------------------------------------
-@pytest.mark.parametrize("headers", [
-    {"b3": f"{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-1"},
-    {"X-B3-TraceId": UPSTREAM_TRACE, "X-B3-SpanId": UPSTREAM_SPAN, "X-B3-Sampled": "1"},
-    {"uber-trace-id": f"{UPSTREAM_TRACE}:{UPSTREAM_SPAN}:0:1"},
-], ids=["b3-single", "b3-multi", "jaeger"])
-def test_b3_and_jaeger_upstreams_continue_into_one_w3c_trace(stage_process, sqlite_url, exchange, otlp, tap,
-                                                            headers):
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"b3": f"{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-1"},
+        {"X-B3-TraceId": UPSTREAM_TRACE, "X-B3-SpanId": UPSTREAM_SPAN, "X-B3-Sampled": "1"},
+        {"uber-trace-id": f"{UPSTREAM_TRACE}:{UPSTREAM_SPAN}:0:1"},
+    ],
+    ids=["b3-single", "b3-multi", "jaeger"],
+)
+def test_b3_and_jaeger_upstreams_continue_into_one_w3c_trace(stage_process, sqlite_url, exchange, otlp, tap, headers):
     stage_process("creation", sqlite_url)
     publish_request(exchange, "r-prop", headers)
     span = process_span(otlp, "r-prop")
@@ -137,9 +164,15 @@ def test_tracing_disabled_exports_nothing_and_installs_no_exporter(stage_process
 @pytest.fixture
 def report_in_approval(postgres_url, uow_on):
     unit = uow_on(postgres_url)
-    handle(unit, creation.on_report_requested, Event("report.requested", sample_request(
-        report_id="r-late", approval_stages=TWO_STAGES), trace_context={
-        "traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"}))
+    handle(
+        unit,
+        creation.on_report_requested,
+        Event(
+            "report.requested",
+            sample_request(report_id="r-late", approval_stages=TWO_STAGES),
+            trace_context={"traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"},
+        ),
+    )
     with unit() as work:
         work.report("r-late").status = "generated"
         work.session.commit()
@@ -148,14 +181,25 @@ def report_in_approval(postgres_url, uow_on):
 
 
 @pytest.mark.parametrize("mode", ["continue", "link"])
-def test_a_late_decision_in_another_trace_is_linked_both_ways(stage_process, report_in_approval, exchange, otlp,
-                                                              mode):
+def test_a_late_decision_in_another_trace_is_linked_both_ways(stage_process, report_in_approval, exchange, otlp, mode):
     stage_process("approval", report_in_approval, REPORTFLOW_TRACING_LATE_MESSAGES=mode)
     decision_trace, decision_span = "d" * 32, "c" * 16
-    raw_publish(exchange, "approval.decided", json.dumps({
-        "report_id": "r-late", "stage": "review", "approver": {"email": "bob@example.com", "id": "u-3"},
-        "decision": "approve"}).encode(), content_type="application/json", type="approval.decided",
-        message_id="late-1", headers={"traceparent": f"00-{decision_trace}-{decision_span}-01"})
+    raw_publish(
+        exchange,
+        "approval.decided",
+        json.dumps(
+            {
+                "report_id": "r-late",
+                "stage": "review",
+                "approver": {"email": "bob@example.com", "id": "u-3"},
+                "decision": "approve",
+            }
+        ).encode(),
+        content_type="application/json",
+        type="approval.decided",
+        message_id="late-1",
+        headers={"traceparent": f"00-{decision_trace}-{decision_span}-01"},
+    )
     span = process_span(otlp, "r-late")
     [link] = span["links"]
     if mode == "continue":
@@ -172,10 +216,23 @@ def test_a_late_decision_in_another_trace_is_linked_both_ways(stage_process, rep
 # -- errors and logs ----------------------------------------------------------------------------------------
 def test_errors_are_recorded_with_status_and_the_log_lines_carry_the_ids(stage_process, sqlite_url, exchange, otlp):
     pipeline = stage_process("generation", sqlite_url, REPORTFLOW_LOG_FORMAT="json")
-    raw_publish(exchange, "report.created", json.dumps({
-        "report_id": "r-ghost", "title": "t", "template": "standard", "submitter": {"email": "a@example.com"},
-        "stages": ["s"]}).encode(), content_type="application/json", type="report.created", message_id="ghost",
-        headers={"traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"})
+    raw_publish(
+        exchange,
+        "report.created",
+        json.dumps(
+            {
+                "report_id": "r-ghost",
+                "title": "t",
+                "template": "standard",
+                "submitter": {"email": "a@example.com"},
+                "stages": ["s"],
+            }
+        ).encode(),
+        content_type="application/json",
+        type="report.created",
+        message_id="ghost",
+        headers={"traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"},
+    )
     span = process_span(otlp, "r-ghost")
     pipeline.stop()
     assert span["status"] == StatusCode.ERROR.value
@@ -183,16 +240,23 @@ def test_errors_are_recorded_with_status_and_the_log_lines_carry_the_ids(stage_p
     assert "exception" in span["events"]
     dead_letter = next(s for s in otlp.spans if s["name"] == f"dead-letter {exchange}.generation")
     assert dead_letter["parent_id"] == span["span_id"]
-    lines = [json.loads(line) for line in (pipeline.folder / "generation.log").read_text().splitlines()
-             if line.startswith("{")]
+    lines = [
+        json.loads(line)
+        for line in (pipeline.folder / "generation.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
     failed = [line for line in lines if "failed for good" in line["message"]]
     assert failed and failed[0]["trace_id"] == UPSTREAM_TRACE and failed[0]["span_id"] == span["span_id"]
     assert failed[0]["service"] == "reportflow-generation" and "ReportNotFound" in failed[0]["exception"]
 
 
 def test_an_unreachable_collector_costs_spans_not_service(stage_process, sqlite_url, exchange, tap, tmp_path):
-    pipeline = stage_process("creation", sqlite_url, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}",
-                             OTEL_EXPORTER_OTLP_TIMEOUT="1")
+    pipeline = stage_process(
+        "creation",
+        sqlite_url,
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+        OTEL_EXPORTER_OTLP_TIMEOUT="1",
+    )
     for n in range(20):
         publish_request(exchange, f"r-nocollector-{n}", {})
     tap.wait_for("report.created", 20, timeout=60)
@@ -201,6 +265,7 @@ def test_an_unreachable_collector_costs_spans_not_service(stage_process, sqlite_
         files = list((tmp_path / "storage" / "status").glob("creation-*.json"))
         status = json.loads(files[0].read_text()) if files else {}
         return (status.get("spans") or {}).get("export_failures")
+
     wait_until(failures, 30, what="export failures in the status file")
     assert pipeline.stop() == {"creation": 0}
 
@@ -226,8 +291,13 @@ def test_spans_also_travel_over_otlp_grpc(stage_process, sqlite_url, exchange, t
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        stage_process("creation", sqlite_url, OTEL_EXPORTER_OTLP_PROTOCOL="grpc", OTEL_EXPORTER_OTLP_INSECURE="true",
-                      OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}")
+        stage_process(
+            "creation",
+            sqlite_url,
+            OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+            OTEL_EXPORTER_OTLP_INSECURE="true",
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+        )
         publish_request(exchange, "r-grpc", {})
         tap.wait_for("report.created")
         wait_until(lambda: any(n.startswith("process ") for n in received), 30, what="spans over gRPC")
@@ -324,13 +394,25 @@ def test_reportflow_trace_renders_a_recorded_jaeger_api_v3_response(sqlite_url, 
     document = json.loads((DATA / "jaeger-api-v3-trace.json").read_text())
     trace_id = "5b8efff798038103d269b633813fc60c"
     jaeger = _RecordedJaeger(document, trace_id)
-    handle(uow_on(sqlite_url), creation.on_report_requested, Event(
-        "report.requested", sample_request(report_id="r-jaeger"),
-        trace_context={"traceparent": f"00-{trace_id}-{'1' * 16}-01"}))
+    handle(
+        uow_on(sqlite_url),
+        creation.on_report_requested,
+        Event(
+            "report.requested",
+            sample_request(report_id="r-jaeger"),
+            trace_context={"traceparent": f"00-{trace_id}-{'1' * 16}-01"},
+        ),
+    )
     try:
-        result = CliRunner().invoke(cli, ["trace", "r-jaeger"], env={
-            "REPORTFLOW_DATABASE_URL": sqlite_url, "JAEGER_QUERY_URL": jaeger.url,
-            "REPORTFLOW_CONFIG_DIR": str(tmp_path)})
+        result = CliRunner().invoke(
+            cli,
+            ["trace", "r-jaeger"],
+            env={
+                "REPORTFLOW_DATABASE_URL": sqlite_url,
+                "JAEGER_QUERY_URL": jaeger.url,
+                "REPORTFLOW_CONFIG_DIR": str(tmp_path),
+            },
+        )
     finally:
         jaeger.server.shutdown()
     assert result.exit_code == 0, result.output
@@ -347,10 +429,19 @@ def test_reportflow_trace_renders_a_recorded_jaeger_api_v3_response(sqlite_url, 
 def test_reportflow_publish_starts_the_reports_trace_and_flushes_it_on_exit(tmp_path, exchange, tap, otlp):
     request_file = tmp_path / "request.json"
     request_file.write_text(json.dumps(sample_request(report_id="r-cli")))
-    env = {**os.environ, "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange,
-           "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint}
-    run = subprocess.run([str(Path(sys.executable).parent / "reportflow"), "publish", "request", str(request_file)],
-                         capture_output=True, text=True, env=env, timeout=60)
+    env = {
+        **os.environ,
+        "REPORTFLOW_AMQP_URL": TEST_AMQP_URL,
+        "REPORTFLOW_EXCHANGE": exchange,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+    }
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "reportflow"), "publish", "request", str(request_file)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     published = json.loads(run.stdout)
     [(_, _, properties)] = tap.wait_for("report.requested")
@@ -359,13 +450,17 @@ def test_reportflow_publish_starts_the_reports_trace_and_flushes_it_on_exit(tmp_
     assert (span["service"], span["name"]) == ("reportflow-cli", f"publish {exchange}:report.requested")
 
 
-@pytest.mark.parametrize("stored, sampled", [
-    ({"traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"}, True),
-    ({"traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-00"}, False),
-    ({"b3": f"{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-1"}, True),   # OTEL_PROPAGATORS=b3 stores this instead
-    ({"b3": f"{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-0"}, False),
-    ({}, False),
-])
+@pytest.mark.parametrize(
+    "stored, sampled",
+    [
+        ({"traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"}, True),
+        ({"traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-00"}, False),
+        ({"b3": f"{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-1"}, True),  # OTEL_PROPAGATORS=b3 stores this instead
+        ({"b3": f"{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-0"}, False),
+        ({}, False),
+    ],
+)
 def test_a_stored_context_is_read_as_sampled_or_not_in_any_format(stored, sampled):
     from reportflow.consumers.runtime.telemetry import sampled as is_sampled
+
     assert is_sampled(stored) is sampled

@@ -3,6 +3,7 @@ whoever serves on it, and opened again with backoff (on any node) when that one 
 
 pika's BlockingConnection is not thread-safe, so the thread that runs it does nothing but I/O (which keeps
 heartbeats flowing during a long PDF render); other threads hand it work with call_on_io."""
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,12 @@ class BrokerConnection:
         self._connection: pika.BlockingConnection | None = None
         self._pending: set[Future] = set()
 
-    def run(self, serve: Callable[[pika.BlockingConnection], None], stopping: threading.Event,
-            tick: Callable[[], None] = lambda: None) -> None:
+    def run(
+        self,
+        serve: Callable[[pika.BlockingConnection], None],
+        stopping: threading.Event,
+        tick: Callable[[], None] = lambda: None,
+    ) -> None:
         """serve(connection) on every connection opened, until stopping is set; tick() at every try."""
         attempt = 0
         while not stopping.is_set():

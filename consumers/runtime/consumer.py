@@ -11,6 +11,7 @@ Order per message: handler + inbox record + outbox rows commit in one transactio
 are published (confirms pipelined, not waited for) and the delivery is acked; as confirms arrive, the
 rows are marked published. A crash at any point redelivers the message (the inbox makes it a no-op) or
 leaves outbox rows unmarked (the relay publishes them again; downstream inboxes absorb the duplicate)."""
+
 from __future__ import annotations
 
 import logging
@@ -45,26 +46,45 @@ LIVE_WITHIN_SECONDS = 90
 
 
 class Consumer:
-    def __init__(self, stage: Stage, settings: Settings, session_factory, dependencies: dict, *,
-                 tracer_provider=None, bindings: dict[str, list[str]] | None = None, concurrency: int = 1,
-                 retry_policy: RetryPolicy | None = None):
+    def __init__(
+        self,
+        stage: Stage,
+        settings: Settings,
+        session_factory,
+        dependencies: dict,
+        *,
+        tracer_provider=None,
+        bindings: dict[str, list[str]] | None = None,
+        concurrency: int = 1,
+        retry_policy: RetryPolicy | None = None,
+    ):
         self.stage = stage
         self.settings = settings
         self.retry_policy = retry_policy or RetryPolicy(settings.retry_delays)
         self.topology = Topology.of(settings, self.retry_policy.delays)
         self.queue = self.topology.queue(stage.name)
         self._bindings = bindings or {stage.name: stage.event_types}
-        self.telemetry = Telemetry(stage, settings.tracing, session_factory, first_address(settings.amqp_url),
-                                   tracer_provider)
-        self.processor = Processor(stage, session_factory, dependencies, self.telemetry, self.retry_policy,
-                                   queue=self.queue, exchange=self.topology.exchange,
-                                   max_message_bytes=settings.max_message_bytes)
+        self.telemetry = Telemetry(
+            stage, settings.tracing, session_factory, first_address(settings.amqp_url), tracer_provider
+        )
+        self.processor = Processor(
+            stage,
+            session_factory,
+            dependencies,
+            self.telemetry,
+            self.retry_policy,
+            queue=self.queue,
+            exchange=self.topology.exchange,
+            max_message_bytes=settings.max_message_bytes,
+        )
         self.settler = Settler(stage.name, self.topology, self.telemetry)
-        self.broker = BrokerConnection(settings.amqp_url, settings.heartbeat_seconds,
-                                       f"reportflow-{stage.name}-{os.getpid()}")
+        self.broker = BrokerConnection(
+            settings.amqp_url, settings.heartbeat_seconds, f"reportflow-{stage.name}-{os.getpid()}"
+        )
         self.metrics = RuntimeMetrics(stage.name)
-        self.outbox = OutboxRelay(stage.name, session_factory, settings.outbox_relay_seconds, self._publish_on_io,
-                                  self.metrics.outbox_waiting)
+        self.outbox = OutboxRelay(
+            stage.name, session_factory, settings.outbox_relay_seconds, self._publish_on_io, self.metrics.outbox_waiting
+        )
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"{stage.name}-worker")
         self._stopping = threading.Event()
         self.ready = threading.Event()
@@ -94,8 +114,12 @@ class Consumer:
 
     def snapshot(self) -> dict:
         """What this consumer is doing, for `reportflow status`."""
-        return {"connected": self.ready.is_set(), "messages_settled": self.messages_settled,
-                "connections_opened": self.connections_opened, "in_flight": self._in_flight_count()}
+        return {
+            "connected": self.ready.is_set(),
+            "messages_settled": self.messages_settled,
+            "connections_opened": self.connections_opened,
+            "in_flight": self._in_flight_count(),
+        }
 
     def run(self) -> None:
         """Consume until stop(); reconnect with backoff when the broker goes away."""
@@ -121,8 +145,13 @@ class Consumer:
         declare(consume_channel, self.topology, self._bindings)
         consume_channel.basic_qos(prefetch_count=self.settings.effective_prefetch)
         consumer_tag = consume_channel.basic_consume(self.queue, on_message_callback=self._on_message)
-        log.info("%s: consuming %s (prefetch %d, %d worker threads)", self.stage.name, self.queue,
-                 self.settings.effective_prefetch, self._executor._max_workers)
+        log.info(
+            "%s: consuming %s (prefetch %d, %d worker threads)",
+            self.stage.name,
+            self.queue,
+            self.settings.effective_prefetch,
+            self._executor._max_workers,
+        )
         self.ready.set()
         stopped_at = None
         try:
@@ -135,8 +164,9 @@ class Consumer:
                         consume_channel.basic_cancel(consumer_tag)
                         consumer_tag, stopped_at = None, time.monotonic()
                     if self._in_flight_count() == 0 and (
-                            self.settler.outbox.unconfirmed == 0
-                            or time.monotonic() - stopped_at > STOP_WAITS_FOR_CONFIRMS_SECONDS):
+                        self.settler.outbox.unconfirmed == 0
+                        or time.monotonic() - stopped_at > STOP_WAITS_FOR_CONFIRMS_SECONDS
+                    ):
                         break
         finally:
             self.ready.clear()
@@ -149,8 +179,9 @@ class Consumer:
 
     # -- from the I/O thread to a worker and back ----------------------------------------------
     def _on_message(self, channel, method, properties, body) -> None:
-        delivery = Delivery(channel, method.delivery_tag, method.exchange, method.routing_key,
-                            properties, body, method.redelivered)
+        delivery = Delivery(
+            channel, method.delivery_tag, method.exchange, method.routing_key, properties, body, method.redelivered
+        )
         with self._lock:
             self._in_flight += 1
         self.metrics.in_flight.inc()
@@ -184,8 +215,9 @@ class Consumer:
                 with self._lock:
                     self.messages_settled += 1
             elif isinstance(error, (ConnectionLost, pika.exceptions.AMQPConnectionError)):
-                log.warning("%s: %s; message %s will be redelivered", self.stage.name, error,
-                            delivery.properties.message_id)
+                log.warning(
+                    "%s: %s; message %s will be redelivered", self.stage.name, error, delivery.properties.message_id
+                )
             else:
                 log.error("%s: could not settle message %s: %r", self.stage.name, delivery.properties.message_id, error)
                 self.settler.settle_failed(delivery, error)

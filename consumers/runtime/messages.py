@@ -1,4 +1,5 @@
 """What travels between the runtime's parts: a delivery as it came, what became of it, what it emitted."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,5 +45,5 @@ class Outcome:
     publish: list[OutgoingMessage] = field(default_factory=list)
     dead_letter_reason: str | None = None
     retry_after: int | None = None  # seconds; the delivery goes to that delay queue
-    failure: str | None = None      # why the handler failed, when it did
-    verdict: str = "handled"        # or "duplicate" (seen before), "refused" (recorded, not applied)
+    failure: str | None = None  # why the handler failed, when it did
+    verdict: str = "handled"  # or "duplicate" (seen before), "refused" (recorded, not applied)

@@ -3,6 +3,7 @@ took, how long it waited in its queue, what is in flight and what the outbox sti
 
 Event types come from the message, which anyone can publish: a type outside the contract is counted as
 "unknown", so a hostile publisher cannot grow the label set."""
+
 from __future__ import annotations
 
 import time
@@ -12,17 +13,30 @@ from prometheus_client import Counter, Gauge, Histogram
 from reportflow import schemas
 from reportflow.consumers.runtime.messages import Delivery, Outcome
 
-MESSAGES = Counter("reportflow_messages", "Messages a stage processed, by what became of them "
-                   "(handled, duplicate, refused, retried, dead_lettered)", ["stage", "event_type", "outcome"])
-FAILURES = Counter("reportflow_message_failures", "Handler failures (each then retried or dead-lettered)",
-                   ["stage", "event_type"])
-HANDLING = Histogram("reportflow_handling_seconds", "Processing one message: parse, handler, commit",
-                     ["stage", "event_type"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
-IN_QUEUE = Histogram("reportflow_time_in_queue_seconds", "From the message's timestamp to its processing",
-                     ["stage", "event_type"], buckets=(.01, .05, .1, .5, 1, 5, 10, 30, 60, 300, 900, 3600))
+MESSAGES = Counter(
+    "reportflow_messages",
+    "Messages a stage processed, by what became of them (handled, duplicate, refused, retried, dead_lettered)",
+    ["stage", "event_type", "outcome"],
+)
+FAILURES = Counter(
+    "reportflow_message_failures", "Handler failures (each then retried or dead-lettered)", ["stage", "event_type"]
+)
+HANDLING = Histogram(
+    "reportflow_handling_seconds",
+    "Processing one message: parse, handler, commit",
+    ["stage", "event_type"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+IN_QUEUE = Histogram(
+    "reportflow_time_in_queue_seconds",
+    "From the message's timestamp to its processing",
+    ["stage", "event_type"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
+)
 IN_FLIGHT = Gauge("reportflow_messages_in_flight", "Messages taken from the queue and not yet settled", ["stage"])
-OUTBOX_WAITING = Gauge("reportflow_outbox_waiting", "Outbox rows not yet published, as the relay last counted",
-                       ["stage"])
+OUTBOX_WAITING = Gauge(
+    "reportflow_outbox_waiting", "Outbox rows not yet published, as the relay last counted", ["stage"]
+)
 
 
 class RuntimeMetrics:

@@ -2,6 +2,7 @@
 the worker pool: rows the broker confirmed are marked published, in batches because a mark costs a
 commit; rows a crash or a lost confirm left unpublished are published again. One row left unmarked is
 only published twice, and the consumer's inbox downstream absorbs the duplicate."""
+
 from __future__ import annotations
 
 import logging
@@ -66,8 +67,12 @@ class OutboxRelay:
             with suppress_instrumentation(), self._session_factory() as session, session.begin():
                 session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(batch)).values(published_at=utcnow()))
         except Exception:  # noqa: BLE001 - unmarked rows are only republished by the relay, harmlessly
-            log.warning("%s: could not mark %d outbox rows published; the relay will resend them",
-                        self.stage_name, len(batch), exc_info=True)
+            log.warning(
+                "%s: could not mark %d outbox rows published; the relay will resend them",
+                self.stage_name,
+                len(batch),
+                exc_info=True,
+            )
 
     def relay(self) -> None:
         """Publish what a crash left in the outbox. Rows younger than a round may still be on their way out
@@ -75,9 +80,12 @@ class OutboxRelay:
         try:
             cutoff = time.time() - self._relay_every
             with suppress_instrumentation(), self._session_factory() as session:
-                rows = session.scalars(select(OutboxMessage).where(
-                    OutboxMessage.source == self.stage_name, OutboxMessage.published_at.is_(None))
-                    .order_by(OutboxMessage.id).limit(500)).all()
+                rows = session.scalars(
+                    select(OutboxMessage)
+                    .where(OutboxMessage.source == self.stage_name, OutboxMessage.published_at.is_(None))
+                    .order_by(OutboxMessage.id)
+                    .limit(500)
+                ).all()
                 stale = [OutgoingMessage.of(r) for r in rows if _timestamp(r.created_at) < cutoff]
             if self._waiting is not None:
                 self._waiting.set(len(rows))  # up to the 500 looked at

@@ -1,6 +1,7 @@
 """Processing one delivery: read it, run the stage's handler in a unit of work (inbox claim, state change,
 outbox) inside its process span, and say what is to become of it. Nothing here talks to the broker, so
 a delivery can be processed on its own: by a worker thread, a test or a benchmark."""
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,18 @@ log = logging.getLogger("reportflow.consumer")
 
 
 class Processor:
-    def __init__(self, stage: Stage, session_factory, dependencies: dict, telemetry: Telemetry,
-                 retry_policy: RetryPolicy, *, queue: str, exchange: str, max_message_bytes: int):
+    def __init__(
+        self,
+        stage: Stage,
+        session_factory,
+        dependencies: dict,
+        telemetry: Telemetry,
+        retry_policy: RetryPolicy,
+        *,
+        queue: str,
+        exchange: str,
+        max_message_bytes: int,
+    ):
         self.stage = stage
         self._session_factory = session_factory
         self._handler_kwargs = {h: _injected(h, dependencies) for h in stage.all_handlers}
@@ -35,8 +46,14 @@ class Processor:
         """Handle one delivery; whatever happens, say what is to become of it."""
         props = delivery.properties
         event_type = props.type or delivery.routing_key
-        message = parse(event_type, props.message_id, props.content_type, delivery.body, self._max_message_bytes,
-                        (props.headers or {}).get("schema_version"))
+        message = parse(
+            event_type,
+            props.message_id,
+            props.content_type,
+            delivery.body,
+            self._max_message_bytes,
+            (props.headers or {}).get("schema_version"),
+        )
         exchange = delivery.exchange or self._exchange  # retries come back through the default exchange
         with self._telemetry.process(delivery, message, exchange, self._queue) as span:
             try:
@@ -61,24 +78,35 @@ class Processor:
         else:
             handler = self.stage.handlers.get(message.type)
             if handler is None:
-                return Outcome(context.get_current(),
-                               dead_letter_reason=f"stage {self.stage.name} has no handler for {message.type}")
+                return Outcome(
+                    context.get_current(),
+                    dead_letter_reason=f"stage {self.stage.name} has no handler for {message.type}",
+                )
             message = replace(message, trace_context=carrier)
 
         with UnitOfWork(self._session_factory, self.stage.name) as uow:
             if not uow.claim(message.message_id, message.type):
                 span.set_attribute("reportflow.duplicate", True)
-                log.info("%s: %s %s was processed before; acknowledged without effect",
-                         self.stage.name, message.type, message.message_id)
+                log.info(
+                    "%s: %s %s was processed before; acknowledged without effect",
+                    self.stage.name,
+                    message.type,
+                    message.message_id,
+                )
                 return Outcome(context.get_current(), verdict="duplicate")
             handler(message, uow, **self._handler_kwargs[handler])
             if uow.refusal:
                 span.set_attribute("reportflow.refused", uow.refusal)
                 span.add_event("refused", {"reason": uow.refusal})
                 log.warning("%s: refused %s %s: %s", self.stage.name, message.type, message.message_id, uow.refusal)
-            return Outcome(context.get_current(), verdict="refused" if uow.refusal else "handled", publish=[
-                OutgoingMessage(outbox_id, e.message_id, e.type, e.payload, carrier)
-                for outbox_id, e in uow.commit(carrier)])
+            return Outcome(
+                context.get_current(),
+                verdict="refused" if uow.refusal else "handled",
+                publish=[
+                    OutgoingMessage(outbox_id, e.message_id, e.type, e.payload, carrier)
+                    for outbox_id, e in uow.commit(carrier)
+                ],
+            )
 
     def _failed(self, delivery: Delivery, message, span, exc: Exception) -> Outcome:
         reason = f"{type(exc).__name__}: {exc}"

@@ -5,6 +5,7 @@ Emitted events do not hold up the ack: they are committed in the outbox, and the
 as they arrive (taken rows are marked published, a row no queue takes is dead-lettered itself, a refused
 one is left to the relay). A retry or a dead letter replaces the delivery, so it is confirmed before
 the delivery is acknowledged."""
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,8 @@ class Settler:
         self.queue = topology.queue(stage_name)
         self.app_id = f"reportflow-{stage_name}"
         self._telemetry = telemetry
-        self._replacing = None                          # retries and dead letters: each waits for its confirm
-        self.outbox: PipelinedConfirms | None = None    # emitted events: confirms pipelined
+        self._replacing = None  # retries and dead letters: each waits for its confirm
+        self.outbox: PipelinedConfirms | None = None  # emitted events: confirms pipelined
 
     def open_channels(self, connection) -> None:
         replacing = connection.channel()
@@ -75,8 +76,12 @@ class Settler:
             self._dead_letter_unroutable(message)
             confirmed.append(message)
         for message in refused:
-            log.warning("%s: the broker refused %s %s; the outbox relay will send it again", self.stage_name,
-                        message.event_type, message.message_id)
+            log.warning(
+                "%s: the broker refused %s %s; the outbox relay will send it again",
+                self.stage_name,
+                message.event_type,
+                message.message_id,
+            )
         return [m.outbox_id for m in confirmed]
 
     def settle_failed(self, delivery: Delivery, error: BaseException) -> None:
@@ -91,19 +96,31 @@ class Settler:
             if delivery.channel.is_open:
                 delivery.channel.basic_nack(delivery.delivery_tag, requeue=False)  # the queue's own DLX
             else:
-                log.error("%s: message %s is left to the broker to redeliver", self.stage_name,
-                          delivery.properties.message_id)
+                log.error(
+                    "%s: message %s is left to the broker to redeliver", self.stage_name, delivery.properties.message_id
+                )
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         headers = failures.after_failure(delivery.properties, delivery.routing_key, reason)
-        headers.update({failures.STAGE: self.stage_name, failures.QUEUE: self.queue,
-                        failures.DEAD_LETTERED_AT: failures.now()})
+        headers.update(
+            {failures.STAGE: self.stage_name, failures.QUEUE: self.queue, failures.DEAD_LETTERED_AT: failures.now()}
+        )
         with self._telemetry.dead_letter(self.queue, reason, headers):
-            self._replacing.basic_publish(self.topology.dead_letter_exchange, delivery.routing_key, delivery.body,
-                                          failures.same_message(delivery.properties, delivery.routing_key, headers),
-                                          mandatory=True)
-        log.error("%s: dead-lettered message %s (%s) after %d attempt(s): %s", self.stage_name,
-                  delivery.properties.message_id, delivery.properties.type, headers[failures.FAILURES], reason)
+            self._replacing.basic_publish(
+                self.topology.dead_letter_exchange,
+                delivery.routing_key,
+                delivery.body,
+                failures.same_message(delivery.properties, delivery.routing_key, headers),
+                mandatory=True,
+            )
+        log.error(
+            "%s: dead-lettered message %s (%s) after %d attempt(s): %s",
+            self.stage_name,
+            delivery.properties.message_id,
+            delivery.properties.type,
+            headers[failures.FAILURES],
+            reason,
+        )
 
     def _dead_letter_unroutable(self, message: OutgoingMessage) -> None:
         """An event no queue is bound for (a stage not deployed, a topology not declared) waits in the
@@ -111,13 +128,33 @@ class Settler:
         event = Event(message.event_type, message.payload, message.message_id)
         reason = f"unroutable: no queue takes {event.type} on exchange {self.topology.exchange}"
         properties = message_properties(event, app_id=self.app_id)
-        properties["headers"].update({
-            **message.headers, failures.FAILURES: 1, failures.ERROR: reason, failures.STAGE: self.stage_name,
-            failures.ROUTING_KEY: event.type, failures.UNROUTABLE: True, failures.DEAD_LETTERED_AT: failures.now()})
-        with self._telemetry.dead_letter(f"{self.topology.exchange}:{event.type}", reason, properties["headers"],
-                                         parent=context_from(message.headers)), suppress_instrumentation():
-            self._replacing.basic_publish(self.topology.dead_letter_exchange, event.type, encode(event),
-                                          pika.BasicProperties(**properties), mandatory=True)
+        properties["headers"].update(
+            {
+                **message.headers,
+                failures.FAILURES: 1,
+                failures.ERROR: reason,
+                failures.STAGE: self.stage_name,
+                failures.ROUTING_KEY: event.type,
+                failures.UNROUTABLE: True,
+                failures.DEAD_LETTERED_AT: failures.now(),
+            }
+        )
+        with (
+            self._telemetry.dead_letter(
+                f"{self.topology.exchange}:{event.type}",
+                reason,
+                properties["headers"],
+                parent=context_from(message.headers),
+            ),
+            suppress_instrumentation(),
+        ):
+            self._replacing.basic_publish(
+                self.topology.dead_letter_exchange,
+                event.type,
+                encode(event),
+                pika.BasicProperties(**properties),
+                mandatory=True,
+            )
         log.error("%s: dead-lettered %s %s: %s", self.stage_name, event.type, event.message_id, reason)
 
     def _retry_later(self, delivery: Delivery, outcome: Outcome) -> None:
@@ -125,8 +162,18 @@ class Settler:
         headers = failures.after_failure(delivery.properties, delivery.routing_key, reason)
         queue = self.topology.retry_queue(self.stage_name, outcome.retry_after)
         with self._telemetry.retry(self.queue, outcome.retry_after, headers, reason):
-            self._replacing.basic_publish("", queue, delivery.body,
-                                          failures.same_message(delivery.properties, delivery.routing_key, headers),
-                                          mandatory=True)
-        log.warning("%s: message %s failed (attempt %d), retrying in %ss: %s", self.stage_name,
-                    delivery.properties.message_id, headers[failures.FAILURES], outcome.retry_after, reason)
+            self._replacing.basic_publish(
+                "",
+                queue,
+                delivery.body,
+                failures.same_message(delivery.properties, delivery.routing_key, headers),
+                mandatory=True,
+            )
+        log.warning(
+            "%s: message %s failed (attempt %d), retrying in %ss: %s",
+            self.stage_name,
+            delivery.properties.message_id,
+            headers[failures.FAILURES],
+            outcome.retry_after,
+            reason,
+        )

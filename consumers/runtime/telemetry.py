@@ -3,6 +3,7 @@ attributes), the spans of retries and dead letters, and the publish spans of wha
 
 What a span says about the business (which stage, which decision, who acted) and where a follow-up
 event's trace lives are the stage's to say, through Stage.describe and Stage.stored_trace."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
@@ -22,8 +23,14 @@ PRIVATE_ATTRIBUTES = {"user.email"}  # personal data: recorded only when tracing
 
 
 class Telemetry:
-    def __init__(self, stage: Stage, settings: TracingSettings, session_factory, broker_address: tuple[str, int],
-                 tracer_provider=None):
+    def __init__(
+        self,
+        stage: Stage,
+        settings: TracingSettings,
+        session_factory,
+        broker_address: tuple[str, int],
+        tracer_provider=None,
+    ):
         self.stage = stage
         self.settings = settings
         self._session_factory = session_factory
@@ -34,8 +41,9 @@ class Telemetry:
     def instrument(self, channel) -> None:
         # Per channel, not global instrument(): only publishing is instrumented this way. Consuming is traced
         # by process() below, because the process span must be able to join a report's stored trace.
-        PikaInstrumentor.instrument_channel(channel, tracer_provider=self._provider,
-                                            publish_hook=_publish_hook(*self.broker_address))
+        PikaInstrumentor.instrument_channel(
+            channel, tracer_provider=self._provider, publish_hook=_publish_hook(*self.broker_address)
+        )
 
     @contextmanager
     def process(self, delivery, message, exchange: str, queue: str):
@@ -45,11 +53,18 @@ class Telemetry:
             parent, links = self._parent(delivery.properties, message)
         except Exception:  # noqa: BLE001 - the database may be away; the handler's own try will tell
             parent, links = context_from(delivery.properties.headers), []
-        with self.tracer.start_as_current_span(
-                f"process {exchange}:{message.type}:{queue}", context=parent, kind=SpanKind.CONSUMER, links=links,
+        with (
+            self.tracer.start_as_current_span(
+                f"process {exchange}:{message.type}:{queue}",
+                context=parent,
+                kind=SpanKind.CONSUMER,
+                links=links,
                 attributes=self._attributes(delivery, message, exchange, queue),
-                record_exception=False, set_status_on_exception=False) as span, \
-                (nullcontext() if span.is_recording() else suppress_instrumentation()):
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span,
+            nullcontext() if span.is_recording() else suppress_instrumentation(),
+        ):
             yield span
 
     def child(self, name: str, attributes: dict):
@@ -70,14 +85,26 @@ class Telemetry:
         span.set_attribute("error.type", error_type)
 
     def retry(self, queue: str, delay: int, headers: dict, reason: str):
-        return self.tracer.start_as_current_span(f"retry {queue}", kind=SpanKind.INTERNAL, attributes={
-            "reportflow.retry.delay_seconds": delay, "reportflow.attempts": headers[failures.FAILURES],
-            "reportflow.retry.reason": reason[:1000]})
+        return self.tracer.start_as_current_span(
+            f"retry {queue}",
+            kind=SpanKind.INTERNAL,
+            attributes={
+                "reportflow.retry.delay_seconds": delay,
+                "reportflow.attempts": headers[failures.FAILURES],
+                "reportflow.retry.reason": reason[:1000],
+            },
+        )
 
     def dead_letter(self, name: str, reason: str, headers: dict, parent: context.Context | None = None):
-        return self.tracer.start_as_current_span(f"dead-letter {name}", context=parent, kind=SpanKind.INTERNAL,
-                                                 attributes={"reportflow.dead_letter.reason": reason[:1000],
-                                                             "reportflow.attempts": headers[failures.FAILURES]})
+        return self.tracer.start_as_current_span(
+            f"dead-letter {name}",
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            attributes={
+                "reportflow.dead_letter.reason": reason[:1000],
+                "reportflow.attempts": headers[failures.FAILURES],
+            },
+        )
 
     @contextmanager
     def publishing(self, stored_headers: dict):
@@ -109,8 +136,11 @@ class Telemetry:
             return incoming, []
         if self.settings.late_messages == "link" and incoming_span.is_valid:
             return incoming, [Link(report_span, {"reportflow.link.reason": "the report's trace"})]
-        links = [Link(incoming_span, {"reportflow.link.reason": "message arrived in this trace"})] \
-            if incoming_span.is_valid else []
+        links = (
+            [Link(incoming_span, {"reportflow.link.reason": "message arrived in this trace"})]
+            if incoming_span.is_valid
+            else []
+        )
         return context_from(stored), links
 
     def _attributes(self, delivery, message, exchange: str, queue: str) -> dict:
@@ -132,8 +162,13 @@ class Telemetry:
             attributes["messaging.message.conversation_id"] = message.report_id
             attributes["report.id"] = message.report_id
         if self.stage.describe is not None and isinstance(message.payload, dict):
-            attributes.update({k: v for k, v in self.stage.describe(message).items()
-                               if self.settings.record_emails or k not in PRIVATE_ATTRIBUTES})
+            attributes.update(
+                {
+                    k: v
+                    for k, v in self.stage.describe(message).items()
+                    if self.settings.record_emails or k not in PRIVATE_ATTRIBUTES
+                }
+            )
         if delivery.redelivered:
             attributes["reportflow.redelivered"] = True
         if failures.failures(delivery.properties):
@@ -156,12 +191,21 @@ def sampled(stored_headers: dict) -> bool:
 def _publish_hook(host: str, port: int):
     """Brings the pika instrumentation's publish span to the current messaging conventions: its name,
     operation, destination, server and conversation. (Its older attributes stay; these go beside them.)"""
+
     def hook(span, body, properties) -> None:
         exchange = getattr(span, "name", "").removesuffix(" send")
         routing_key = properties.type or ""
         span.update_name(publish_span_name(exchange, routing_key))
         span.set_attribute("messaging.temp_destination", False)  # the instrumentation's older name, kept beside
-        span.set_attributes(publish_span_attributes(
-            exchange, routing_key, message_id=properties.message_id, report_id=properties.correlation_id,
-            body_size=len(body), server=(host, port)))
+        span.set_attributes(
+            publish_span_attributes(
+                exchange,
+                routing_key,
+                message_id=properties.message_id,
+                report_id=properties.correlation_id,
+                body_size=len(body),
+                server=(host, port),
+            )
+        )
+
     return hook
