@@ -5,6 +5,7 @@ type and emits the next, with the inbox, outbox, confirms and tracing of a real 
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 from reportflow.consumers.bootstrap import session_factory
@@ -19,7 +20,7 @@ from tests.helpers import example_payloads
 CHAIN = ("report.created", "report.generated", "report.approved", "report.finalized", "report.invalid")
 NEXT = {
     consumed: (emitted, lambda rid, emitted=emitted: example_payloads(rid)[emitted])
-    for consumed, emitted in zip(CHAIN, CHAIN[1:])
+    for consumed, emitted in itertools.pairwise(CHAIN)
 }
 
 

@@ -451,7 +451,7 @@ def bare_render_seconds(rows: int, repeat: int) -> tuple[float, int]:
         submitter=request["submitter"],
         client=request["client"],
         data=request["data"],
-        created_at=datetime.datetime.now(datetime.timezone.utc),
+        created_at=datetime.datetime.now(datetime.UTC),
     )
     html = DocumentRenderer().html(report)
     css = (ROOT / "shared" / "templates" / "report.css").read_text()
@@ -824,7 +824,7 @@ def final_version_ratio(repeat: int) -> float:
         submitter=request["submitter"],
         client=request["client"],
         data=request["data"],
-        created_at=datetime.datetime.now(datetime.timezone.utc),
+        created_at=datetime.datetime.now(datetime.UTC),
     )
     renderer = DocumentRenderer()
     draft = renderer.render(report)
@@ -854,7 +854,7 @@ def final_version_ratio(repeat: int) -> float:
 
 def write(figures: Figures, quick: bool, partial: bool) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     # A partial run (--only) never stands in for a whole one: it gets its own names, and latest.* is left alone.
     suffix = ("-quick" if quick else "") + ("-partial" if partial else "")
     latest = f"latest{suffix}" if partial else "latest"

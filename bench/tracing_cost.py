@@ -34,11 +34,11 @@ class _NetworklessChannel(BlockingChannel):
     """Stands in for the broker: this measures the runtime and the instrumentation around a publish and
     an ack, not the network. (A BlockingChannel by type, so the pika instrumentation takes it as one.)"""
 
-    def __init__(self) -> None:  # noqa: D107 - none of BlockingChannel's state: no connection behind it
+    def __init__(self) -> None:
         self._consumer_infos = {}
 
-    class connection:  # noqa: N801 - the attribute shape pika's instrumentation reads
-        class params:  # noqa: N801
+    class connection:
+        class params:
             host, port = "127.0.0.1", 5672
 
     def confirm_delivery(self) -> None:

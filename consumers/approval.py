@@ -112,7 +112,7 @@ def _close(stage: ApprovalStage, outcome: str) -> None:
 
 
 def _refuse(uow, message_id: str, decided: dict, reason: str) -> None:
-    approver = decided.get("approver") if isinstance(decided.get("approver"), dict) else {}
+    approver: dict = decided["approver"] if isinstance(decided.get("approver"), dict) else {}
     email = _text(approver, "email")
     report_id, stage_name, decision = _text(decided, "report_id"), _text(decided, "stage"), _text(decided, "decision")
     uow.add(

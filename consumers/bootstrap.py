@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from sqlalchemy.orm import sessionmaker
 
 from reportflow import consumers
@@ -12,10 +13,8 @@ from reportflow.consumers.runtime import Consumer
 from reportflow.shared.config import Settings
 from reportflow.shared.db import make_engine
 from reportflow.shared.documents import IsolatedRenderer
-from reportflow.shared.mail import Postman, mailer_from_settings
-from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
-
 from reportflow.shared.health import serve_health
+from reportflow.shared.mail import Postman, mailer_from_settings
 from reportflow.shared.status import StatusFile
 from reportflow.shared.topology import TopologyMismatch
 from reportflow.shared.tracing import log_span_stats_periodically, setup_logging, setup_tracing

@@ -1,14 +1,15 @@
 """generation: on report.created, render the draft PDF, store it, emit report.generated;
-on report.approved, render the final version (the approved draft and its approval page), store it, emit report.finalized."""
+on report.approved, render the final version (the approved draft and its approval page), store it,
+emit report.finalized."""
 
 from __future__ import annotations
 
 from reportflow.consumers.descriptions import describe
 from reportflow.consumers.stage import Stage
 from reportflow.shared.documents import DocumentRenderer, document_key
-from reportflow.shared.storage import Storage
 from reportflow.shared.events import Event
 from reportflow.shared.models import Document, Report
+from reportflow.shared.storage import Storage
 
 
 class ReportNotFound(LookupError):
@@ -53,7 +54,7 @@ def approval_record(report: Report) -> list[dict]:
     ]
 
 
-def _report(uow, report_id: str) -> Report:
+def _report(uow, report_id: str | None) -> Report:
     report = uow.report(report_id)
     if report is None:
         raise ReportNotFound(f"report {report_id!r} is not in the database")

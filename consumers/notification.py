@@ -9,9 +9,10 @@ and the mark sends that one email once more, with the same Message-ID; nothing e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from reportflow.consumers.descriptions import describe
 from reportflow.consumers.stage import Stage
-from reportflow.shared.storage import Storage
 from reportflow.shared.events import Event
 from reportflow.shared.mail import (
     InvalidAddress,
@@ -23,6 +24,7 @@ from reportflow.shared.mail import (
     stable_message_id,
 )
 from reportflow.shared.models import Notification, utcnow
+from reportflow.shared.storage import Storage
 
 
 def on_approval_requested(event: Event, uow, postman: Postman, storage: Storage) -> None:
@@ -117,7 +119,7 @@ def _send(
     to: list[str],
     subject: str,
     text: str,
-    attachments: list = (),
+    attachments: Sequence[tuple[str, bytes, str]] = (),
     key: str = "all",
 ) -> None:
     message_id = stable_message_id(f"{event.message_id}.{key}")
@@ -143,6 +145,8 @@ def _send(
         # here and then finds the email sent. Only a crash (its lock gone with its connection) leaves one
         # pending, to be sent again with the same Message-ID.
         record = _locked_record(session, message_id)
+        if record is None:  # the first block recorded it; only a database that lost the row gets here
+            raise RuntimeError(f"the record of email {message_id} is gone")
         if record.status == "sent":
             return
         postman.send(email)

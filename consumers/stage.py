@@ -5,8 +5,8 @@ brokers or spans."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 def dependency_names(handler: Callable) -> list[str]:

@@ -42,7 +42,7 @@ def publish_request(request_file, report_id: str | None, no_validate: bool) -> N
     try:
         request = json.loads(request_file.read())
     except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not JSON: {exc}", param_hint="REQUEST_FILE")
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="REQUEST_FILE") from None
     if report_id:
         request["report_id"] = report_id
     _send(lambda client: client.request_report(request), validate=not no_validate)
@@ -122,6 +122,8 @@ def demo(timeout: int, request_file: str) -> None:
     with ReportflowClient() as client:
         published = client.request_report(request)
         report_id = published.report_id
+        if report_id is None:  # request_report names one when the request has none
+            raise click.ClickException("the request was published without a report id")
         click.echo(f"requested {report_id} (trace {published.trace_id})")
         for stage in request["approval_stages"]:
             wait_for(report_id, stage_open(stage["name"]), f"stage {stage['name']} to open")

@@ -166,7 +166,7 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
         require_api_token()
         with Session(engine) as session:
             report = session.get(Report, report_id)
-            document = report and (report.document("final") or report.document("draft"))
+            document = (report.document("final") or report.document("draft")) if report else None
             if document is None:
                 raise Refused(f"no document for report {report_id!r}", 404)
             return _pdf(storage.get(document.storage_key), f"{report_id}-{document.kind}.pdf")

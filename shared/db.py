@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
-from sqlalchemy import bindparam, create_engine, event, insert, select, text
+from sqlalchemy import Table, bindparam, create_engine, event, insert, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -15,7 +16,7 @@ from reportflow.shared.models import InboxRecord, OutboxMessage, Report, utcnow
 
 # The runtime's bookkeeping on every message, built once on the tables (not the mapped classes): the ORM's
 # insert path rebuilt and recompiled these per message, and that was a third of a hop's CPU.
-_inbox, _outbox = InboxRecord.__table__, OutboxMessage.__table__
+_inbox, _outbox = cast(Table, InboxRecord.__table__), cast(Table, OutboxMessage.__table__)
 # SQLAlchemy does not cache the PostgreSQL dialect's insert (it compiles it every time); SQL text it does.
 _CLAIM_ON_POSTGRESQL = text(
     "INSERT INTO inbox (consumer, message_id, event_type, processed_at)"
@@ -38,10 +39,10 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     if parsed.drivername == "postgresql":
-        url = parsed.set(drivername="postgresql+psycopg")
+        parsed = parsed.set(drivername="postgresql+psycopg")
     # No pre-ping: it costs a round trip per transaction. A connection that died with the server fails its
     # statement, SQLAlchemy discards the pool, and the runtime retries the message.
-    return create_engine(url, pool_size=10, max_overflow=10, pool_recycle=1800)
+    return create_engine(parsed, pool_size=10, max_overflow=10, pool_recycle=1800)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -61,13 +62,19 @@ class UnitOfWork:
     def __init__(self, session_factory: sessionmaker, consumer: str = "handler"):
         self._session_factory = session_factory
         self.consumer = consumer
-        self.session: Session | None = None
+        self._session: Session | None = None
         self.emitted: list[Event] = []
         self.refusal: str | None = None
         self._inbox_pending: dict | None = None
 
-    def __enter__(self) -> "UnitOfWork":
-        self.session = self._session_factory()
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            raise RuntimeError("a unit of work has a session only inside its with block")
+        return self._session
+
+    def __enter__(self) -> UnitOfWork:
+        self._session = self._session_factory()
         self.emitted = []
         self.refusal = None
         return self
@@ -106,7 +113,7 @@ class UnitOfWork:
         join the handler's transaction (an email: record the intent, commit, act, record the result,
         commit). It never commits the message's inbox claim. On PostgreSQL it is a transaction of its
         own; on SQLite, the handler's session committing what it has so far."""
-        if self._inbox_pending is not None or self.session.bind.dialect.name != "postgresql":
+        if self._inbox_pending is not None or self.session.get_bind().dialect.name != "postgresql":
             # SQLite: the claim is written only at commit, and a second connection would break this
             # one's snapshot, so the session itself commits.
             yield self.session
@@ -134,7 +141,7 @@ class UnitOfWork:
             "event_type": event_type,
             "processed_at": utcnow(),
         }
-        if self.session.bind.dialect.name == "postgresql":
+        if self.session.get_bind().dialect.name == "postgresql":
             self._inbox_pending = None
             return self.session.execute(_CLAIM_ON_POSTGRESQL, values).first() is not None
         self._inbox_pending = values

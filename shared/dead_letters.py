@@ -7,6 +7,7 @@ inbox makes replaying an already-applied message harmless."""
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 
 import pika
@@ -32,7 +33,7 @@ class DeadLetter:
     body: bytes
 
     @classmethod
-    def of(cls, properties: pika.BasicProperties, body: bytes) -> "DeadLetter":
+    def of(cls, properties: pika.BasicProperties, body: bytes) -> DeadLetter:
         headers = dict(properties.headers or {})
         death = (headers.get("x-death") or [{}])[0]  # set by the broker, e.g. past a quorum delivery limit
         queue = headers.get(failures.QUEUE) or _text(death.get("queue"))
@@ -73,7 +74,7 @@ class DeadLetterQueue:
         return next((d for d in self.list() if d.message_id == message_id), None)
 
     @trace_business_operation("dead letters replay")
-    def replay(self, message_id: str | None = None) -> list[DeadLetter]:
+    def replay(self, message_id: str | None = None) -> builtins.list[DeadLetter]:  # list, not the method above
         """Send one dead letter (by message id), or all when message_id is None, back where it failed."""
         replayed = []
         with _channel(self._url) as channel:

@@ -19,7 +19,6 @@ from weasyprint import CSS, HTML
 from weasyprint.text.fonts import FontConfiguration
 from weasyprint.urls import URLFetcher
 
-
 ASSETS = Path(__file__).resolve().parent / "templates"
 RENDERS = Counter("reportflow_renders", "PDF renders, by outcome (ok, failed)", ["outcome"])
 RENDER_SECONDS = Histogram(
@@ -93,8 +92,8 @@ class DocumentRenderer:
             return self._jinja.get_template(name).render(report=report, data=report.data)
 
     def final_version(self, report, draft_pdf: bytes, draft_pages: int, approval: list[dict]) -> RenderedDocument:
-        """The final version, the one the client gets: the approved draft's pages, unchanged, and an approval record after them.
-        Only the record is rendered; the client receives exactly the pages the approvers approved."""
+        """The final version, the one the client gets: the approved draft's pages, unchanged, and an approval
+        record after them. Only the record is rendered; the client receives exactly the pages the approvers approved."""
         with _tracer.start_as_current_span("render template") as span:
             span.set_attribute("report.id", report.id)
             html = self._jinja.get_template("approval.html").render(report=report, approval=approval, pages=draft_pages)
@@ -173,6 +172,8 @@ def _start_child_renderer(assets: str) -> None:
 
 
 def _render_in_child(html: str) -> RenderedDocument:
+    if _child_renderer is None:
+        raise RuntimeError("the render process was started without its renderer")
     return _child_renderer._layout_and_write(html)
 
 

@@ -5,16 +5,21 @@ from __future__ import annotations
 import re
 import smtplib
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from opentelemetry import trace
 from prometheus_client import Counter
 
 from reportflow import schemas
+
+if TYPE_CHECKING:
+    from reportflow.shared.links import ApprovalLinks
 
 _tracer = trace.get_tracer("reportflow.mail")
 EMAILS = Counter(
@@ -30,7 +35,7 @@ class InvalidAddress(ValueError):
     pass
 
 
-def check_address(address: str) -> str:
+def check_address(address: object) -> str:
     """The contract's address rule (schemas' $defs/email), here for the addresses an email is sent to:
     creation refuses a request with any other, so nothing accepted fails here later."""
     if not isinstance(address, str) or len(address) > 254 or not schemas.email_pattern().search(address):
@@ -57,7 +62,7 @@ def build_email(
     subject: str,
     text: str,
     message_id: str,
-    attachments: list[tuple[str, bytes, str]] = (),
+    attachments: Sequence[tuple[str, bytes, str]] = (),
 ) -> EmailMessage:
     """One email; attachments are (filename, content, mime type)."""
     message = EmailMessage()
@@ -79,14 +84,20 @@ def stable_message_id(key: str, domain: str = "reportflow.local") -> str:
     return f"<{safe}@{domain}>"
 
 
+class Mailer(Protocol):
+    transport: str  # what the metrics and the notification record call it: smtp, file
+
+    def send(self, email: EmailMessage) -> None: ...
+
+
 @dataclass(frozen=True)
 class Postman:
     """How notification sends: a mailer (SMTP or folder), the From address, and the signer of approval
     links (None where no gateway is configured)."""
 
-    mailer: object
+    mailer: Mailer
     sender: str
-    links: object = None
+    links: ApprovalLinks | None = None
 
     def send(self, email: EmailMessage) -> None:
         try:
@@ -122,6 +133,7 @@ class SmtpMailer:
             span.set_attribute("server.port", self.port)
             span.set_attribute("email.recipients.count", len(recipients))
             context = ssl.create_default_context()
+            client: smtplib.SMTP
             if self.implicit_tls:
                 client = smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout, context=context)
             else:

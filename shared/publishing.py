@@ -65,7 +65,7 @@ class ConfirmLedger(Generic[Item]):
         self._sequence += 1
         self._unconfirmed[self._sequence] = (message_id, item)
 
-    def returned(self, message_id: str | None) -> None:
+    def returned(self, message_id: str) -> None:
         self._returned.add(message_id)
 
     def answered(self, method) -> list[tuple[str, Item]]:

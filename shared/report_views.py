@@ -56,7 +56,7 @@ def report_summary(settings: Settings, report_id: str) -> dict | None:
             ).all()
             refusals = session.scalars(select(Refusal).where(Refusal.report_id == report_id)).all()
             view = report_view(report)
-            for shown, document in zip(view["documents"], report.documents):
+            for shown, document in zip(view["documents"], report.documents, strict=True):
                 shown["location"] = storage.location(document.storage_key)
             return {
                 **view,

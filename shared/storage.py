@@ -31,7 +31,14 @@ class Storage(Protocol):
 
 
 class _Checked:
-    """What every adapter does around its own reads and writes: a span, and the SHA-256 check."""
+    """What every adapter does around its own reads and writes: a span, and the SHA-256 check. An adapter
+    gives _put and _get."""
+
+    def _put(self, key: str, content: bytes) -> None:
+        raise NotImplementedError
+
+    def _get(self, key: str) -> bytes:
+        raise NotImplementedError
 
     def put(self, key: str, content: bytes) -> None:
         _check_key(key)

@@ -18,7 +18,7 @@ class Topology:
     retry_delays: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, settings: Settings, retry_delays: tuple[int, ...] | None = None) -> "Topology":
+    def of(cls, settings: Settings, retry_delays: tuple[int, ...] | None = None) -> Topology:
         return cls(
             exchange=settings.exchange,
             queue_type=settings.queue_type,

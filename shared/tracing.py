@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-
 import functools
 import json
 import logging
@@ -15,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
-from opentelemetry import context, propagate, trace
+from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
 from opentelemetry.propagators.jaeger import JaegerPropagator
@@ -58,7 +57,7 @@ class UpstreamFriendlyPropagator(TextMapPropagator):
         present = None
         if getter is None and isinstance(carrier, dict):
             present = set(carrier) | ({"uber-trace-id"} if any(k.startswith("uberctx-") for k in carrier) else set())
-        for reader, fields in zip(self._readers, self._reader_fields):
+        for reader, fields in zip(self._readers, self._reader_fields, strict=True):
             if present is not None and fields.isdisjoint(present):
                 continue
             context = reader.extract(carrier, context, **kwargs)
@@ -95,9 +94,18 @@ def sdk_disabled() -> bool:
     return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
 
 
+class ReportflowTracerProvider(TracerProvider):
+    """The SDK's provider, with the span pipeline's counters beside it, for status, health and metrics."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.stats = SpanPipelineStats()
+        self.add_span_processor(self.stats)
+
+
 def setup_tracing(
     service_name: str, settings: TracingSettings | None = None, environment: str = "development"
-) -> TracerProvider | None:
+) -> ReportflowTracerProvider | None:
     """Install this process's tracer provider; None when tracing is off (then no exporter exists and
     the API's no-op tracer passes incoming trace context through unchanged)."""
     global _enabled
@@ -124,21 +132,20 @@ def setup_tracing(
     resource = detected.merge(Resource({k: v for k, v in ours.items() if k not in set_by_user}))
 
     sampler = None if os.environ.get("OTEL_TRACES_SAMPLER") else ParentBased(TraceIdRatioBased(settings.sampling_ratio))
-    provider = TracerProvider(resource=resource, **({"sampler": sampler} if sampler else {}))
-    provider.stats = SpanPipelineStats()
-    provider.add_span_processor(provider.stats)
+    provider = ReportflowTracerProvider(resource=resource, **({"sampler": sampler} if sampler else {}))
     exporter = _exporter(settings, service_name)
     if exporter is not None:
         watched = WatchedExporter(exporter, provider.stats)
-        batch = {
-            k: v
-            for k, (v, standard) in {
-                "max_export_batch_size": (settings.batch_max_export_size, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"),
-                "schedule_delay_millis": (settings.batch_schedule_delay_ms, "OTEL_BSP_SCHEDULE_DELAY"),
-            }.items()
-            if v and not os.environ.get(standard)
-        }
-        processor = BatchSpanProcessor(watched, **batch)
+
+        # Ours unless the standard OTEL_BSP_* variable is set; None lets the SDK read that variable.
+        def ours_unless(standard: str, value: int) -> int | None:
+            return None if os.environ.get(standard) or not value else value
+
+        processor = BatchSpanProcessor(
+            watched,
+            max_export_batch_size=ours_unless("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", settings.batch_max_export_size),
+            schedule_delay_millis=ours_unless("OTEL_BSP_SCHEDULE_DELAY", settings.batch_schedule_delay_ms),
+        )
         provider.stats.watch_queue(processor)
         provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
@@ -168,12 +175,15 @@ def _exporter(settings: TracingSettings, service_name: str) -> SpanExporter | No
         or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "http/protobuf"
     )
-    explicit = {"endpoint": _traces_url(endpoint, protocol)} if settings.exporter_endpoint else {}
+    # Given in the settings, the endpoint is passed; otherwise the exporter reads the OTEL_* variables itself.
+    explicit = _traces_url(endpoint, protocol) if settings.exporter_endpoint else None
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    return OTLPSpanExporter(**explicit)
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        return GrpcExporter(endpoint=explicit)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    return HttpExporter(endpoint=explicit)
 
 
 def _traces_url(endpoint: str, protocol: str) -> str:
@@ -269,7 +279,7 @@ class WatchedExporter(SpanExporter):
         started = time.perf_counter()
         try:
             result = self.inner.export(spans)
-        except Exception:  # noqa: BLE001 - an exporter must not take the pipeline down
+        except Exception:
             log.exception("span export raised")
             result = SpanExportResult.FAILURE
         elapsed = time.perf_counter() - started
@@ -290,7 +300,7 @@ class WatchedExporter(SpanExporter):
         return self.inner.force_flush(timeout_millis)
 
 
-def log_span_stats_periodically(provider: TracerProvider | None, interval_seconds: int) -> None:
+def log_span_stats_periodically(provider: ReportflowTracerProvider | None, interval_seconds: int) -> None:
     if provider is None or interval_seconds <= 0:
         return
 
@@ -393,6 +403,7 @@ class JsonLogFormatter(logging.Formatter):
 def setup_logging(level: str = "INFO", log_format: str = "text", service: str = "reportflow") -> None:
     handler = logging.StreamHandler()
     handler.addFilter(TraceIdsInLogs())
+    formatter: logging.Formatter
     if log_format == "json":
         formatter = JsonLogFormatter(service)
         formatter.converter = time.gmtime

@@ -12,8 +12,7 @@ import subprocess
 import pytest
 import yaml
 
-from reportflow import consumers
-from reportflow import schemas
+from reportflow import consumers, schemas
 from tests.helpers import ROOT
 
 DOCUMENT = ROOT / "schemas" / "asyncapi.yaml"

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from producers.bulk import BulkPublisher
-from shared.broker_api import BrokerApi
-from shared.events import Event
+from reportflow.producers.bulk import BulkPublisher
+from reportflow.shared import failures
+from reportflow.shared.broker import blocking_connection
+from reportflow.shared.broker_api import BrokerApi
+from reportflow.shared.events import Event
 from tests.helpers import ROOT, free_port, wait_until
+from tests.helpers import dead_letters as helpers_dead_letters
 from tests.outcomes import check_everything_arrived_once, small_request, statuses
 from tests.pipeline import STAGES, AutoApprover, Pipeline
 
@@ -147,6 +150,18 @@ def test_fifty_reports_survive_nodes_stopping_under_them(
         outcome = check_everything_arrived_once(postgres_url, report_ids, smtp, notification_kills=0)
         per_process = {name: renders(port) for name, port in metrics.items()}
         dead_letters = next(q.get("messages", 0) for q in _queues(api) if q["name"] == f"{exchange}.dead-letter")
+        if dead_letters:  # say what they were, for whoever reads the failure
+            broker = blocking_connection(cluster)
+            dead = [
+                {
+                    k: v
+                    for k, v in (headers or {}).items()
+                    if k in (failures.STAGE, failures.ROUTING_KEY, failures.ERROR)
+                }
+                for headers, _body in helpers_dead_letters(broker, exchange)
+            ]
+            broker.close()
+            print("dead letters:", dead)
         back = [s for name in names for s in reconnect_seconds(pipeline.log(name), stops)]
     finally:
         if approver.is_alive():
@@ -156,7 +171,7 @@ def test_fifty_reports_survive_nodes_stopping_under_them(
     assert all(count > 0 for count in per_process.values()) and sum(per_process.values()) == 2 * len(report_ids), (
         per_process
     )
-    assert dead_letters == 0
+    assert dead_letters == 0, dead
     objects = s3.client().list_objects_v2(Bucket=bucket)["KeyCount"]
     assert objects == 2 * len(report_ids)
     assert back and max(back) < 10, back  # every consumer on the stopped node was back on another within 10 s

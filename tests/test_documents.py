@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from pypdf import PdfReader
@@ -32,7 +32,7 @@ def report(**overrides) -> Report:
         submitter=request["submitter"],
         client=request["client"],
         data=request["data"],
-        created_at=datetime(2026, 11, 24, tzinfo=timezone.utc),
+        created_at=datetime(2026, 11, 24, tzinfo=UTC),
     )
 
 

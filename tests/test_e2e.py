@@ -130,7 +130,11 @@ def test_reports_go_from_request_to_approved_pdf_and_emails_in_one_trace_each(
         client.decide("rep-c", "review", "bob@example.com", approve=False, comment="Wrong quarter")
 
     for report_id in ("rep-a", "rep-b"):
-        wait_until(lambda: report_status(database_url, report_id) == "finalized", 90, what=f"{report_id} finalized")
+        wait_until(
+            lambda report_id=report_id: report_status(database_url, report_id) == "finalized",
+            90,
+            what=f"{report_id} finalized",
+        )
     wait_until(lambda: report_status(database_url, "rep-c") == "rejected", 60, what="rep-c rejected")
     wait_until(lambda: len(smtp.messages) >= 12, 60, what="all emails")
     exit_codes = pipeline.stop()

@@ -20,8 +20,8 @@ from pypdf import PdfReader
 from reportflow.consumers import STAGE_NAMES, creation, generation
 from reportflow.shared.config import Settings
 from reportflow.shared.documents import DocumentRenderer
-from reportflow.shared.storage import FolderStorage
 from reportflow.shared.events import Event
+from reportflow.shared.storage import FolderStorage
 from reportflow.shared.topology import Topology, declare
 from tests.helpers import (
     ROOT,
@@ -493,7 +493,7 @@ def test_a_link_submitted_twice_at_once_is_told_what_was_recorded(gateway, repor
     sent = [a for a in answers if a[0] == 200]
     assert len(sent) == 1 and sorted(a[0] for a in answers) == [200, 409, 409, 409, 409, 409]
     recorded = re.search(rb"decision to <strong>(\w+)</strong>", sent[0][1]).group(1).decode()
-    for status, page, _ in answers:
+    for _status, page, _ in answers:
         assert f"<strong>{recorded}</strong>".encode() in page or f"to {recorded}".encode() in page, page
     [(_, decided, _)] = tap.wait_for("approval.decided")
     time.sleep(0.5)

@@ -144,7 +144,7 @@ def test_a_consumer_fails_over_to_the_next_broker_address_and_back_to_work(
             client.request_report(sample_request(report_id="r-after-failover"))
         tap.wait_for("report.created", 2)
         assert time.monotonic() - cut_at < 10, "back at work on another node within 10 s"
-        assert "connected to 127.0.0.1:%d" % second.port in pipeline.logs()
+        assert f"connected to 127.0.0.1:{second.port}" in pipeline.logs()
     finally:
         pipeline.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+from datetime import UTC
 
 import pytest
 from sqlalchemy import select
@@ -316,7 +317,7 @@ def test_a_database_outage_is_retried_through_and_nothing_reaches_the_dead_lette
 
 
 def test_the_relay_publishes_what_a_crash_left_in_the_outbox(settings_for, sqlite_url, tap):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from reportflow.shared.models import OutboxMessage
 
@@ -330,7 +331,7 @@ def test_the_relay_publishes_what_a_crash_left_in_the_outbox(settings_for, sqlit
                 payload=created_payload("r-orphan"),
                 source="creation",
                 headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
-                created_at=datetime.now(timezone.utc) - timedelta(minutes=5),
+                created_at=datetime.now(UTC) - timedelta(minutes=5),
             )
         )
     with running(build_consumer("creation", settings)):

@@ -76,7 +76,7 @@ def _consumers(broker, queue: str) -> int:
     channel = broker.channel()
     try:
         return channel.queue_declare(queue, passive=True).method.consumer_count
-    except Exception:  # noqa: BLE001 - not declared yet
+    except Exception:
         return 0
     finally:
         if channel.is_open:
@@ -282,7 +282,7 @@ def test_spans_also_travel_over_otlp_grpc(stage_process, sqlite_url, exchange, t
     received = []
 
     class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-        def Export(self, request, context):  # noqa: N802 - the service's naming
+        def Export(self, request, context):
             received.extend(span.name for rs in request.resource_spans for ss in rs.scope_spans for span in ss.spans)
             return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -373,7 +373,7 @@ class _RecordedJaeger:
         recorded = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 recorded.paths.append(self.path)
                 ok = self.path == f"/api/v3/traces/{trace_id}"
                 body = json.dumps(document if ok else {"error": {"message": "trace not found"}}).encode()

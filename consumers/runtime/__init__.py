@@ -3,7 +3,7 @@ inbox and outbox, tracing and dead letters live here, once, in a module each (se
 stage handlers stay plain functions of (event, unit of work, dependencies)."""
 
 from reportflow.consumers.runtime.consumer import Consumer
-from reportflow.consumers.runtime.messages import Delivery, OutgoingMessage, Outcome
+from reportflow.consumers.runtime.messages import Delivery, Outcome, OutgoingMessage
 from reportflow.consumers.runtime.processing import Processor
 
 __all__ = ["Consumer", "Delivery", "OutgoingMessage", "Outcome", "Processor"]

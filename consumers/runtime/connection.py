@@ -89,7 +89,7 @@ class BrokerConnection:
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn())
-                except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                except BaseException as exc:
                     future.set_exception(exc)
 
         with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pika
 from opentelemetry import context
@@ -12,7 +13,7 @@ from reportflow.shared.models import OutboxMessage
 
 @dataclass(frozen=True)
 class Delivery:
-    channel: object
+    channel: Any  # the pika channel it came on
     delivery_tag: int
     exchange: str
     routing_key: str
@@ -32,7 +33,7 @@ class OutgoingMessage:
     headers: dict  # the trace context it is published under
 
     @classmethod
-    def of(cls, row: OutboxMessage) -> "OutgoingMessage":
+    def of(cls, row: OutboxMessage) -> OutgoingMessage:
         return cls(row.id, row.message_id, row.event_type, row.payload, row.headers or {})
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import select, update
@@ -66,7 +66,7 @@ class OutboxRelay:
         try:
             with suppress_instrumentation(), self._session_factory() as session, session.begin():
                 session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(batch)).values(published_at=utcnow()))
-        except Exception:  # noqa: BLE001 - unmarked rows are only republished by the relay, harmlessly
+        except Exception:
             log.warning(
                 "%s: could not mark %d outbox rows published; the relay will resend them",
                 self.stage_name,
@@ -93,12 +93,12 @@ class OutboxRelay:
                 return
             log.warning("%s: relaying %d unpublished outbox messages", self.stage_name, len(stale))
             self._publish_on_io(stale).result()  # marked as their confirms come
-        except Exception:  # noqa: BLE001 - the next round tries again (a lost connection included)
+        except Exception:
             log.warning("%s: outbox relay failed; will retry", self.stage_name, exc_info=True)
 
 
 def _timestamp(moment: datetime) -> float:
     # SQLite hands back naive datetimes; they were written in UTC.
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()

@@ -51,7 +51,7 @@ class Telemetry:
         sampled one: unsampled, it would make spans nobody exports; the context still travels on."""
         try:
             parent, links = self._parent(delivery.properties, message)
-        except Exception:  # noqa: BLE001 - the database may be away; the handler's own try will tell
+        except Exception:
             parent, links = context_from(delivery.properties.headers), []
         with (
             self.tracer.start_as_current_span(
