@@ -217,7 +217,7 @@ def test_pipelined_confirms_sort_every_publish_into_taken_or_returned(broker, ex
     deadline = time.monotonic() + 20
     while confirms.unconfirmed and time.monotonic() < deadline:
         broker.process_data_events(time_limit=0.1)
-        for collected, new in zip(answered, confirms.take()):
+        for collected, new in zip(answered, confirms.take(), strict=True):
             collected.extend(new)
     confirmed, returned, refused = answered
     assert sorted(confirmed) == [n for n in range(200) if n != 57] and returned == [57] and refused == []
@@ -263,3 +263,31 @@ def test_a_connection_that_closed_under_the_loop_is_reopened_not_fatal():
     thread.start()
     thread.join(30)
     assert not thread.is_alive() and len(served) == 2 and broker_connection.opened == 2
+
+
+def test_a_delivery_whose_channel_closed_is_left_to_its_redelivery_not_dead_lettered(
+    settings_for, sqlite_url, broker, exchange
+):
+    """A broker node goes away while a message's handler runs: the consumer reconnects, but the delivery
+    can no longer be acknowledged on the channel it came on, and the broker gives it again. Dead-lettering
+    it from the new connection (as a failed settle did) left a dead letter beside the redelivery."""
+    from opentelemetry import context
+
+    from reportflow.consumers.runtime.connection import ConnectionLost
+    from reportflow.consumers.runtime.messages import Delivery, Outcome
+    from reportflow.shared.topology import declare
+
+    consumer = build_consumer("generation", settings_for(sqlite_url))
+    declare(broker.channel(), consumer.topology, {"generation": consumer.stage.event_types})
+    consumer.settler.open_channels(broker)
+    raw_publish(exchange, "report.created", b"{}", content_type="application/json", message_id="m-1")
+    old_channel = broker.channel()
+    method, properties, body = old_channel.basic_get(consumer.queue)
+    delivery = Delivery(old_channel, method.delivery_tag, exchange, method.routing_key, properties, body, False)
+    old_channel.close()  # as a node's shutdown closes it: the broker requeues the delivery
+
+    with pytest.raises(ConnectionLost):
+        consumer.settler.settle(delivery, Outcome(context.get_current(), dead_letter_reason="a handler's verdict"))
+    assert dead_letters(broker, exchange) == []
+    again, _, _ = broker.channel().basic_get(consumer.queue, auto_ack=True)
+    assert again is not None and again.redelivered

@@ -153,7 +153,7 @@ class Consumer:
             self._executor._max_workers,
         )
         self.ready.set()
-        stopped_at = None
+        stopped_at = time.monotonic()  # from when the stop began: set again then
         try:
             while True:
                 connection.process_data_events(time_limit=0.25)
@@ -175,7 +175,11 @@ class Consumer:
         self._last_tick = time.monotonic()
 
     def _publish_on_io(self, messages) -> Future:
-        return self.broker.call_on_io(lambda: [self.settler.publish(m) for m in messages])
+        def publish_all() -> None:
+            for message in messages:
+                self.settler.publish(message)
+
+        return self.broker.call_on_io(publish_all)
 
     # -- from the I/O thread to a worker and back ----------------------------------------------
     def _on_message(self, channel, method, properties, body) -> None:
@@ -201,7 +205,7 @@ class Consumer:
             log.warning("%s: %s; message %s will be redelivered", self.stage.name, exc, delivery.properties.message_id)
             self._done()
             return
-        except Exception:  # noqa: BLE001 - the worker must survive anything
+        except Exception:
             log.exception("%s: message %s could not be handled", self.stage.name, delivery.properties.message_id)
             self._done()
             return
@@ -214,7 +218,10 @@ class Consumer:
             if error is None:
                 with self._lock:
                     self.messages_settled += 1
-            elif isinstance(error, (ConnectionLost, pika.exceptions.AMQPConnectionError)):
+            elif (
+                isinstance(error, (ConnectionLost, pika.exceptions.AMQPConnectionError)) or not delivery.channel.is_open
+            ):
+                # The delivery's channel is gone (a node stopped while it settled): it comes again.
                 log.warning(
                     "%s: %s; message %s will be redelivered", self.stage.name, error, delivery.properties.message_id
                 )

@@ -9,6 +9,7 @@ the delivery is acknowledged."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -16,7 +17,8 @@ from opentelemetry import context
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from reportflow.consumers.confirms import PipelinedConfirms
-from reportflow.consumers.runtime.messages import Delivery, OutgoingMessage, Outcome
+from reportflow.consumers.runtime.connection import ConnectionLost
+from reportflow.consumers.runtime.messages import Delivery, Outcome, OutgoingMessage
 from reportflow.consumers.runtime.telemetry import Telemetry
 from reportflow.shared import failures
 from reportflow.shared.events import Event, encode, message_properties
@@ -33,8 +35,14 @@ class Settler:
         self.queue = topology.queue(stage_name)
         self.app_id = f"reportflow-{stage_name}"
         self._telemetry = telemetry
-        self._replacing = None  # retries and dead letters: each waits for its confirm
-        self.outbox: PipelinedConfirms | None = None  # emitted events: confirms pipelined
+        self._replacing: Any = None  # pika's channel for retries and dead letters: each waits for its confirm
+        self._outbox: PipelinedConfirms | None = None  # emitted events: confirms pipelined
+
+    @property
+    def outbox(self) -> PipelinedConfirms:
+        if self._outbox is None:
+            raise RuntimeError("the settler has no channels yet: open_channels() or attach() first")
+        return self._outbox
 
     def open_channels(self, connection) -> None:
         replacing = connection.channel()
@@ -45,13 +53,18 @@ class Settler:
         """The channels to settle on: a confirming channel for retries and dead letters, pipelined confirms
         for emitted events."""
         self._telemetry.instrument(replacing_channel)
-        self._replacing, self.outbox = replacing_channel, outbox
+        self._replacing, self._outbox = replacing_channel, outbox
 
     def settle(self, delivery: Delivery, outcome: Outcome) -> None:
         token = context.attach(outcome.context)
         try:
             for message in outcome.publish:
                 self.publish(message)
+            if not delivery.channel.is_open:
+                # Its channel went with a broker node: the broker gives the delivery again, and the inbox
+                # absorbs what was committed. A retry or a dead letter sent now, on the new connection,
+                # would be a second copy of it.
+                raise ConnectionLost("the channel it came on is closed")
             if outcome.retry_after is not None:
                 self._retry_later(delivery, outcome)
             elif outcome.dead_letter_reason is not None:
@@ -158,6 +171,7 @@ class Settler:
         log.error("%s: dead-lettered %s %s: %s", self.stage_name, event.type, event.message_id, reason)
 
     def _retry_later(self, delivery: Delivery, outcome: Outcome) -> None:
+        assert outcome.retry_after is not None  # settle() sends only retries here
         reason = outcome.failure or ""
         headers = failures.after_failure(delivery.properties, delivery.routing_key, reason)
         queue = self.topology.retry_queue(self.stage_name, outcome.retry_after)
