@@ -29,6 +29,18 @@ def procfile_commands() -> dict[str, str]:
     }
 
 
+def pipeline_environment(folder: Path, exchange: str, database_url: str, **more: str) -> dict:
+    """What every pipeline under test is given: the tests' vhost, the test's own exchange, database and
+    folder; more: the test's own settings, as environment variables."""
+    return {
+        "REPORTFLOW_AMQP_URL": TEST_AMQP_URL,
+        "REPORTFLOW_EXCHANGE": exchange,
+        "REPORTFLOW_DATABASE_URL": database_url,
+        "REPORTFLOW_STORAGE_DIR": str(folder / "storage"),
+        **more,
+    }
+
+
 class Pipeline:
     """Runs each Procfile line as honcho does (through the shell); processes can be killed and restarted."""
 

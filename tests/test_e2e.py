@@ -19,7 +19,7 @@ from reportflow.producers import ReportflowClient
 from reportflow.shared.db import make_engine
 from reportflow.shared.models import Report
 from tests.helpers import TEST_AMQP_URL, sample_request, wait_until
-from tests.pipeline import STAGES, Pipeline
+from tests.pipeline import STAGES, Pipeline, pipeline_environment
 
 pytestmark = pytest.mark.e2e
 
@@ -29,18 +29,17 @@ def pipeline(database_url, exchange, broker, smtp, otlp, tmp_path):
     """The four processes of the Procfile, configured for this test's vhost, exchange, database and servers."""
     pipeline = Pipeline(
         tmp_path,
-        {
-            "REPORTFLOW_AMQP_URL": TEST_AMQP_URL,
-            "REPORTFLOW_EXCHANGE": exchange,
-            "REPORTFLOW_DATABASE_URL": database_url,
-            "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
-            "REPORTFLOW_SMTP_URL": smtp.url,
-            "REPORTFLOW_MAIL_FROM": "reportflow <reportflow@example.com>",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_BSP_SCHEDULE_DELAY": "200",
-            "REPORTFLOW_ENV": "test",
-        },
+        pipeline_environment(
+            tmp_path,
+            exchange,
+            database_url,
+            REPORTFLOW_SMTP_URL=smtp.url,
+            REPORTFLOW_MAIL_FROM="reportflow <reportflow@example.com>",
+            OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,
+            OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+            OTEL_BSP_SCHEDULE_DELAY="200",
+            REPORTFLOW_ENV="test",
+        ),
     )
     try:
         pipeline.start()

@@ -18,7 +18,7 @@ from tests.outcomes import (
     small_request,
     statuses,
 )
-from tests.pipeline import STAGES, AutoApprover, Pipeline
+from tests.pipeline import STAGES, AutoApprover, Pipeline, pipeline_environment
 
 pytestmark = pytest.mark.fault
 
@@ -27,16 +27,15 @@ pytestmark = pytest.mark.fault
 def faulty_pipeline(postgres_url, exchange, broker, smtp, tmp_path):
     pipeline = Pipeline(
         tmp_path,
-        {
-            "REPORTFLOW_AMQP_URL": TEST_AMQP_URL,
-            "REPORTFLOW_EXCHANGE": exchange,
-            "REPORTFLOW_DATABASE_URL": postgres_url,
-            "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
-            "REPORTFLOW_SMTP_URL": smtp.url,
-            "REPORTFLOW_OUTBOX_RELAY_SECONDS": "2",
-            "REPORTFLOW_RETRY_DELAYS": ",".join(map(str, TEST_RETRY_TIERS)),
-            "REPORTFLOW_HEARTBEAT_SECONDS": "10",
-        },
+        pipeline_environment(
+            tmp_path,
+            exchange,
+            postgres_url,
+            REPORTFLOW_SMTP_URL=smtp.url,
+            REPORTFLOW_OUTBOX_RELAY_SECONDS="2",
+            REPORTFLOW_RETRY_DELAYS=",".join(map(str, TEST_RETRY_TIERS)),
+            REPORTFLOW_HEARTBEAT_SECONDS="10",
+        ),
     )
     approver = AutoApprover(exchange)
     try:
