@@ -48,6 +48,37 @@ def topology_declare() -> None:
     click.echo(f"{topo.dead_letter_queue} <- dead letters")
 
 
+@topology.command("users")
+@click.option("--prefix", default="reportflow-", show_default=True, help="The users' names begin with this.")
+@click.option("--apply", "apply_", is_flag=True, help="Create them and set their permissions, with rabbitmqctl.")
+@click.option("--node", default=None, help="The broker node rabbitmqctl talks to (rabbitmqctl -n).")
+def topology_users(prefix: str, apply_: bool, node: str | None) -> None:
+    """Least-privilege broker users: one per stage, one per kind of upstream. New users' passwords are
+    printed once; existing users keep theirs and get their permissions set again."""
+    from urllib.parse import unquote, urlsplit
+
+    from reportflow.shared.broker import broker_urls
+    from reportflow.shared.broker_users import apply_with_rabbitmqctl, least_privilege_users
+    from reportflow.shared.topology import Topology
+
+    settings = Settings.load()
+    topo = Topology.of(settings)
+    vhost = unquote(urlsplit(broker_urls(settings.amqp_url)[0]).path.lstrip("/")) or "/"
+    users = least_privilege_users(topo, list(STAGE_NAMES), prefix)
+    if not apply_:
+        for user in users:
+            topic = f" topic-write {user.topic_write}" if user.topic_write else ""
+            click.echo(f"{user.name}: configure {user.configure} write {user.write} read {user.read}{topic}")
+        click.echo(f"(on vhost {vhost}; --apply creates them)")
+        return
+    try:
+        passwords = apply_with_rabbitmqctl(users, vhost, topo.exchange, node)
+    except (RuntimeError, FileNotFoundError) as failed:
+        raise click.ClickException(str(failed)) from None
+    for user in users:
+        click.echo(f"{user.name} {passwords.get(user.name, '(exists: password kept)')}")
+
+
 @click.group()
 def dlq() -> None:
     """The dead-letter queue: what failed for good, and why."""
@@ -142,7 +173,7 @@ def status(consuming: bool) -> None:
     leaders = _nodes_and_leaders(settings)
     connection = blocking_connection(settings.amqp_url)
     try:
-        click.echo("connected to %s:%s" % connected_address(connection))
+        click.echo("connected to {}:{}".format(*connected_address(connection)))
         click.echo(f"{'queue':<40} {'ready':>8} {'consumers':>9}  leader")
         for queue in [*(topo.queue(s) for s in STAGE_NAMES), topo.dead_letter_queue]:
             channel = connection.channel()

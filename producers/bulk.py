@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pika
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from reportflow.shared.broker import broker_urls
+from reportflow.shared.broker import broker_urls, broker_user
 from reportflow.shared.config import Settings
 from reportflow.shared.events import Event, encode, message_properties, new_report_id
 from reportflow.shared.publishing import ConfirmLedger, publish_span_attributes, publish_span_name
@@ -46,7 +47,7 @@ class BulkPublisher:
         """Publish every event; returns when the broker has confirmed (or refused) each one."""
         events = iter(events)
         for url in broker_urls(self._url):  # the first node that answers
-            run = _Run(events, self._exchange, self._window, self._app_id)
+            run = _Run(events, self._exchange, self._window, self._app_id, broker_user(url))
             connection = pika.SelectConnection(
                 pika.URLParameters(url),
                 on_open_callback=run.on_open,
@@ -70,10 +71,12 @@ class BulkPublisher:
 class _Run:
     """One bulk publish on an async connection: fill the window, refill on each confirm, close when done."""
 
-    def __init__(self, events, exchange: str, window: int, app_id: str):
+    def __init__(self, events, exchange: str, window: int, app_id: str, user_id: str):
         self.events, self.exchange, self.window, self.app_id = events, exchange, window, app_id
-        self.connection = None
-        self.channel = None
+        self.user_id = user_id  # the connection's user, which the broker checks: consumers can trust it
+        # pika's connection and channel once opened (pika has no type hints: they are Any either way)
+        self.connection: Any = None
+        self.channel: Any = None
         self.result = BulkResult()
         self.error: Exception | None = None
         self.ledger: ConfirmLedger[str] = ConfirmLedger()  # of message ids
@@ -114,7 +117,9 @@ class _Run:
                 self.exchange, event.type, message_id=event.message_id, report_id=event.report_id, body_size=len(body)
             ),
         ):
-            properties = pika.BasicProperties(**message_properties(event, carrier_of_current(), app_id=self.app_id))
+            properties = pika.BasicProperties(
+                **message_properties(event, carrier_of_current(), app_id=self.app_id, user_id=self.user_id)
+            )
             self.channel.basic_publish(self.exchange, event.type, body, properties, mandatory=True)
         self.ledger.published(event.message_id, event.message_id)
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+import amqp.exceptions
 import kombu
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from reportflow import schemas
-from reportflow.shared.broker import broker_urls
+from reportflow.shared.broker import broker_urls, broker_user
 from reportflow.shared.config import Settings
 from reportflow.shared.events import Event, encode, message_properties, new_report_id, oversize
 from reportflow.shared.publishing import publish_span_attributes, publish_span_name
@@ -55,6 +56,7 @@ class ReportflowClient:
         # kombu fails over between the nodes of a cluster given as alternates, one node per retry. A node
         # that is down answers at once, so the next is tried at once, not after kombu's 2, 4, 6 s waits.
         urls = broker_urls(amqp_url or settings.amqp_url)
+        self._user_id = broker_user(urls[0])  # the broker vouches for it: consumers can trust who sent what
         self._retry_policy = {
             "max_retries": 2 * len(urls) + 1,
             "interval_start": 0,
@@ -69,9 +71,13 @@ class ReportflowClient:
         self._validate = validate
         self._max_bytes = max_message_bytes or settings.max_message_bytes
         self._returned: list[str] = []
-        self._producer = kombu.Producer(self._connection, exchange=self._exchange, on_return=self._on_return)
+        # Not declared from here: declaring needs the broker's configure permission, which an upstream's
+        # least-privilege user does not have (docs/security.md). `reportflow topology declare` makes it.
+        self._producer = kombu.Producer(
+            self._connection, exchange=self._exchange, on_return=self._on_return, auto_declare=False
+        )
 
-    def __enter__(self) -> "ReportflowClient":
+    def __enter__(self) -> ReportflowClient:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -124,18 +130,23 @@ class ReportflowClient:
                 exchange, event_type, message_id=event.message_id, report_id=event.report_id, body_size=len(body)
             ),
         ) as span:
-            properties = message_properties(event, carrier_of_current(), app_id=self._app_id)
+            properties = message_properties(event, carrier_of_current(), app_id=self._app_id, user_id=self._user_id)
             headers = properties.pop("headers")
             self._returned.clear()
-            self._producer.publish(
-                body,
-                routing_key=event_type,
-                headers=headers,
-                mandatory=True,
-                retry=True,
-                retry_policy=self._retry_policy,
-                **properties,
-            )
+            try:
+                self._producer.publish(
+                    body,
+                    routing_key=event_type,
+                    headers=headers,
+                    mandatory=True,
+                    retry=True,
+                    retry_policy=self._retry_policy,
+                    **properties,
+                )
+            except amqp.exceptions.NotFound as missing:
+                raise Unroutable(
+                    f"exchange {exchange!r} does not exist on this vhost; run `reportflow topology declare`"
+                ) from missing
             if event.message_id in self._returned:
                 raise Unroutable(
                     f"no queue is bound for {event_type} on exchange {self._exchange.name!r}; "

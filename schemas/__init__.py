@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import fastjsonschema
@@ -12,6 +12,8 @@ from jsonschema import Draft202012Validator, FormatChecker, ValidationError, val
 
 SCHEMA_DIR = Path(__file__).resolve().parent
 SCHEMA_VERSION = "1"
+# What upstream systems publish; reportflow publishes every other event type (schemas/asyncapi.yaml).
+UPSTREAM_EVENT_TYPES = ("report.requested", "approval.decided")
 MAX_REASONS = 100  # a huge invalid message would otherwise make an invalid-report event as huge
 
 
@@ -21,7 +23,7 @@ MAX_REASONS = 100  # a huge invalid message would otherwise make an invalid-repo
 _DOLLAR = re.compile(r"(?<!\\)\$")
 
 
-@lru_cache(maxsize=None)
+@cache
 def ecma_pattern(pattern: str) -> re.Pattern:
     return re.compile(_DOLLAR.sub(r"\\Z", pattern))
 
@@ -40,12 +42,12 @@ def event_types() -> frozenset[str]:
     return frozenset(p.name.removesuffix(".json") for p in SCHEMA_DIR.glob("*.json"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def validator(event_type: str) -> Draft202012Validator:
     return _Validator(schema(event_type), format_checker=FormatChecker())
 
 
-@lru_cache(maxsize=None)
+@cache
 def schema(event_type: str) -> dict:
     path = SCHEMA_DIR / f"{event_type}.json"
     if not path.is_file():
@@ -62,7 +64,7 @@ def email_pattern() -> re.Pattern:
 _FORMATS = {"email": lambda value: "@" in value}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compiled_check(event_type: str):
     """The schema compiled to Python: thirty times faster than jsonschema, but it stops at the first
     problem. Every message in and out is checked, so a valid one (nearly all) takes only this."""

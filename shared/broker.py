@@ -16,6 +16,12 @@ def broker_urls(setting: str) -> list[str]:
     return urls
 
 
+def broker_user(setting: str) -> str:
+    """The broker user a connection to these nodes logs in as: what a publisher sets as user_id, which the
+    broker checks, so that consumers can tell who published (trust.publishers)."""
+    return pika.URLParameters(broker_urls(setting)[0]).credentials.username
+
+
 def connection_parameters(
     setting: str, *, heartbeat: int | None = None, name: str | None = None
 ) -> list[pika.URLParameters]:

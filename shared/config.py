@@ -4,11 +4,14 @@ config/<environment>.yaml, then environment variables, each overriding the one b
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
+
+from reportflow import schemas
 
 # Development is a choice made out loud (REPORTFLOW_ENV=development, as `make run` does): only there do the
 # published development secrets work. With REPORTFLOW_ENV unset, a process runs as in production.
@@ -37,6 +40,28 @@ class TracingSettings:
     record_emails: bool = False  # email addresses are PII: off unless asked for
     late_messages: str = "continue"  # "continue" the report's trace, or "link": a new trace linking back
     stats_interval_seconds: int = 60
+
+
+@dataclass(frozen=True)
+class TrustSettings:
+    # Per inbound event type, the broker users allowed to publish it, by the AMQP user_id the broker
+    # checks: "approval.decided=approvals,gateway;report.requested=portal". Unlisted types: anyone.
+    publishers: str = ""
+
+    def trusted_publishers(self) -> dict[str, frozenset[str]]:
+        trusted: dict[str, frozenset[str]] = {}
+        for entry in (e.strip() for e in self.publishers.split(";")):
+            if not entry:
+                continue
+            event_type, _, users = (part.strip() for part in entry.partition("="))
+            names = frozenset(u.strip() for u in users.split(",") if u.strip())
+            if event_type not in schemas.UPSTREAM_EVENT_TYPES or not names:
+                raise ValueError(
+                    f"trust.publishers: {entry!r} is not EVENT_TYPE=USER[,USER...] with an upstream event type "
+                    f"({', '.join(schemas.UPSTREAM_EVENT_TYPES)})"
+                )
+            trusted[event_type] = trusted.get(event_type, frozenset()) | names
+        return trusted
 
 
 @dataclass(frozen=True)
@@ -74,7 +99,9 @@ class Settings:
     secret_key: str = ""  # signs approval links; required outside development
     api_token: str = ""  # Bearer token for POST /reports and the JSON endpoints
     link_max_age_seconds: int = 7 * 24 * 3600
+    gateway_auth_failures: str = "10/minute"  # failed API authentications allowed per address (limits' syntax)
     tracing: TracingSettings = field(default_factory=TracingSettings)
+    trust: TrustSettings = field(default_factory=TrustSettings)
 
     @property
     def worker_threads(self) -> int:
@@ -87,9 +114,10 @@ class Settings:
         return self.prefetch or max(4, 2 * self.worker_threads)
 
     @classmethod
-    def load(cls, environ: dict | None = None) -> "Settings":
+    def load(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """The effective settings of this process: the YAML files, then the environment."""
-        environ = os.environ if environ is None else environ
+        if environ is None:
+            environ = os.environ
         environment = environ.get("REPORTFLOW_ENV", "").strip() or DEFAULT_ENVIRONMENT
         folder = Path(environ.get("REPORTFLOW_CONFIG_DIR") or "config")
         values: dict = {}
@@ -133,9 +161,13 @@ class Settings:
         return ApprovalLinks(self.secret_key, self.gateway_url, self.link_max_age_seconds)
 
     def checked_api_token(self) -> str:
-        """The gateway's Bearer token ("" for none). Outside development a weak one is refused."""
+        """The gateway's one shared token, for development only ("" for none): everywhere else each client
+        has its own key (reportflow apikey create), so a shared token is refused there."""
         if self.api_token and not self.development:
-            self._refuse_weak("REPORTFLOW_API_TOKEN", self.api_token, DEVELOPMENT_API_TOKEN)
+            raise InsecureSettings(
+                "REPORTFLOW_API_TOKEN works in development only; outside it each client has its own key: "
+                "`reportflow apikey create NAME --scope submit --scope read`"
+            )
         return self.api_token
 
     def _refuse_weak(self, name: str, value: str, development_value: str) -> None:
@@ -183,6 +215,7 @@ ENVIRONMENT_VARIABLES = {
     "secret_key": ["REPORTFLOW_SECRET_KEY"],
     "api_token": ["REPORTFLOW_API_TOKEN"],
     "link_max_age_seconds": ["REPORTFLOW_LINK_MAX_AGE_SECONDS"],
+    "gateway_auth_failures": ["REPORTFLOW_GATEWAY_AUTH_FAILURES"],
     "tracing.enabled": ["REPORTFLOW_TRACING_ENABLED", "TRACING_ENABLED"],
     "tracing.sampling_ratio": ["REPORTFLOW_TRACING_SAMPLING_RATIO"],
     "tracing.exporter_endpoint": ["REPORTFLOW_TRACING_EXPORTER_ENDPOINT"],
@@ -193,7 +226,10 @@ ENVIRONMENT_VARIABLES = {
     "tracing.record_emails": ["REPORTFLOW_TRACING_RECORD_EMAILS"],
     "tracing.late_messages": ["REPORTFLOW_TRACING_LATE_MESSAGES"],
     "tracing.stats_interval_seconds": ["REPORTFLOW_TRACING_STATS_SECONDS"],
+    "trust.publishers": ["REPORTFLOW_TRUSTED_PUBLISHERS"],
 }
+# The groups of settings nested under a key (tracing.enabled is `tracing: {enabled: ...}` in YAML).
+GROUPS = ("tracing", "trust")
 
 
 SECRETS = {"secret_key", "api_token"}
@@ -220,7 +256,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def _as_dict(settings) -> dict:
     return {
-        f.name: _as_dict(getattr(settings, f.name)) if f.name == "tracing" else getattr(settings, f.name)
+        f.name: _as_dict(getattr(settings, f.name)) if f.name in GROUPS else getattr(settings, f.name)
         for f in fields(settings)
     }
 
@@ -231,12 +267,15 @@ def _build(defaults: Settings, values: dict) -> Settings:
     if unknown:
         raise ValueError(f"unknown settings: {', '.join(unknown)}")
     top = {k: _coerce(getattr(defaults, k), v) for k, v in values.items() if "." not in k}
-    nested = {
-        k.split(".", 1)[1]: _coerce(getattr(defaults.tracing, k.split(".", 1)[1]), v)
-        for k, v in values.items()
-        if k.startswith("tracing.")
-    }
-    return replace(defaults, **top, tracing=replace(defaults.tracing, **nested))
+    for group in GROUPS:
+        inside = getattr(defaults, group)
+        nested = {
+            k.split(".", 1)[1]: _coerce(getattr(inside, k.split(".", 1)[1]), v)
+            for k, v in values.items()
+            if k.startswith(f"{group}.")
+        }
+        top[group] = replace(inside, **nested)
+    return replace(defaults, **top)
 
 
 def _coerce(default, value):

@@ -73,9 +73,13 @@ def encode(event: Event) -> bytes:
     return json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def message_properties(event: Event, headers: dict | None = None, app_id: str = "reportflow") -> dict:
-    """The AMQP properties every reportflow message carries (as keyword arguments for pika or kombu)."""
+def message_properties(
+    event: Event, headers: dict | None = None, app_id: str = "reportflow", user_id: str | None = None
+) -> dict:
+    """The AMQP properties every reportflow message carries (as keyword arguments for pika or kombu).
+    user_id, when given, must be the publishing connection's user: the broker refuses the message otherwise."""
     return {
+        **({"user_id": user_id} if user_id else {}),
         "content_type": CONTENT_TYPE,
         "content_encoding": "utf-8",
         "delivery_mode": 2,

@@ -4,7 +4,7 @@ The consumer runtime writes them; `reportflow dlq` reads them."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pika
 
@@ -18,6 +18,8 @@ QUEUE = "x-reportflow-queue"
 DEAD_LETTERED_AT = "x-reportflow-dead-lettered-at"
 UNROUTABLE = "x-reportflow-unroutable"
 REPLAYED = "x-reportflow-replayed"
+# Who published the original of a retry or a dead letter (the broker-checked user_id it came with).
+PUBLISHER = "x-reportflow-publisher"
 OURS = "x-reportflow-"
 # What the broker adds when it dead-letters or redelivers a message itself.
 BROKER_DEATH = (
@@ -33,7 +35,7 @@ BROKER_DEATH = (
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def failures(properties: pika.BasicProperties) -> int:
@@ -53,7 +55,7 @@ def after_failure(properties: pika.BasicProperties, routing_key: str, reason: st
 
 def without_failures(headers: dict) -> dict:
     """A replayed message starts afresh: none of the failure bookkeeping, ours or the broker's."""
-    return {k: v for k, v in headers.items() if not k.startswith(OURS) and k not in BROKER_DEATH}
+    return {k: v for k, v in headers.items() if (k == PUBLISHER or not k.startswith(OURS)) and k not in BROKER_DEATH}
 
 
 def same_message(properties: pika.BasicProperties, event_type: str, headers: dict) -> pika.BasicProperties:

@@ -3,11 +3,14 @@ type, a delay queue per stage and retry tier, and the dead-letter route every wo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import pika.exceptions
 
 from reportflow.shared.config import Settings
+
+log = logging.getLogger("reportflow.topology")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,21 @@ class Topology:
     def _kind(self) -> dict:
         """Quorum: every queue replicated over the cluster's nodes (work, retry tiers, dead letters)."""
         return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
+
+
+def declare_as_permitted(connection, topology: Topology, bindings: dict[str, list[str]], own: dict[str, list[str]]):
+    """Declare the whole topology (bindings), so that what a stage emits finds its queues whichever process
+    starts first; a least-privilege stage user may declare only its own part (own). The channel, declared."""
+    channel = connection.channel()
+    try:
+        declare(channel, topology, bindings)
+    except pika.exceptions.ChannelClosedByBroker as refused:
+        if refused.reply_code != 403:
+            raise
+        log.info("this broker user may declare only its own queues (%s): %s", ", ".join(own), refused.reply_text)
+        channel = connection.channel()
+        declare(channel, topology, own)
+    return channel
 
 
 class TopologyMismatch(RuntimeError):

@@ -17,7 +17,7 @@ from opentelemetry import context
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from reportflow.consumers import approval
+from reportflow.consumers import approval, creation
 from reportflow.consumers.retries import RetryPolicy
 from reportflow.consumers.runtime import Consumer, Processor
 from reportflow.consumers.runtime.telemetry import Telemetry
@@ -117,6 +117,15 @@ def decide(report_id, stage, email, decision="approve", comment=None) -> Event:
     return Event("approval.decided", payload)
 
 
+def generated_report(units, report_id: str, **overrides) -> str:
+    """A report stored by creation, its draft generated: what approval starts from."""
+    handle(units, creation.on_report_requested, request_event(report_id=report_id, **overrides))
+    with units() as unit:
+        unit.report(report_id).status = "generated"
+        unit.session.commit()
+    return report_id
+
+
 def open_first_stage(uow, report_id: str) -> list[Event]:
     document = {"id": 1, "kind": "draft", "storage_key": "k", "size_bytes": 10, "sha256": "0" * 64, "pages": 1}
     return handle(
@@ -184,6 +193,19 @@ def dead_letters(broker, exchange: str) -> list[tuple[dict, bytes]]:
         if method is None:
             return found
         found.append((properties.headers, body))
+
+
+def register_key(database_url: str, key: str, name: str, scopes: list[str]) -> None:
+    """An API key as `reportflow apikey create` stores it (its digest), for a key the test chose."""
+    from reportflow.shared.api_keys import digest
+    from reportflow.shared.models import ApiKey
+
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session, session.begin():
+            session.merge(ApiKey(name=name, key_sha256=digest(key), scopes=scopes))
+    finally:
+        engine.dispose()
 
 
 def count(database_url: str, model, *where) -> int:

@@ -12,13 +12,14 @@ from sqlalchemy import func, select
 
 from reportflow.consumers import approval, creation, generation, notification
 from reportflow.shared.documents import DocumentRenderer
-from reportflow.shared.storage import FolderStorage
 from reportflow.shared.events import Event, InvalidMessage
 from reportflow.shared.mail import FolderMailer, Postman
 from reportflow.shared.models import Decision, Notification, Refusal
+from reportflow.shared.storage import FolderStorage
 from tests.helpers import (
     TWO_STAGES,
     decide,
+    generated_report,
     handle,
     open_first_stage,
     request_event,
@@ -29,11 +30,7 @@ from tests.helpers import (
 @pytest.fixture
 def created(uow) -> str:
     """A report stored by creation, its draft generated, with the two stages above."""
-    handle(uow, creation.on_report_requested, request_event(report_id="r-1", approval_stages=TWO_STAGES))
-    with uow() as unit:
-        unit.report("r-1").status = "generated"
-        unit.session.commit()
-    return "r-1"
+    return generated_report(uow, "r-1", approval_stages=TWO_STAGES)
 
 
 def refusals(uow) -> list[str]:
@@ -241,7 +238,7 @@ def test_the_approved_version_is_the_approved_pages_and_an_approval_record(uow, 
     draft = PdfReader(io.BytesIO(storage.get(generated.payload["document"]["storage_key"])))
     final = PdfReader(io.BytesIO(storage.get(emitted[0].payload["document"]["storage_key"])))
     assert emitted[0].payload["document"]["pages"] == len(final.pages) == len(draft.pages) + 1
-    for approved, delivered in zip(draft.pages, final.pages):
+    for approved, delivered in zip(draft.pages, final.pages, strict=False):
         assert approved.extract_text() == delivered.extract_text()  # the client gets what was approved
     record = final.pages[-1].extract_text()
     assert "Approval record" in record and "Q3 revenue review" in record

@@ -32,10 +32,11 @@ from reportflow.consumers.runtime.outbox import OutboxRelay
 from reportflow.consumers.runtime.processing import Processor
 from reportflow.consumers.runtime.settling import Settler
 from reportflow.consumers.runtime.telemetry import Telemetry
+from reportflow.consumers.runtime.trust import PublisherTrust
 from reportflow.consumers.stage import Stage
 from reportflow.shared.broker import connected_address, first_address
 from reportflow.shared.config import Settings
-from reportflow.shared.topology import Topology, declare
+from reportflow.shared.topology import Topology, declare_as_permitted
 
 log = logging.getLogger("reportflow.consumer")
 
@@ -76,6 +77,7 @@ class Consumer:
             queue=self.queue,
             exchange=self.topology.exchange,
             max_message_bytes=settings.max_message_bytes,
+            trust=PublisherTrust(settings.trust.trusted_publishers()),
         )
         self.settler = Settler(stage.name, self.topology, self.telemetry)
         self.broker = BrokerConnection(
@@ -140,9 +142,10 @@ class Consumer:
         """One connection's life, on the I/O thread: declare, consume, do I/O, sort confirms; on stop, wait
         for the messages in hand and, a while, for confirms still due (so a clean stop leaves the relay nothing)."""
         self.telemetry.broker_address = connected_address(connection)
-        consume_channel = connection.channel()
+        consume_channel = declare_as_permitted(
+            connection, self.topology, self._bindings, {self.stage.name: self.stage.event_types}
+        )
         self.settler.open_channels(connection)
-        declare(consume_channel, self.topology, self._bindings)
         consume_channel.basic_qos(prefetch_count=self.settings.effective_prefetch)
         consumer_tag = consume_channel.basic_consume(self.queue, on_message_callback=self._on_message)
         log.info(

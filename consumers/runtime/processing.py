@@ -10,8 +10,9 @@ from dataclasses import replace
 from opentelemetry import context, trace
 
 from reportflow.consumers.retries import RetryPolicy
-from reportflow.consumers.runtime.messages import Delivery, OutgoingMessage, Outcome
+from reportflow.consumers.runtime.messages import Delivery, Outcome, OutgoingMessage
 from reportflow.consumers.runtime.telemetry import Telemetry
+from reportflow.consumers.runtime.trust import PublisherTrust, publisher_of
 from reportflow.consumers.stage import Stage, dependency_names
 from reportflow.shared import failures
 from reportflow.shared.db import UnitOfWork
@@ -33,6 +34,7 @@ class Processor:
         queue: str,
         exchange: str,
         max_message_bytes: int,
+        trust: PublisherTrust | None = None,
     ):
         self.stage = stage
         self._session_factory = session_factory
@@ -41,6 +43,7 @@ class Processor:
         self._retry_policy = retry_policy
         self._queue, self._exchange = queue, exchange
         self._max_message_bytes = max_message_bytes
+        self._trust = trust or PublisherTrust({})
 
     def process(self, delivery: Delivery) -> Outcome:
         """Handle one delivery; whatever happens, say what is to become of it."""
@@ -54,14 +57,18 @@ class Processor:
             self._max_message_bytes,
             (props.headers or {}).get("schema_version"),
         )
+        publisher = publisher_of(delivery)
+        message = self._trust.screen(message, publisher)
         exchange = delivery.exchange or self._exchange  # retries come back through the default exchange
         with self._telemetry.process(delivery, message, exchange, self._queue) as span:
+            if publisher:
+                span.set_attribute("reportflow.publisher", publisher)
             try:
                 if isinstance(message, Event):
                     with self._telemetry.child("validate", {"event.type": event_type}):
                         message = validate(message)
                 return self.handle(message)
-            except Exception as exc:  # noqa: BLE001 - any handler failure ends in a stated outcome
+            except Exception as exc:
                 return self._failed(delivery, message, span, exc)
 
     def handle(self, message: Event | InvalidMessage) -> Outcome:

@@ -20,6 +20,7 @@ from reportflow.consumers.confirms import PipelinedConfirms
 from reportflow.consumers.runtime.connection import ConnectionLost
 from reportflow.consumers.runtime.messages import Delivery, Outcome, OutgoingMessage
 from reportflow.consumers.runtime.telemetry import Telemetry
+from reportflow.consumers.runtime.trust import keep_publisher
 from reportflow.shared import failures
 from reportflow.shared.events import Event, encode, message_properties
 from reportflow.shared.topology import Topology
@@ -114,7 +115,7 @@ class Settler:
                 )
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
-        headers = failures.after_failure(delivery.properties, delivery.routing_key, reason)
+        headers = keep_publisher(failures.after_failure(delivery.properties, delivery.routing_key, reason), delivery)
         headers.update(
             {failures.STAGE: self.stage_name, failures.QUEUE: self.queue, failures.DEAD_LETTERED_AT: failures.now()}
         )
@@ -173,7 +174,7 @@ class Settler:
     def _retry_later(self, delivery: Delivery, outcome: Outcome) -> None:
         assert outcome.retry_after is not None  # settle() sends only retries here
         reason = outcome.failure or ""
-        headers = failures.after_failure(delivery.properties, delivery.routing_key, reason)
+        headers = keep_publisher(failures.after_failure(delivery.properties, delivery.routing_key, reason), delivery)
         queue = self.topology.retry_queue(self.stage_name, outcome.retry_after)
         with self._telemetry.retry(self.queue, outcome.retry_after, headers, reason):
             self._replacing.basic_publish(
