@@ -139,4 +139,61 @@ def demo(timeout: int, request_file: str) -> None:
     click.echo(as_text(summary))
 
 
-commands = [publish, gateway, demo]
+@click.group()
+def apikey() -> None:
+    """The gateway's per-client API keys (stored as SHA-256 digests only)."""
+
+
+def _keys_session():
+    from sqlalchemy.orm import Session
+
+    from reportflow.shared.db import make_engine
+
+    return Session(make_engine(Settings.load().database_url))
+
+
+@apikey.command("create")
+@click.argument("name")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    type=click.Choice(["submit", "read", "read-all"]),
+    help="What the key may do: submit reports, read its own, read every report. [default: submit, read]",
+)
+def apikey_create(name: str, scopes: tuple[str, ...]) -> None:
+    """Create a key for NAME and print it, once: it is kept nowhere but as its digest."""
+    from reportflow.shared import api_keys
+
+    with _keys_session() as session:
+        try:
+            key = api_keys.create(session, name, list(scopes or ("submit", "read")))
+        except ValueError as bad:
+            raise click.ClickException(str(bad)) from None
+    click.echo(key)
+
+
+@apikey.command("list")
+def apikey_list() -> None:
+    """Every key's name, scopes, creation and revocation (never the key)."""
+    from reportflow.shared import api_keys
+
+    with _keys_session() as session:
+        for key in api_keys.listed(session):
+            revoked = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+            click.echo(f"{key.name:<30} {','.join(key.scopes):<22} created {key.created_at:%Y-%m-%d %H:%M}  {revoked}")
+
+
+@apikey.command("revoke")
+@click.argument("name")
+def apikey_revoke(name: str) -> None:
+    """Revoke NAME's key: from now on the gateway refuses it."""
+    from reportflow.shared import api_keys
+
+    with _keys_session() as session:
+        if not api_keys.revoke(session, name):
+            raise click.ClickException(f"no active key named {name!r}")
+    click.echo(f"revoked {name}")
+
+
+commands = [publish, gateway, demo, apikey]

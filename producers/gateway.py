@@ -14,7 +14,6 @@ log lines only ever show /approve and /approve/document."""
 
 from __future__ import annotations
 
-import hmac
 import io
 import ipaddress
 import json
@@ -30,13 +29,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from reportflow import schemas
+from reportflow.producers.api_auth import ApiAuthentication
 from reportflow.producers.client import InvalidEvent, MessageTooLarge, ReportflowClient, Unroutable
+from reportflow.producers.refused import Refused
 from reportflow.shared import broker
+from reportflow.shared.api_keys import Caller
 from reportflow.shared.config import Settings
 from reportflow.shared.db import make_engine
 from reportflow.shared.documents import ASSETS
+from reportflow.shared.events import new_report_id
 from reportflow.shared.links import LinkRefused
-from reportflow.shared.models import Report, UsedLink
+from reportflow.shared.models import Report, Submission, UsedLink
 from reportflow.shared.report_views import report_view
 
 log = logging.getLogger("reportflow.gateway")
@@ -71,17 +75,9 @@ def token_out_of_path(environ: dict) -> dict:
     return environ
 
 
-class Refused(Exception):
-    """A request answered with a page or a JSON error that says why, and nothing published."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
-
-
 def create_app(settings: Settings, client_factory=None) -> Flask:
     links = settings.approval_links()  # refuses a missing or weak secret outside development
-    api_token = settings.checked_api_token()  # likewise a weak token
+    development_token = settings.checked_api_token()  # development only; per-client keys everywhere
     app = Gateway(__name__, template_folder=str(ASSETS / "gateway"), static_folder=str(ASSETS / "gateway" / "static"))
     # A body larger than a message may be is refused before it is read (waitress is capped alike, in serve()).
     app.config["MAX_CONTENT_LENGTH"] = settings.max_message_bytes
@@ -97,10 +93,22 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
         )
     )
 
-    def require_api_token() -> None:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if not (api_token and scheme.lower() == "bearer" and _same(given.strip(), api_token)):
-            raise Refused("a valid Bearer token is required", 401)
+    authentication = ApiAuthentication(engine, development_token, settings.gateway_auth_failures)
+
+    def authorized(scope: str) -> Caller:
+        return authentication.caller(request.headers.get("Authorization", ""), request.remote_addr or "?", scope)
+
+    def readable(session: Session, caller: Caller, report_id: str) -> Report:
+        """The report, if this caller may read it: read-all, or read and its own submission. Another's
+        report is a 404, as if it did not exist."""
+        report = session.get(Report, report_id)
+        if report is not None and not caller.may("read-all"):
+            submitted = session.get(Submission, report_id)
+            if submitted is None or submitted.api_key != caller.name:
+                report = None
+        if report is None:
+            raise Refused(f"no report {report_id!r}", 404)
+        return report
 
     def is_page() -> bool:
         return request.path.startswith("/approve")
@@ -109,8 +117,7 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
     def refusal(refused: Refused):
         if is_page():
             return render_template("refused.html", message=str(refused)), refused.status
-        headers = {"WWW-Authenticate": 'Bearer realm="reportflow"'} if refused.status == 401 else {}
-        return jsonify(error=str(refused)), refused.status, headers
+        return jsonify(error=str(refused)), refused.status, refused.headers
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(_):
@@ -127,34 +134,57 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
 
     @app.post("/reports")
     def request_report():
-        require_api_token()
+        caller = authorized("submit")
         try:
             body = json.loads(request.get_data(cache=False))
         except (ValueError, RecursionError):
             raise Refused("the body is not JSON (or is nested too deeply)", 400) from None
         if not isinstance(body, dict):
             raise Refused("the body must be a JSON object", 422)
-        if not body.get("report_id"):
-            body.pop("report_id", None)
+        body["report_id"] = body.get("report_id") or new_report_id()
+        reasons = schemas.errors("report.requested", body)
+        if reasons:
+            return jsonify(error="the request does not match the report.requested schema", reasons=reasons), 422
+        claimed_now = claim_submission(body["report_id"], caller)
         try:
             with client_factory() as client:
                 published = client.request_report(body)
-        except MessageTooLarge as exc:
-            return jsonify(error="the report is larger than a message may be", reasons=exc.reasons), 413
-        except InvalidEvent as exc:
-            return jsonify(error="the request does not match the report.requested schema", reasons=exc.reasons), 422
-        except BROKER_DOWN as exc:
+        except (InvalidEvent, *BROKER_DOWN) as exc:
+            if claimed_now:  # nothing was accepted: the id is free again
+                forget_submission(body["report_id"])
+            if isinstance(exc, MessageTooLarge):
+                return jsonify(error="the report is larger than a message may be", reasons=exc.reasons), 413
+            if isinstance(exc, InvalidEvent):
+                reasons = exc.reasons
+                return jsonify(error="the request does not match the report.requested schema", reasons=reasons), 422
             log.warning("broker unavailable for POST /reports: %r", exc)
             raise Refused("the message broker is unavailable; nothing was accepted, try again", 503) from None
         return jsonify(report_id=published.report_id, trace_id=published.trace_id, message_id=published.message_id), 202
 
+    def claim_submission(report_id: str, caller: Caller) -> bool:
+        """The report id is this caller's before anything is published: another key cannot take it over by
+        sending the same id, and the caller's read scope sees it. False: the caller had claimed it before."""
+        with Session(engine) as session:
+            session.add(Submission(report_id=report_id, api_key=caller.name))
+            try:
+                session.commit()
+                return True
+            except IntegrityError:
+                session.rollback()
+                earlier = session.get(Submission, report_id)
+                if earlier is None or earlier.api_key != caller.name:
+                    raise Refused(f"report id {report_id!r} is taken", 409) from None
+                return False
+
+    def forget_submission(report_id: str) -> None:
+        with Session(engine) as session, session.begin():
+            session.query(Submission).filter_by(report_id=report_id).delete()
+
     @app.get("/reports/<report_id>")
     def report_status(report_id: str):
-        require_api_token()
+        caller = authorized("read")
         with Session(engine) as session:
-            report = session.get(Report, report_id)
-            if report is None:
-                raise Refused(f"no report {report_id!r}", 404)
+            report = readable(session, caller, report_id)
             view = report_view(report)
             for document in view["documents"]:
                 # From the configured public URL, never from the request's Host header.
@@ -163,10 +193,10 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
 
     @app.get("/reports/<report_id>/document")
     def report_document(report_id: str):
-        require_api_token()
+        caller = authorized("read")
         with Session(engine) as session:
-            report = session.get(Report, report_id)
-            document = (report.document("final") or report.document("draft")) if report else None
+            report = readable(session, caller, report_id)
+            document = report.document("final") or report.document("draft")
             if document is None:
                 raise Refused(f"no document for report {report_id!r}", 404)
             return _pdf(storage.get(document.storage_key), f"{report_id}-{document.kind}.pdf")
@@ -284,10 +314,6 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
 
 def _pdf(content: bytes, name: str) -> Response:
     return send_file(io.BytesIO(content), mimetype="application/pdf", download_name=name)
-
-
-def _same(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 def _not_ready(settings: Settings):

@@ -215,3 +215,26 @@ class OutboxMessage(Base):
     source: Mapped[str] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class ApiKey(Base):
+    """A gateway client's key: kept as its SHA-256 only (a key is 256 random bits, so a plain hash is the
+    right tool), with what it may do (scopes) and whether it still works."""
+
+    __tablename__ = "api_keys"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Submission(Base):
+    """Which API key submitted a report through the gateway: a key with the read scope sees only these."""
+
+    __tablename__ = "submissions"
+
+    report_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    api_key: Mapped[str] = mapped_column(String(100), index=True)
+    submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -25,15 +25,15 @@ from reportflow.shared.storage import FolderStorage
 from reportflow.shared.topology import Topology, declare
 from tests.helpers import (
     ROOT,
-    TEST_AMQP_URL,
     TWO_STAGES,
     free_port,
     handle,
     open_first_stage,
+    register_key,
     sample_request,
     wait_until,
 )
-from tests.pipeline import Pipeline
+from tests.pipeline import Pipeline, pipeline_environment
 
 SECRET, TOKEN = "test-secret-key-for-approval-links-0123456789", "test-api-token-0123456789abcdefghijklmnop"
 pytestmark = pytest.mark.e2e
@@ -41,22 +41,21 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def gateway(tmp_path, exchange, broker, postgres_url, otlp):
+    register_key(postgres_url, TOKEN, "operator", ["submit", "read-all"])
     port = free_port()
     pipeline = Pipeline(
         tmp_path,
-        {
-            "REPORTFLOW_AMQP_URL": TEST_AMQP_URL,
-            "REPORTFLOW_EXCHANGE": exchange,
-            "REPORTFLOW_DATABASE_URL": postgres_url,
-            "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
-            "REPORTFLOW_ENV": "test",
-            "REPORTFLOW_SECRET_KEY": SECRET,
-            "REPORTFLOW_API_TOKEN": TOKEN,
-            "REPORTFLOW_GATEWAY_PORT": str(port),
-            "REPORTFLOW_GATEWAY_URL": f"http://127.0.0.1:{port}",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        },
+        pipeline_environment(
+            tmp_path,
+            exchange,
+            postgres_url,
+            REPORTFLOW_ENV="test",
+            REPORTFLOW_SECRET_KEY=SECRET,
+            REPORTFLOW_GATEWAY_PORT=str(port),
+            REPORTFLOW_GATEWAY_URL=f"http://127.0.0.1:{port}",
+            OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,
+            OTEL_BSP_SCHEDULE_DELAY="100",
+        ),
         names=("gateway",),
     )
     pipeline.start()
@@ -136,10 +135,10 @@ def test_an_unavailable_broker_is_a_503_and_nothing_is_accepted(tmp_path, postgr
         amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F",
         database_url=postgres_url,
         secret_key=SECRET,
-        api_token=TOKEN,
         environment="test",
         storage_dir=tmp_path,
     )
+    register_key(postgres_url, TOKEN, "operator", ["submit", "read-all"])
     client = create_app(settings).test_client()
     response = client.post("/reports", json=sample_request(), headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 503 and "unavailable" in response.json["error"]
@@ -271,23 +270,22 @@ def test_an_approver_decides_from_the_email_in_a_browser_and_the_report_is_final
 ):
     from playwright.sync_api import sync_playwright
 
+    register_key(postgres_url, TOKEN, "operator", ["submit", "read-all"])
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     pipeline = Pipeline(
         tmp_path,
-        {
-            "REPORTFLOW_AMQP_URL": TEST_AMQP_URL,
-            "REPORTFLOW_EXCHANGE": exchange,
-            "REPORTFLOW_DATABASE_URL": postgres_url,
-            "REPORTFLOW_STORAGE_DIR": str(tmp_path / "storage"),
-            "REPORTFLOW_ENV": "test",
-            "REPORTFLOW_SMTP_URL": smtp.url,
-            "REPORTFLOW_SECRET_KEY": SECRET,
-            "REPORTFLOW_API_TOKEN": TOKEN,
-            "REPORTFLOW_GATEWAY_PORT": str(port),
-            "REPORTFLOW_GATEWAY_URL": base,
-            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
-        },
+        pipeline_environment(
+            tmp_path,
+            exchange,
+            postgres_url,
+            REPORTFLOW_ENV="test",
+            REPORTFLOW_SMTP_URL=smtp.url,
+            REPORTFLOW_SECRET_KEY=SECRET,
+            REPORTFLOW_GATEWAY_PORT=str(port),
+            REPORTFLOW_GATEWAY_URL=base,
+            OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,
+        ),
         names=(*STAGE_NAMES, "gateway"),
     )
     try:
