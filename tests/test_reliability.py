@@ -25,6 +25,7 @@ from reportflow.shared.topology import Topology
 from tests.helpers import (
     TEST_AMQP_URL,
     TEST_RETRY_TIERS,
+    TEST_VHOST,
     count,
     dead_letters,
     raw_publish,
@@ -348,7 +349,7 @@ def test_quorum_work_queues_carry_a_delivery_limit_and_serve(settings_for, sqlit
             client.request_report(sample_request(report_id="r-quorum"))
         tap.wait_for("report.created")
     listing = subprocess.run(
-        ["rabbitmqctl", "list_queues", "-p", "reportflow-test", "name", "type", "arguments", "--no-table-headers"],
+        ["rabbitmqctl", "list_queues", "-p", TEST_VHOST, "name", "type", "arguments", "--no-table-headers"],
         capture_output=True,
         text=True,
         timeout=60,
