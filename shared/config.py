@@ -38,6 +38,7 @@ class TracingSettings:
     batch_schedule_delay_ms: int = 100
     local_dir: str = ""  # with no collector, spans go here as OTLP JSON lines
     record_emails: bool = False  # email addresses are PII: off unless asked for
+    runtime_sql: bool = False  # spans for the runtime's inbox and outbox statements (the handlers' are kept)
     late_messages: str = "continue"  # "continue" the report's trace, or "link": a new trace linking back
     stats_interval_seconds: int = 60
 
@@ -225,6 +226,7 @@ ENVIRONMENT_VARIABLES = {
     "tracing.local_dir": ["REPORTFLOW_TRACE_DIR"],
     "tracing.record_emails": ["REPORTFLOW_TRACING_RECORD_EMAILS"],
     "tracing.late_messages": ["REPORTFLOW_TRACING_LATE_MESSAGES"],
+    "tracing.runtime_sql": ["REPORTFLOW_TRACING_RUNTIME_SQL"],
     "tracing.stats_interval_seconds": ["REPORTFLOW_TRACING_STATS_SECONDS"],
     "trust.publishers": ["REPORTFLOW_TRUSTED_PUBLISHERS"],
 }

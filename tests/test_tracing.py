@@ -141,6 +141,27 @@ def test_an_unsampled_upstream_yields_no_spans_downstream(stage_process, sqlite_
     assert not [s for s in otlp.spans if s["trace_id"] == UPSTREAM_TRACE]
 
 
+@pytest.mark.parametrize("runtime_sql", [False, True], ids=["default", "runtime_sql"])
+def test_the_runtimes_own_sql_is_traced_only_when_asked(stage_process, postgres_url, exchange, otlp, tap, runtime_sql):
+    """The handler's statements are the operator's business and always traced; the inbox and outbox are
+    reportflow's plumbing, traced with tracing.runtime_sql. Validation is no span of its own."""
+    pipeline = stage_process("creation", postgres_url, REPORTFLOW_TRACING_RUNTIME_SQL=str(runtime_sql).lower())
+    publish_request(exchange, "r-sql", {"traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"})
+    tap.wait_for("report.created")
+    process_span(otlp, "r-sql")
+    assert pipeline.stop() == {"creation": 0}  # flushes
+    ours = [s for s in otlp.spans if s["trace_id"] == UPSTREAM_TRACE]
+    statements = [
+        str(s["attributes"].get("db.statement") or s["attributes"].get("db.query.text") or "")
+        for s in ours
+        if s["attributes"].get("db.system") or s["attributes"].get("db.system.name")
+    ]
+    assert any("INSERT INTO reports" in q for q in statements), statements  # the handler's own
+    bookkeeping = [q for q in statements if "inbox" in q or "outbox" in q]
+    assert bool(bookkeeping) == runtime_sql, statements
+    assert not [s for s in ours if s["name"] == "validate"]
+
+
 def test_tracing_disabled_exports_nothing_and_installs_no_exporter(stage_process, sqlite_url, exchange, otlp, tap):
     pipeline = stage_process("creation", sqlite_url, TRACING_ENABLED="false")
     publish_request(exchange, "r-off", {"traceparent": f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"})

@@ -65,8 +65,7 @@ class Processor:
                 span.set_attribute("reportflow.publisher", publisher)
             try:
                 if isinstance(message, Event):
-                    with self._telemetry.child("validate", {"event.type": event_type}):
-                        message = validate(message)
+                    message = validate(message)  # an invalid one says why on this span (handle)
                 return self.handle(message)
             except Exception as exc:
                 return self._failed(delivery, message, span, exc)
@@ -92,7 +91,9 @@ class Processor:
             message = replace(message, trace_context=carrier)
 
         with UnitOfWork(self._session_factory, self.stage.name) as uow:
-            if not uow.claim(message.message_id, message.type):
+            with self._telemetry.runtime_sql():
+                claimed = uow.claim(message.message_id, message.type)
+            if not claimed:
                 span.set_attribute("reportflow.duplicate", True)
                 log.info(
                     "%s: %s %s was processed before; acknowledged without effect",
@@ -102,16 +103,18 @@ class Processor:
                 )
                 return Outcome(context.get_current(), verdict="duplicate")
             handler(message, uow, **self._handler_kwargs[handler])
+            uow.flush()  # the handler's own writes, traced as its SQL; the bookkeeping below is the runtime's
             if uow.refusal:
                 span.set_attribute("reportflow.refused", uow.refusal)
                 span.add_event("refused", {"reason": uow.refusal})
                 log.warning("%s: refused %s %s: %s", self.stage.name, message.type, message.message_id, uow.refusal)
+            with self._telemetry.runtime_sql():
+                committed = uow.commit(carrier)
             return Outcome(
                 context.get_current(),
                 verdict="refused" if uow.refusal else "handled",
                 publish=[
-                    OutgoingMessage(outbox_id, e.message_id, e.type, e.payload, carrier)
-                    for outbox_id, e in uow.commit(carrier)
+                    OutgoingMessage(outbox_id, e.message_id, e.type, e.payload, carrier) for outbox_id, e in committed
                 ],
             )
 

@@ -67,12 +67,10 @@ class Telemetry:
         ):
             yield span
 
-    def child(self, name: str, attributes: dict):
-        """A span under the current one, or nothing when that one is not sampled: an unsampled span still
-        costs the SDK's bookkeeping, and nobody will see it."""
-        if trace.get_current_span().is_recording():
-            return self.tracer.start_as_current_span(name, attributes=attributes)
-        return nullcontext()
+    def runtime_sql(self):
+        """Around the runtime's own bookkeeping (inbox claim, outbox rows, commit): reportflow's plumbing,
+        not the operator's business, so its SQL is traced only with tracing.runtime_sql."""
+        return nullcontext() if self.settings.runtime_sql else suppress_instrumentation()
 
     @staticmethod
     def failed(span, exc: Exception, reason: str) -> None:
