@@ -6,6 +6,9 @@ import contextlib
 import hashlib
 import io
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -169,6 +172,15 @@ _child_renderer: DocumentRenderer | None = None
 def _start_child_renderer(assets: str) -> None:
     global _child_renderer
     _child_renderer = DocumentRenderer(Path(assets))
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A generation process killed outright (kill -9, the OOM killer) cannot stop its render process: the
+    render process stops itself once it is orphaned, instead of living on with its memory."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
 
 
 def _render_in_child(html: str) -> RenderedDocument:

@@ -85,3 +85,40 @@ def test_the_fetcher_serves_the_projects_own_stylesheet():
     response = fetcher.fetch((ASSETS / "report.css").as_uri())
     assert b"@page" in response.read()
     response.close()
+
+
+KILLED_MID_LIFE = """
+import os, signal, sys
+from reportflow.shared.documents import IsolatedRenderer
+renderer = IsolatedRenderer(60)
+renderer.pdf("<p>one page</p>")
+print(" ".join(str(p.pid) for p in renderer._pool._processes.values()), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_render_process_stops_when_its_generation_process_is_killed_outright():
+    """kill -9 (or the OOM killer) gives a generation process no chance to stop its render process: the
+    render process must notice it is orphaned and stop, not live on with its memory."""
+    import subprocess
+    import sys
+    import time
+
+    # Not run() with its output captured: an orphaned child keeps the pipe open, so read one line and wait.
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_MID_LIFE], stdout=subprocess.PIPE, text=True)
+    children = [int(pid) for pid in killed.stdout.readline().split()]
+    killed.wait(timeout=60)
+    killed.stdout.close()
+    assert children
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if alive(pid)], "render processes outlived their generation process"
