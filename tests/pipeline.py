@@ -115,9 +115,14 @@ class AutoApprover(threading.Thread):
     `all` stage, the first of an `any` stage. Its decision ids derive from the request's, so asking
     twice never decides twice; it reconnects when the broker goes away."""
 
-    def __init__(self, exchange: str, reject: set[str] = frozenset(), amqp_url: str = TEST_AMQP_URL):
+    def __init__(
+        self, exchange: str, reject: set[str] = frozenset(), amqp_url: str = TEST_AMQP_URL, queue_type: str = "classic"
+    ):
         super().__init__(daemon=True)
         self.amqp_url = amqp_url
+        # On a cluster its queue is replicated like reportflow's: a classic queue on a node that stops
+        # loses what is routed to it meanwhile, and the approval it would have asked for never comes.
+        self.queue_arguments = {"x-queue-type": queue_type}
         self.exchange = exchange
         self.queue = f"{exchange}.auto-approver"
         self.reject = reject
@@ -137,7 +142,7 @@ class AutoApprover(threading.Thread):
             channel = connection.channel()
             channel.confirm_delivery()
             channel.exchange_declare(self.exchange, exchange_type="topic", durable=True)
-            channel.queue_declare(self.queue, durable=True)
+            channel.queue_declare(self.queue, durable=True, arguments=self.queue_arguments)
             channel.queue_bind(self.queue, self.exchange, routing_key="approval.requested")
             channel.basic_consume(self.queue, self._on_request)
             while not self._stopping.is_set():

@@ -95,7 +95,7 @@ def test_fifty_reports_survive_nodes_stopping_under_them(
         names=names,
         per_process={name: {"REPORTFLOW_METRICS_PORT": str(port)} for name, port in metrics.items()},
     )
-    approver = AutoApprover(exchange, amqp_url=cluster)
+    approver = AutoApprover(exchange, amqp_url=cluster, queue_type="quorum")
     report_ids = [f"cl-{n:02d}" for n in range(50)]
     try:
         pipeline.start()
