@@ -140,7 +140,7 @@ class IsolatedRenderer(DocumentRenderer):
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_child_renderer,
-            initargs=(str(self._assets),),
+            initargs=(str(self._assets), os.getpid()),
         )
         pool.submit(int).result()  # start the child and load WeasyPrint now, not on the first report
         return pool
@@ -169,10 +169,12 @@ class IsolatedRenderer(DocumentRenderer):
 _child_renderer: DocumentRenderer | None = None
 
 
-def _start_child_renderer(assets: str) -> None:
+def _start_child_renderer(assets: str, parent: int) -> None:
     global _child_renderer
+    # The parent's pid comes from the parent: one killed while this child was still starting is gone
+    # already, and asking os.getppid() here would name init.
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
     _child_renderer = DocumentRenderer(Path(assets))
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
 
 
 def _exit_with_parent(parent: int) -> None:
