@@ -55,15 +55,13 @@ def topology_declare() -> None:
 def topology_users(prefix: str, apply_: bool, node: str | None) -> None:
     """Least-privilege broker users: one per stage, one per kind of upstream. New users' passwords are
     printed once; existing users keep theirs and get their permissions set again."""
-    from urllib.parse import unquote, urlsplit
-
-    from reportflow.shared.broker import broker_urls
+    from reportflow.shared.broker import broker_vhost
     from reportflow.shared.broker_users import apply_with_rabbitmqctl, least_privilege_users
     from reportflow.shared.topology import Topology
 
     settings = Settings.load()
     topo = Topology.of(settings)
-    vhost = unquote(urlsplit(broker_urls(settings.amqp_url)[0]).path.lstrip("/")) or "/"
+    vhost = broker_vhost(settings.amqp_url)
     users = least_privilege_users(topo, list(STAGE_NAMES), prefix)
     if not apply_:
         for user in users:
@@ -220,9 +218,7 @@ def _every_stage_consumed(settings: Settings, topo) -> bool:
 
 def _nodes_and_leaders(settings: Settings) -> dict[str, str | None]:
     """Print the cluster's nodes; return which node leads each queue. Needs the management API."""
-    from urllib.parse import unquote, urlsplit
-
-    from reportflow.shared.broker import broker_urls
+    from reportflow.shared.broker import broker_vhost
     from reportflow.shared.broker_api import BrokerApi
 
     if not settings.broker_api_url:
@@ -231,7 +227,7 @@ def _nodes_and_leaders(settings: Settings) -> dict[str, str | None]:
     api = BrokerApi(settings.broker_api_url)
     try:
         nodes = api.nodes()
-        leaders = api.queue_leaders(unquote(urlsplit(broker_urls(settings.amqp_url)[0]).path.lstrip("/")) or "/")
+        leaders = api.queue_leaders(broker_vhost(settings.amqp_url))
     except OSError as exc:
         click.echo(f"broker nodes: the management API did not answer ({exc})")
         return {}

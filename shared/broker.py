@@ -22,6 +22,11 @@ def broker_user(setting: str) -> str:
     return pika.URLParameters(broker_urls(setting)[0]).credentials.username
 
 
+def broker_vhost(setting: str) -> str:
+    """The virtual host these nodes are reached on, as pika reads it from the URL."""
+    return pika.URLParameters(broker_urls(setting)[0]).virtual_host
+
+
 def connection_parameters(
     setting: str, *, heartbeat: int | None = None, name: str | None = None
 ) -> list[pika.URLParameters]:

@@ -25,6 +25,7 @@ from reportflow.consumers.stage import Stage
 from reportflow.shared.config import TracingSettings
 from reportflow.shared.db import make_engine
 from reportflow.shared.events import Event, InvalidMessage
+from reportflow.shared.models import Refusal, Report
 from reportflow.shared.trace_context import context_from
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,6 +194,22 @@ def dead_letters(broker, exchange: str) -> list[tuple[dict, bytes]]:
         if method is None:
             return found
         found.append((properties.headers, body))
+
+
+def report_status(database_url: str, report_id: str) -> str | None:
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session:
+            report = session.get(Report, report_id)
+            return report.status if report else None
+    finally:
+        engine.dispose()
+
+
+def refusals(units) -> list[str]:
+    """The reasons of every refusal recorded, in the database these units of work use."""
+    with units() as unit:
+        return [r.reason for r in unit.session.scalars(select(Refusal))]
 
 
 def register_key(database_url: str, key: str, name: str, scopes: list[str]) -> None:

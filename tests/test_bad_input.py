@@ -19,7 +19,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pypdf import PdfReader
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from reportflow.consumers.bootstrap import build_consumer
@@ -33,6 +32,7 @@ from tests.helpers import (
     generated_report,
     open_first_stage,
     raw_publish,
+    report_status,
     running,
     sample_request,
     settled,
@@ -242,7 +242,9 @@ def test_hostile_report_data_stays_inert_from_request_to_email(tmp_path, postgre
         with ReportflowClient(TEST_AMQP_URL, exchange, validate=False) as client:
             client.request_report(hostile)
             client.request_report(injected)
-        wait_until(lambda: _status(postgres_url, "hostile-1") == "finalized", 120, what="the hostile report finalized")
+        wait_until(
+            lambda: report_status(postgres_url, "hostile-1") == "finalized", 120, what="the hostile report finalized"
+        )
         # The approver's request, the invalid notice to hostile-2's submitter, the approved PDF to submitter and client.
         wait_until(lambda: len(smtp.messages) >= 3, 60, what="the emails")
     finally:
@@ -260,21 +262,12 @@ def test_hostile_report_data_stays_inert_from_request_to_email(tmp_path, postgre
         "{{ config }}",
     ):
         assert literal in text, literal  # printed as written, not run
-    assert "49" not in text.split("{{ 7*7 }}")[0][-3:] and "looploop" not in text
+    assert "looploop" not in text  # the loop in the data did not run
     for sent in smtp.messages:
         message = sent["message"]
         assert message["Bcc"] is None and "evil@example.com" not in sent["envelope_to"]
         assert "\n" not in str(message["Subject"]) and "\r" not in str(message["Subject"])
-    assert _status(postgres_url, "hostile-2") is None  # refused at creation, the submitter told why
-
-
-def _status(database_url: str, report_id: str) -> str | None:
-    engine = make_engine(database_url)
-    try:
-        with Session(engine) as session:
-            return session.scalar(select(Report.status).where(Report.id == report_id))
-    finally:
-        engine.dispose()
+    assert report_status(postgres_url, "hostile-2") is None  # refused at creation, the submitter told why
 
 
 def _document(database_url: str, tmp_path, report_id: str, kind: str) -> bytes:

@@ -13,12 +13,9 @@ import pytest
 from opentelemetry import context, propagate, trace
 from opentelemetry.instrumentation.pika import PikaInstrumentor
 from pypdf import PdfReader
-from sqlalchemy.orm import Session
 
 from reportflow.producers import ReportflowClient
-from reportflow.shared.db import make_engine
-from reportflow.shared.models import Report
-from tests.helpers import TEST_AMQP_URL, sample_request, wait_until
+from tests.helpers import TEST_AMQP_URL, report_status, sample_request, wait_until
 from tests.pipeline import STAGES, Pipeline, pipeline_environment
 
 pytestmark = pytest.mark.e2e
@@ -61,16 +58,6 @@ def requested_for(tap, report_id: str, stage: str):
         )
 
     return wait_until(found, 60, what=f"approval.requested for {report_id} {stage}")
-
-
-def report_status(database_url: str, report_id: str) -> str | None:
-    engine = make_engine(database_url)
-    try:
-        with Session(engine) as session:
-            report = session.get(Report, report_id)
-            return report.status if report else None
-    finally:
-        engine.dispose()
 
 
 def pika_upstream_publish(exchange: str, request: dict, tracer_provider) -> None:

@@ -14,7 +14,7 @@ from reportflow.consumers import approval, creation, generation, notification
 from reportflow.shared.documents import DocumentRenderer
 from reportflow.shared.events import Event, InvalidMessage
 from reportflow.shared.mail import FolderMailer, Postman
-from reportflow.shared.models import Decision, Notification, Refusal
+from reportflow.shared.models import Decision, Notification
 from reportflow.shared.storage import FolderStorage
 from tests.helpers import (
     TWO_STAGES,
@@ -22,6 +22,7 @@ from tests.helpers import (
     generated_report,
     handle,
     open_first_stage,
+    refusals,
     request_event,
     sample_request,
 )
@@ -31,11 +32,6 @@ from tests.helpers import (
 def created(uow) -> str:
     """A report stored by creation, its draft generated, with the two stages above."""
     return generated_report(uow, "r-1", approval_stages=TWO_STAGES)
-
-
-def refusals(uow) -> list[str]:
-    with uow() as unit:
-        return [r.reason for r in unit.session.scalars(select(Refusal))]
 
 
 # -- creation ----------------------------------------------------------------------------

@@ -30,8 +30,7 @@ ONLY_IN_EXTRAS = (
 PUBLISH_WITH_THE_CLIENT = """
 import importlib.util, json, sys
 from reportflow.producers import ReportflowClient
-absent = [name for name in sys.argv[3].split(",") if importlib.util.find_spec(name.split(".")[0]) is None
-          or (name == "opentelemetry.sdk" and importlib.util.find_spec(name) is None)]
+absent = [name for name in sys.argv[3].split(",") if importlib.util.find_spec(name) is None]
 with ReportflowClient(amqp_url=sys.argv[1], exchange=sys.argv[2]) as client:
     published = client.request_report(json.load(sys.stdin))
 print(json.dumps({"report_id": published.report_id, "absent": absent}))

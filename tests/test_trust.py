@@ -15,9 +15,18 @@ import pytest
 from reportflow.consumers.bootstrap import build_consumer
 from reportflow.producers import ReportflowClient
 from reportflow.shared.config import TrustSettings
-from reportflow.shared.models import Decision, Refusal
+from reportflow.shared.models import Decision
 from reportflow.shared.topology import Topology, declare
-from tests.helpers import TEST_AMQP_URL, TEST_VHOST, count, generated_report, open_first_stage, running, settled
+from tests.helpers import (
+    TEST_AMQP_URL,
+    TEST_VHOST,
+    count,
+    generated_report,
+    open_first_stage,
+    refusals,
+    running,
+    settled,
+)
 
 CLI = Path(sys.executable).parent / "reportflow"
 
@@ -105,58 +114,11 @@ def test_approval_as_its_own_user_applies_only_decisions_from_trusted_publishers
             anyone.decide("trusted-1", "review", "bob@example.com", approve=False, comment="not mine to say")
         settled(consumer, 1)
         assert count(sqlite_url, Decision) == 0
-        (refusal,) = _refusals(sqlite_url)
-        assert "not trusted to publish approval.decided" in refusal.reason and "guest" in refusal.reason
+        (refusal,) = refusals(units)
+        assert "not trusted to publish approval.decided" in refusal and "guest" in refusal
 
         with ReportflowClient(users["approvals"], exchange) as approvals:
             approvals.decide("trusted-1", "review", "bob@example.com", approve=True)
         settled(consumer, 2)
         assert count(sqlite_url, Decision) == 1
-        assert len(_refusals(sqlite_url)) == 1
-
-
-def _refusals(database_url: str) -> list[Refusal]:
-    from sqlalchemy import select
-    from sqlalchemy.orm import Session
-
-    from reportflow.shared.db import make_engine
-
-    engine = make_engine(database_url)
-    try:
-        with Session(engine) as session:
-            return list(session.scalars(select(Refusal)))
-    finally:
-        engine.dispose()
-
-
-def test_a_retry_keeps_its_publisher_and_a_header_from_outside_is_not_believed():
-    from reportflow.consumers.runtime.messages import Delivery
-    from reportflow.consumers.runtime.trust import keep_publisher, publisher_of
-    from reportflow.shared import failures
-
-    forged = pika.BasicProperties(user_id="guest", headers={failures.PUBLISHER: "approvals"})
-    from_exchange = Delivery(None, 1, "reportflow", "approval.decided", forged, b"{}", False)
-    assert publisher_of(from_exchange) == "guest"  # the broker's word, not the header's
-    retried_headers = keep_publisher(dict(forged.headers), from_exchange)
-    assert retried_headers[failures.PUBLISHER] == "guest"
-    coming_back = Delivery(
-        None, 2, "", "rft.approval", pika.BasicProperties(headers=retried_headers), b"{}", False
-    )  # through the default exchange, from the retry queue
-    assert publisher_of(coming_back) == "guest"
-    assert keep_publisher({}, coming_back)[failures.PUBLISHER] == "guest"
-
-
-def test_trusted_publishers_are_read_from_the_environment_and_the_yaml_files(tmp_path):
-    from reportflow.shared.config import Settings
-
-    (tmp_path / "app.yaml").write_text("trust:\n  publishers: approval.decided=approvals\n")
-    from_file = Settings.load({"REPORTFLOW_CONFIG_DIR": str(tmp_path)})
-    assert from_file.trust.trusted_publishers() == {"approval.decided": frozenset({"approvals"})}
-    from_env = Settings.load(
-        {"REPORTFLOW_CONFIG_DIR": str(tmp_path), "REPORTFLOW_TRUSTED_PUBLISHERS": "report.requested=a, b;"}
-    )
-    assert from_env.trust.trusted_publishers() == {"report.requested": frozenset({"a", "b"})}
-    assert from_env.masked()["trust.publishers"] == "report.requested=a, b;"
-    for wrong in ("report.finalized=x", "approval.decided=", "approval.decided"):
-        with pytest.raises(ValueError, match="trust.publishers"):
-            TrustSettings(publishers=wrong).trusted_publishers()
+        assert len(refusals(units)) == 1
