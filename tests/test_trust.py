@@ -122,3 +122,36 @@ def test_approval_as_its_own_user_applies_only_decisions_from_trusted_publishers
         settled(consumer, 2)
         assert count(sqlite_url, Decision) == 1
         assert len(refusals(units)) == 1
+
+
+def test_a_retry_keeps_its_publisher_and_a_header_from_outside_is_not_believed():
+    from reportflow.consumers.runtime.messages import Delivery
+    from reportflow.consumers.runtime.trust import keep_publisher, publisher_of
+    from reportflow.shared import failures
+
+    forged = pika.BasicProperties(user_id="guest", headers={failures.PUBLISHER: "approvals"})
+    from_exchange = Delivery(None, 1, "reportflow", "approval.decided", forged, b"{}", False)
+    assert publisher_of(from_exchange) == "guest"  # the broker's word, not the header's
+    retried_headers = keep_publisher(dict(forged.headers), from_exchange)
+    assert retried_headers[failures.PUBLISHER] == "guest"
+    coming_back = Delivery(
+        None, 2, "", "rft.approval", pika.BasicProperties(headers=retried_headers), b"{}", False
+    )  # through the default exchange, from the retry queue
+    assert publisher_of(coming_back) == "guest"
+    assert keep_publisher({}, coming_back)[failures.PUBLISHER] == "guest"
+
+
+def test_trusted_publishers_are_read_from_the_environment_and_the_yaml_files(tmp_path):
+    from reportflow.shared.config import Settings
+
+    (tmp_path / "app.yaml").write_text("trust:\n  publishers: approval.decided=approvals\n")
+    from_file = Settings.load({"REPORTFLOW_CONFIG_DIR": str(tmp_path)})
+    assert from_file.trust.trusted_publishers() == {"approval.decided": frozenset({"approvals"})}
+    from_env = Settings.load(
+        {"REPORTFLOW_CONFIG_DIR": str(tmp_path), "REPORTFLOW_TRUSTED_PUBLISHERS": "report.requested=a, b;"}
+    )
+    assert from_env.trust.trusted_publishers() == {"report.requested": frozenset({"a", "b"})}
+    assert from_env.masked()["trust.publishers"] == "report.requested=a, b;"
+    for wrong in ("report.finalized=x", "approval.decided=", "approval.decided"):
+        with pytest.raises(ValueError, match="trust.publishers"):
+            TrustSettings(publishers=wrong).trusted_publishers()
