@@ -15,6 +15,7 @@ from reportflow.shared.db import make_engine
 from reportflow.shared.documents import IsolatedRenderer
 from reportflow.shared.health import serve_health
 from reportflow.shared.mail import Postman, mailer_from_settings
+from reportflow.shared.models import utcnow
 from reportflow.shared.status import StatusFile
 from reportflow.shared.topology import TopologyMismatch
 from reportflow.shared.tracing import log_span_stats_periodically, setup_logging, setup_tracing
@@ -26,6 +27,7 @@ def dependencies(stage, settings: Settings) -> dict:
     """Only what the stage's handlers ask for is built: the renderer loads fonts, the mailer reads SMTP settings."""
     factories = {
         "storage": settings.document_storage,
+        "clock": lambda: utcnow,  # what now is, for handlers that set timers; tests give their own
         "renderer": lambda: IsolatedRenderer(settings.render_time_limit_seconds),
         "postman": lambda: Postman(
             mailer_from_settings(settings.smtp_url, settings.storage_dir), settings.mail_from, _approval_links(settings)

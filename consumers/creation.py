@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from reportflow.consumers.descriptions import describe
 from reportflow.consumers.stage import Stage
+from reportflow.shared.approval_policy import new_stages, stage_violations
 from reportflow.shared.documents import TEMPLATES
 from reportflow.shared.events import Event, InvalidMessage, new_report_id
 from reportflow.shared.mail import InvalidAddress, check_address, one_line
-from reportflow.shared.models import ApprovalStage, Report
+from reportflow.shared.models import Report
 
 
 def on_report_requested(event: Event, uow) -> None:
@@ -31,16 +32,9 @@ def on_report_requested(event: Event, uow) -> None:
         data=request["data"],
         trace_context=dict(event.trace_context),
         request_message_id=event.message_id,
+        revision=1,
     )
-    for position, stage in enumerate(request["approval_stages"], start=1):
-        report.stages.append(
-            ApprovalStage(
-                position=position,
-                name=stage["name"],
-                rule=stage.get("rule", "all"),
-                approvers=[a.lower() for a in stage["approvers"]],
-            )
-        )
+    report.all_stages.extend(new_stages(request["approval_stages"], revision=1))
     uow.add(report)
     uow.emit(
         "report.created",
@@ -62,14 +56,11 @@ def on_unreadable_request(message: InvalidMessage, uow) -> None:
 
 
 def _business_rule_violations(request: dict) -> list[str]:
-    """What the schema cannot say: a known template, distinct stage names."""
+    """What the schema cannot say: a known template, and the stages' own rules (approval_policy)."""
     reasons = []
     if request["template"] not in TEMPLATES:
         reasons.append(f"template: unknown template {request['template']!r}; known: {', '.join(sorted(TEMPLATES))}")
-    names = [s["name"] for s in request["approval_stages"]]
-    if len(set(names)) != len(names):
-        reasons.append("approval_stages: stage names must be distinct")
-    return reasons
+    return reasons + stage_violations(request["approval_stages"])
 
 
 def _emit_invalid(uow, report_id, request: dict, reasons: list[str], message_id: str) -> None:

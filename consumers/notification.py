@@ -1,6 +1,8 @@
-"""notification: emails the approvers of an opened stage (approval.requested), the submitter of an
-invalid or rejected report (report.invalid, report.rejected), the submitter and client of a
-finalized report with its PDF (report.finalized), and an approver whose decision was refused
+"""notification: emails the approvers asked to decide a stage (approval.requested: it opened, or they
+replace others by escalation or delegation), reminds those who have not decided (approval.reminded) and
+tells them when a report is withdrawn (approval.withdrawn); emails the submitter of an invalid or
+rejected report (report.invalid, report.rejected, a deadline's rejection), the submitter and client of a
+finalized report with its PDF (report.finalized), and whoever asked for something that was refused
 (approval.refused); records every email.
 
 Email cannot join a transaction, so each one is recorded (pending) and committed before it is
@@ -10,6 +12,7 @@ and the mark sends that one email once more, with the same Message-ID; nothing e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from reportflow.consumers.descriptions import describe
 from reportflow.consumers.stage import Stage
@@ -26,27 +29,109 @@ from reportflow.shared.mail import (
 from reportflow.shared.models import Notification, utcnow
 from reportflow.shared.storage import Storage
 
+_WHY_ASKED = {
+    "opened": "is waiting for your decision",
+    "escalated": "was escalated to you (its deadline passed before every approver decided); it is waiting for your "
+    "decision",
+    "delegated": "was delegated to you. It is waiting for your decision",
+}
 
-def on_approval_requested(event: Event, uow, postman: Postman, storage: Storage) -> None:
+
+def on_approval_requested(event: Event, uow, postman: Postman, storage: Storage, clock) -> None:
     requested = event.payload
     stage = requested["stage"]
     title, stage_name = one_line(requested["title"]), one_line(stage["name"])
     subject = f"Approval needed: {title} (stage {stage['position']} of {stage['of']}: {stage_name})"
     rule = "every approver must approve" if stage["rule"] == "all" else "one approval is enough"
+    why = _WHY_ASKED[requested.get("reason", "opened")]
     for approver in requested["approvers"]:
-        how = (
-            f"Decide here (this link is yours, and works once):\n  "
-            f"{postman.links.url(requested['report_id'], stage['name'], approver)}\n"
-            if postman.links
-            else f'Decide with:\n  reportflow publish decision {requested["report_id"]} --stage "{stage_name}" '
-            f'--approver {approver} --approve|--reject --comment "..."\n'
-        )
         text = (
-            f'Hello,\n\nThe report "{title}" ({requested["report_id"]}) is waiting for your '
-            f'decision at stage "{stage_name}" ({rule}).\n\n{how}\nThe draft is attached.\n'
+            f'Hello,\n\nThe report "{title}" ({requested["report_id"]}){_revision(requested)} {why} at stage '
+            f'"{stage_name}" ({rule}).{_deadline(requested, clock)}\n\n{_how_to_decide(postman, requested, approver)}'
+            "\nThe draft is attached.\n"
         )
         attachments = _pdf(storage, requested.get("document"), requested["report_id"])
         _send(uow, postman, event, [approver], subject, text, attachments, key=approver)
+
+
+def on_approval_reminded(event: Event, uow, postman: Postman, clock) -> None:
+    reminded = event.payload
+    stage = reminded["stage"]
+    title, stage_name = one_line(reminded["title"]), one_line(stage["name"])
+    subject = f"Reminder: approval needed: {title} (stage {stage_name})"
+    for approver in reminded["approvers"]:
+        text = (
+            f'Hello,\n\nA reminder: the report "{title}" ({reminded["report_id"]}){_revision(reminded)} is still '
+            f'waiting for your decision at stage "{stage_name}".{_deadline(reminded, clock)}\n\n'
+            f"{_how_to_decide(postman, reminded, approver)}"
+        )
+        _send(uow, postman, event, [approver], subject, text, key=approver)
+
+
+def on_approval_withdrawn(event: Event, uow, postman: Postman) -> None:
+    withdrawn = event.payload
+    title = one_line(withdrawn["title"])
+    reason = f"Their reason:\n{quoted(withdrawn['reason'])}\n" if withdrawn.get("reason") else ""
+    for approver in withdrawn["approvers"]:
+        text = (
+            f'Hello,\n\nThe report "{title}" ({withdrawn["report_id"]}) was withdrawn by its submitter. '
+            f"Your decision is no longer needed, and the links you were sent no longer work.\n{reason}"
+        )
+        _send(uow, postman, event, [approver], f"Approval no longer needed: {title}", text, key=approver)
+
+
+def on_deadline_passed(event: Event, uow, postman: Postman) -> None:
+    passed = event.payload
+    if passed["outcome"] != "rejected":
+        return  # escalated: the escalation approvers are asked (approval.requested); approved: more follows
+    report = uow.report(passed["report_id"])
+    title = one_line(passed["title"])
+    waiting = ", ".join(passed["undecided"]) or "nobody"
+    text = (
+        f'Hello,\n\nThe report "{title}" ({passed["report_id"]}) was rejected at stage '
+        f'"{one_line(passed["stage"])}": its deadline passed before every approver decided (still waiting for: '
+        f"{waiting}).\n\nYou may resubmit it as a new revision.\n"
+    )
+    _send(uow, postman, event, [report.submitter["email"]], f"Report rejected, deadline passed: {title}", text)
+
+
+def _how_to_decide(postman: Postman, asked: dict, approver: str) -> str:
+    stage_name = one_line(asked["stage"]["name"])
+    if postman.links:
+        return (
+            "Decide here, or delegate your decision to someone else (this link is yours, and works once):\n  "
+            f"{postman.links.url(asked['report_id'], asked['stage']['name'], approver)}\n"
+        )
+    return (
+        f'Decide with:\n  reportflow publish decision {asked["report_id"]} --stage "{stage_name}" '
+        f'--approver {approver} --approve|--reject --comment "..."\n'
+    )
+
+
+def _revision(asked: dict) -> str:
+    return f", revision {asked['revision']}," if asked.get("revision", 1) > 1 else ""
+
+
+def _deadline(asked: dict, clock) -> str:
+    """When the stage's deadline passes, and how long is left."""
+    if not asked.get("deadline_at"):
+        return ""
+    deadline = datetime.fromisoformat(asked["deadline_at"])
+    return f" Please decide by {deadline:%Y-%m-%d %H:%M:%S} UTC ({_left(deadline - clock())} left)."
+
+
+def _left(remaining) -> str:
+    seconds = max(0, int(remaining.total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = (
+        [(days, "day"), (hours, "hour"), (minutes, "minute")]
+        if days or hours
+        else [(minutes, "minute"), (seconds, "second")]
+    )
+    shown = [f"{n} {unit}{'s' if n != 1 else ''}" for n, unit in parts if n][:2]
+    return " ".join(shown) or "no time"
 
 
 def on_report_invalid(event: Event, uow, postman: Postman) -> None:
@@ -93,15 +178,20 @@ def on_approval_refused(event: Event, uow, postman: Postman) -> None:
         return  # no address to answer to; the refusal is recorded by approval
     report = uow.report(refused.get("report_id"))
     title = one_line(report.title if report else (refused.get("report_id") or "unknown report"))
-    text = (
-        f'Hello,\n\nYour decision ({one_line(refused.get("decision") or "unreadable")}) on "{title}", stage '
-        f'"{one_line(refused.get("stage") or "?")}", was not applied. The reason:\n{quoted(refused["reason"])}\n'
+    action = refused.get("action", "decide")
+    asked = (
+        f'Your decision ({one_line(refused.get("decision") or "unreadable")}) on "{title}", stage '
+        f'"{one_line(refused.get("stage") or "?")}", was not applied.'
+        if action == "decide"
+        else f'Your request to {action} "{title}" was not applied.'
     )
+    text = f"Hello,\n\n{asked} The reason:\n{quoted(refused['reason'])}\n"
     try:
         recipient = check_address(refused["approver"]["email"])
     except InvalidAddress:
         return
-    _send(uow, postman, event, [recipient], f"Decision not applied: {title}", text)
+    what = "Decision" if action == "decide" else "Request"
+    _send(uow, postman, event, [recipient], f"{what} not applied: {title}", text)
 
 
 def _pdf(storage: Storage, document: dict | None, report_id: str) -> list[tuple[str, bytes, str]]:
@@ -171,6 +261,9 @@ STAGE = Stage(
         "report.rejected": on_report_rejected,
         "report.finalized": on_report_finalized,
         "approval.refused": on_approval_refused,
+        "approval.reminded": on_approval_reminded,
+        "approval.withdrawn": on_approval_withdrawn,
+        "approval.deadline_passed": on_deadline_passed,
     },
     describe=describe,
 )

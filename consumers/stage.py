@@ -24,6 +24,9 @@ class Stage:
     on_invalid: dict[str, Callable] = field(default_factory=dict)
     # message -> {"approval.stage": ..., ...}: the business facts operators filter on, for its process span.
     describe: Callable[[object], dict] | None = None
+    # timer event type -> handler(event, uow, **dependencies), for what handlers set with uow.schedule(); these
+    # types are fired by the stage's timer poller and never bound to its queue.
+    timers: dict[str, Callable] = field(default_factory=dict)
     # (message, session) -> the stored trace context of what the message is about, when it may arrive
     # in another trace (a decision days later): the message is then processed in that trace.
     stored_trace: Callable[[object, object], dict | None] | None = None
@@ -34,7 +37,7 @@ class Stage:
 
     @property
     def all_handlers(self) -> list[Callable]:
-        return [*self.handlers.values(), *self.on_invalid.values()]
+        return [*self.handlers.values(), *self.on_invalid.values(), *self.timers.values()]
 
     @property
     def dependencies(self) -> set[str]:

@@ -13,7 +13,13 @@ from jsonschema import Draft202012Validator, FormatChecker, ValidationError, val
 SCHEMA_DIR = Path(__file__).resolve().parent
 SCHEMA_VERSION = "1"
 # What upstream systems publish; reportflow publishes every other event type (schemas/asyncapi.yaml).
-UPSTREAM_EVENT_TYPES = ("report.requested", "approval.decided")
+UPSTREAM_EVENT_TYPES = (
+    "report.requested",
+    "approval.decided",
+    "approval.delegated",
+    "report.withdrawn",
+    "report.resubmitted",
+)
 MAX_REASONS = 100  # a huge invalid message would otherwise make an invalid-report event as huge
 
 

@@ -81,6 +81,10 @@ class Settings:
     # Well under RabbitMQ's 30-minute consumer timeout, past which the broker closes the channel.
     render_time_limit_seconds: int = 300
     outbox_relay_seconds: int = 10
+    # Timers (reminders, deadlines): how often a stage looks for due ones, and how long one it took may run
+    # before another process of the stage takes it over (a process killed while firing it).
+    timer_poll_seconds: float = 1.0
+    timer_lease_seconds: int = 60
     # Seconds before each retry of a transient failure: one delay queue per tier, so a long one never holds
     # up a short one. Past the last, the message is dead-lettered.
     retry_delays: tuple[int, ...] = (1, 5, 30, 120)
@@ -200,6 +204,8 @@ ENVIRONMENT_VARIABLES = {
     "max_message_bytes": ["REPORTFLOW_MAX_MESSAGE_BYTES"],
     "render_time_limit_seconds": ["REPORTFLOW_RENDER_TIME_LIMIT_SECONDS"],
     "outbox_relay_seconds": ["REPORTFLOW_OUTBOX_RELAY_SECONDS"],
+    "timer_poll_seconds": ["REPORTFLOW_TIMER_POLL_SECONDS"],
+    "timer_lease_seconds": ["REPORTFLOW_TIMER_LEASE_SECONDS"],
     "retry_delays": ["REPORTFLOW_RETRY_DELAYS"],
     "queue_type": ["REPORTFLOW_QUEUE_TYPE"],
     "delivery_limit": ["REPORTFLOW_DELIVERY_LIMIT"],

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import uuid
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import cast
 
-from sqlalchemy import Table, bindparam, create_engine, event, insert, select, text
+from sqlalchemy import Table, bindparam, create_engine, event, insert, select, text, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from reportflow import schemas
 from reportflow.shared.events import Event
-from reportflow.shared.models import InboxRecord, OutboxMessage, Report, utcnow
+from reportflow.shared.models import InboxRecord, OutboxMessage, Report, Timer, utcnow
 
 # The runtime's bookkeeping on every message, built once on the tables (not the mapped classes): the ORM's
 # insert path rebuilt and recompiled these per message, and that was a third of a hop's CPU.
@@ -55,15 +57,17 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 class UnitOfWork:
-    """One handler's transaction: its state changes, the events it emits (outbox) and its inbox record.
+    """One handler's transaction: its state changes, the events it emits (outbox), the timers it sets and
+    its inbox record.
 
-    Handlers call emit(); nothing is published until the runtime has committed."""
+    Handlers call emit() and schedule(); nothing is published or set until the runtime has committed."""
 
     def __init__(self, session_factory: sessionmaker, consumer: str = "handler"):
         self._session_factory = session_factory
         self.consumer = consumer
         self._session: Session | None = None
         self.emitted: list[Event] = []
+        self.scheduled: list[Timer] = []
         self.refusal: str | None = None
         self._inbox_pending: dict | None = None
 
@@ -76,6 +80,7 @@ class UnitOfWork:
     def __enter__(self) -> UnitOfWork:
         self._session = self._session_factory()
         self.emitted = []
+        self.scheduled = []
         self.refusal = None
         return self
 
@@ -106,6 +111,32 @@ class UnitOfWork:
         emitted = Event(event_type, payload)
         self.emitted.append(emitted)
         return emitted
+
+    def schedule(self, event_type: str, payload: dict, due_at: datetime, key: str) -> Timer:
+        """Have this stage handle event_type with payload at due_at, in the trace of the message in hand.
+        key files the timer with others to cancel together (cancel_timers)."""
+        timer = Timer(
+            message_id=str(uuid.uuid4()),
+            stage=self.consumer,
+            key=key,
+            event_type=event_type,
+            payload=payload,
+            due_at=due_at,
+            attempts=0,
+        )
+        self.scheduled.append(timer)
+        return timer
+
+    def cancel_timers(self, key: str) -> None:
+        """Cancel this stage's timers filed under key that have not fired, those set by this handler too."""
+        self.scheduled = [t for t in self.scheduled if t.key != key]
+        self.session.execute(
+            update(Timer)
+            .where(
+                Timer.stage == self.consumer, Timer.key == key, Timer.fired_at.is_(None), Timer.cancelled_at.is_(None)
+            )
+            .values(cancelled_at=utcnow())
+        )
 
     @contextmanager
     def commit_now(self):
@@ -165,5 +196,8 @@ class UnitOfWork:
                 },
             ).scalar_one()
             published.append((outbox_id, emitted))
+        for timer in self.scheduled:
+            timer.headers = dict(trace_headers)  # it fires in this message's trace
+            self.session.add(timer)
         self.session.commit()
         return published

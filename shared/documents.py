@@ -211,5 +211,6 @@ def append_pdf(first: bytes, second: bytes) -> bytes:
     return out.getvalue()
 
 
-def document_key(report_id: str, kind: str) -> str:
-    return f"reports/{report_id}/{kind}.pdf"
+def document_key(report_id: str, kind: str, revision: int = 1) -> str:
+    """Where a document is kept; each revision's beside the others, so earlier revisions stay readable."""
+    return f"reports/{report_id}/{kind}.pdf" if revision == 1 else f"reports/{report_id}/revision-{revision}/{kind}.pdf"

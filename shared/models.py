@@ -1,12 +1,14 @@
-"""The tables: reports and their stages, decisions, refusals, documents, notifications, inbox, outbox."""
+"""The tables: reports, their revisions' stages, decisions, refusals, documents and approval steps;
+notifications; the runtime's inbox, outbox and timers."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> datetime:
@@ -15,6 +17,17 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     pass
+
+
+class UtcDateTime(TypeDecorator):
+    """A moment in UTC that reads back aware on every database: SQLite hands back naive datetimes, and
+    handlers compare these with now (deadlines, timers)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 class Report(Base):
@@ -27,6 +40,9 @@ class Report(Base):
     submitter: Mapped[dict] = mapped_column(JSON)
     client: Mapped[dict] = mapped_column(JSON)
     data: Mapped[dict] = mapped_column(JSON)
+    # 1, then one more each time the submitter resubmits it after a rejection; earlier revisions' stages,
+    # decisions and documents are kept.
+    revision: Mapped[int] = mapped_column(Integer, default=1)
     # W3C carrier (traceparent/tracestate) of the span that created the report: later messages that
     # arrive in other traces are processed in this one, so one trace holds the whole approval chain.
     trace_context: Mapped[dict] = mapped_column(JSON, default=dict)
@@ -34,10 +50,19 @@ class Report(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
-    stages: Mapped[list[ApprovalStage]] = relationship(
-        back_populates="report", order_by="ApprovalStage.position", cascade="all, delete-orphan"
+    all_stages: Mapped[list[ApprovalStage]] = relationship(
+        back_populates="report",
+        order_by="(ApprovalStage.revision, ApprovalStage.position)",
+        cascade="all, delete-orphan",
     )
-    documents: Mapped[list[Document]] = relationship(back_populates="report", cascade="all, delete-orphan")
+    documents: Mapped[list[Document]] = relationship(
+        back_populates="report", order_by="(Document.revision, Document.id)", cascade="all, delete-orphan"
+    )
+
+    @property
+    def stages(self) -> list[ApprovalStage]:
+        """The stages of the current revision: the ones approval walks."""
+        return [s for s in self.all_stages if s.revision == self.revision]
 
     @property
     def trace_id(self) -> str | None:
@@ -46,7 +71,8 @@ class Report(Base):
         return parts[1] if len(parts) == 4 else None
 
     def document(self, kind: str) -> Document | None:
-        return next((d for d in self.documents if d.kind == kind), None)
+        """The current revision's draft or final document."""
+        return next((d for d in self.documents if d.kind == kind and d.revision == self.revision), None)
 
     def stage_named(self, name: str) -> ApprovalStage | None:
         return next((s for s in self.stages if s.name == name), None)
@@ -55,6 +81,8 @@ class Report(Base):
         """The stage this approver may decide now, or why they may not: the one rule for who decides."""
         if self.status == "rejected":
             return None, NotDecidable("closed", "the report was already rejected")
+        if self.status == "withdrawn":
+            return None, NotDecidable("closed", "the report was withdrawn by its submitter")
         if self.status in ("approved", "finalized"):
             return None, NotDecidable("closed", "the report's approval is complete")
         stage = self.stage_named(stage_name)
@@ -64,6 +92,11 @@ class Report(Base):
             return None, NotDecidable("closed", f"stage {stage_name!r} is not open yet")
         if stage.status != "open":
             return None, NotDecidable("closed", f"stage {stage_name!r} is closed")
+        if approver in stage.delegations.values():
+            delegate = next(d for d, delegator in stage.delegations.items() if delegator == approver)
+            return None, NotDecidable(
+                "delegated", f"{approver} delegated their decision on stage {stage_name!r} to {delegate}"
+            )
         if approver not in stage.approvers:
             return None, NotDecidable("not_approver", f"{approver} is not an approver of stage {stage_name!r}")
         if stage.decision_of(approver) is not None:
@@ -73,7 +106,8 @@ class Report(Base):
 
 @dataclass(frozen=True)
 class NotDecidable:
-    """Why an approver cannot decide a stage now: kind is unknown, closed, not_approver or already_decided."""
+    """Why an approver cannot decide a stage now: kind is unknown, closed, not_approver, delegated or
+    already_decided."""
 
     kind: str
     reason: str
@@ -81,25 +115,48 @@ class NotDecidable:
 
 class ApprovalStage(Base):
     __tablename__ = "approval_stages"
-    __table_args__ = (UniqueConstraint("report_id", "position"), UniqueConstraint("report_id", "name"))
+    __table_args__ = (
+        UniqueConstraint("report_id", "revision", "position", name="uq_approval_stages_revision_position"),
+        UniqueConstraint("report_id", "revision", "name", name="uq_approval_stages_revision_name"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     report_id: Mapped[str] = mapped_column(ForeignKey("reports.id", ondelete="CASCADE"), index=True)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
     position: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(100))
     rule: Mapped[str] = mapped_column(String(8))
+    # Who decides now: the request's approvers, with delegates in place of their delegators and, after an
+    # escalation, the escalation approvers in place of those who had not decided.
     approvers: Mapped[list] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(20), default="pending")
     opened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The stage as the request (or the revision) defined it: approvers, rule, deadline, remind_every,
+    # on_deadline, escalate_to. The columns around it are its state.
+    definition: Mapped[dict] = mapped_column(JSON, default=dict)
+    # When the deadline passes: set when the stage opens, and once more on escalation.
+    deadline_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    escalated: Mapped[bool] = mapped_column(Boolean, default=False)
+    # delegate -> the approver who handed them the decision
+    delegations: Mapped[dict] = mapped_column(JSON, default=dict)
 
-    report: Mapped[Report] = relationship(back_populates="stages")
+    report: Mapped[Report] = relationship(back_populates="all_stages")
     decisions: Mapped[list[Decision]] = relationship(
         back_populates="stage", order_by="Decision.id", cascade="all, delete-orphan"
     )
 
     def decision_of(self, approver: str) -> Decision | None:
         return next((d for d in self.decisions if d.approver_email == approver), None)
+
+    @property
+    def undecided(self) -> list[str]:
+        return [a for a in self.approvers if self.decision_of(a) is None]
+
+    @property
+    def timer_key(self) -> str:
+        """What this stage's reminders and deadline are filed under, to cancel them together."""
+        return f"{self.report_id}/{self.revision}/{self.name}"
 
 
 class Decision(Base):
@@ -113,6 +170,8 @@ class Decision(Base):
     approver_id: Mapped[str | None] = mapped_column(String(128))
     decision: Mapped[str] = mapped_column(String(10))
     comment: Mapped[str | None] = mapped_column(Text)
+    # The approver who delegated this decision to approver_email: "decided by X on behalf of Y".
+    on_behalf_of: Mapped[str | None] = mapped_column(String(254))
     message_id: Mapped[str] = mapped_column(String(100))
     decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -136,10 +195,11 @@ class Refusal(Base):
 
 class Document(Base):
     __tablename__ = "documents"
-    __table_args__ = (UniqueConstraint("report_id", "kind"),)
+    __table_args__ = (UniqueConstraint("report_id", "revision", "kind", name="uq_documents_revision_kind"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     report_id: Mapped[str] = mapped_column(ForeignKey("reports.id", ondelete="CASCADE"), index=True)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
     kind: Mapped[str] = mapped_column(String(10))  # draft | final
     storage_key: Mapped[str] = mapped_column(String(300))
     size_bytes: Mapped[int] = mapped_column(Integer)
@@ -158,6 +218,23 @@ class Document(Base):
             "sha256": self.sha256,
             "pages": self.pages,
         }
+
+
+class ApprovalStep(Base):
+    """A step in a report's approval that has no row of its own elsewhere: a reminder, an escalation, a
+    delegation, a deadline's outcome, a withdrawal, a resubmission. `report history` reads these beside
+    the stages, decisions, refusals, documents and emails."""
+
+    __tablename__ = "approval_steps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    report_id: Mapped[str] = mapped_column(ForeignKey("reports.id", ondelete="CASCADE"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    stage_name: Mapped[str | None] = mapped_column(String(100))
+    kind: Mapped[str] = mapped_column(String(30))
+    actor: Mapped[str | None] = mapped_column(String(254))
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class Notification(Base):
@@ -215,6 +292,29 @@ class OutboxMessage(Base):
     source: Mapped[str] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class Timer(Base):
+    """A message a stage sends itself later (a reminder, a deadline), written with the state change that
+    set it. The stage's timer poller leases due rows, processes each like a delivery, then marks it fired;
+    the stage's inbox, keyed by message_id, makes a timer fired twice (a lease that ran out) act once."""
+
+    __tablename__ = "timers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(100), unique=True)
+    stage: Mapped[str] = mapped_column(String(40))
+    key: Mapped[str] = mapped_column(String(300), index=True)  # what cancels it with its siblings
+    event_type: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[dict] = mapped_column(JSON)
+    headers: Mapped[dict] = mapped_column(JSON, default=dict)  # trace context it fires in
+    due_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    leased_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    fired_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class ApiKey(Base):

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pika
@@ -21,11 +22,11 @@ from reportflow.consumers import approval, creation
 from reportflow.consumers.retries import RetryPolicy
 from reportflow.consumers.runtime import Consumer, Processor
 from reportflow.consumers.runtime.telemetry import Telemetry
-from reportflow.consumers.stage import Stage
+from reportflow.consumers.stage import Stage, dependency_names
 from reportflow.shared.config import TracingSettings
 from reportflow.shared.db import make_engine
 from reportflow.shared.events import Event, InvalidMessage
-from reportflow.shared.models import Refusal, Report
+from reportflow.shared.models import Refusal, Report, Timer, utcnow
 from reportflow.shared.trace_context import context_from
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,10 @@ TWO_STAGES = [
 
 def handle(units, handler, message: Event | InvalidMessage, **dependencies) -> list[Event]:
     """Run one handler through the runtime's own processing (inbox claim, handler, outbox, one commit), in
-    the message's trace context; the events it emitted are returned, an exception is raised."""
+    the message's trace context; the events it emitted are returned, an exception is raised. A handler that
+    asks for a clock gets the real one unless the test gives its own."""
+    if "clock" in dependency_names(handler):
+        dependencies.setdefault("clock", utcnow)
     stage = Stage(
         handler.__module__.rsplit(".", 1)[-1],
         **(
@@ -232,3 +236,35 @@ def count(database_url: str, model, *where) -> int:
             return session.scalar(select(func.count()).select_from(model).where(*where))
     finally:
         engine.dispose()
+
+
+class Clock:
+    """A clock a test moves by hand: handlers that set timers are given it instead of the real one."""
+
+    def __init__(self, now=None):
+        self.now = now or utcnow()
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, **delta) -> None:
+        self.now += timedelta(**delta)
+
+
+def fire_due_timers(units, stage_handlers: dict, clock: Clock, **dependencies) -> list[Event]:
+    """What the stage's timer poller does, with no broker: each timer due by the clock, not cancelled or
+    fired, handled in due order and marked fired; the events they emitted are returned."""
+    emitted = []
+    while True:
+        with units() as unit:
+            timer = unit.session.scalars(
+                select(Timer)
+                .where(Timer.due_at <= clock(), Timer.fired_at.is_(None), Timer.cancelled_at.is_(None))
+                .order_by(Timer.due_at, Timer.id)
+            ).first()
+            if timer is None:
+                return emitted
+            message = Event(timer.event_type, dict(timer.payload), timer.message_id)
+            timer.fired_at = clock()
+            unit.session.commit()
+        emitted += handle(units, stage_handlers[message.type], message, clock=clock, **dependencies)

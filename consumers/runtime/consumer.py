@@ -4,6 +4,7 @@
     processing  a delivery -> an Outcome: handler, inbox and outbox in one transaction, in its span
     settling    an Outcome -> publish, retry or dead-letter, then ack, on the I/O thread
     outbox      marking confirmed rows, relaying what a crash left, on a thread of its own
+    timers      firing the stage's due reminders and deadlines, on a thread of its own
     telemetry   every span the runtime makes
     metrics     what Prometheus scrapes: outcomes, durations, time in queue, in flight
 
@@ -32,6 +33,7 @@ from reportflow.consumers.runtime.outbox import OutboxRelay
 from reportflow.consumers.runtime.processing import Processor
 from reportflow.consumers.runtime.settling import Settler
 from reportflow.consumers.runtime.telemetry import Telemetry
+from reportflow.consumers.runtime.timers import TimerPoller
 from reportflow.consumers.runtime.trust import PublisherTrust
 from reportflow.consumers.stage import Stage
 from reportflow.shared.broker import connected_address, first_address
@@ -87,6 +89,20 @@ class Consumer:
         self.outbox = OutboxRelay(
             stage.name, session_factory, settings.outbox_relay_seconds, self._publish_on_io, self.metrics.outbox_waiting
         )
+        self.timers = (
+            TimerPoller(
+                stage.name,
+                session_factory,
+                self.processor,
+                self.telemetry,
+                self._publish_on_io,
+                poll_seconds=settings.timer_poll_seconds,
+                lease_seconds=settings.timer_lease_seconds,
+                retry_delays=self.retry_policy.delays,
+            )
+            if stage.timers
+            else None
+        )
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"{stage.name}-worker")
         self._stopping = threading.Event()
         self.ready = threading.Event()
@@ -129,7 +145,11 @@ class Consumer:
             signal.signal(signal.SIGTERM, lambda *_: self.stop())
             signal.signal(signal.SIGINT, lambda *_: self.stop())
         self.outbox.start()
+        if self.timers:
+            self.timers.start()
         self.broker.run(self._serve, self._stopping, tick=self._tick)
+        if self.timers:
+            self.timers.stop()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.outbox.stop()
         log.info("%s: stopped", self.stage.name)

@@ -70,9 +70,10 @@ class Processor:
             except Exception as exc:
                 return self._failed(delivery, message, span, exc)
 
-    def handle(self, message: Event | InvalidMessage) -> Outcome:
+    def handle(self, message: Event | InvalidMessage, *, timer: bool = False) -> Outcome:
         """Run the stage's handler on a message already read, in the current trace context: inbox claim,
-        handler, outbox, one commit. A handler's exception is raised to the caller."""
+        handler, outbox, one commit. A handler's exception is raised to the caller. timer: the message is
+        one of the stage's timers, handled by Stage.timers (a timer's type is never taken off the broker)."""
         span = trace.get_current_span()
         carrier = carrier_of_current()  # the process span's: what the handler stores, and its events carry
         if isinstance(message, InvalidMessage):
@@ -82,7 +83,7 @@ class Processor:
                 self._telemetry.error(span, "InvalidMessage", "unreadable message")
                 return Outcome(context.get_current(), dead_letter_reason="; ".join(message.reasons))
         else:
-            handler = self.stage.handlers.get(message.type)
+            handler = (self.stage.timers if timer else self.stage.handlers).get(message.type)
             if handler is None:
                 return Outcome(
                     context.get_current(),

@@ -67,6 +67,31 @@ class Telemetry:
         ):
             yield span
 
+    @contextmanager
+    def timer(self, message, stored_headers: dict, due_at):
+        """The span a timer fires in: in the trace it was set in (the report's), so a reminder three days
+        later is a span of the report's one trace, and what it emits carries that context on."""
+        attributes = {
+            "messaging.message.id": message.message_id,
+            "reportflow.timer.due_at": due_at.isoformat(),
+        }
+        if message.report_id:
+            attributes["report.id"] = message.report_id
+        if self.stage.describe is not None:
+            attributes.update({k: v for k, v in self.stage.describe(message).items() if k not in PRIVATE_ATTRIBUTES})
+        with (
+            self.tracer.start_as_current_span(
+                f"timer {message.type}",
+                context=context_from(stored_headers),
+                kind=SpanKind.INTERNAL,
+                attributes=attributes,
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span,
+            nullcontext() if span.is_recording() else suppress_instrumentation(),
+        ):
+            yield span
+
     def runtime_sql(self):
         """Around the runtime's own bookkeeping (inbox claim, outbox rows, commit): reportflow's plumbing,
         not the operator's business, so its SQL is traced only with tracing.runtime_sql."""
