@@ -1,5 +1,6 @@
-"""A kombu-based client for upstream Python systems: publishes report.requested and approval.decided
-with publisher confirms, as persistent messages, with the current trace context in the headers."""
+"""A kombu-based client for upstream Python systems: publishes report.requested, approval.decided and
+the approval's other inbound events (approval.delegated, report.withdrawn, report.resubmitted) with
+publisher confirms, as persistent messages, with the current trace context in the headers."""
 
 from __future__ import annotations
 
@@ -111,6 +112,40 @@ class ReportflowClient:
         if comment:
             decided["comment"] = comment
         return self.publish("approval.decided", decided, message_id)
+
+    def delegate(
+        self,
+        report_id: str,
+        stage: str,
+        approver_email: str,
+        delegate_email: str,
+        delegate_name: str | None = None,
+        comment: str | None = None,
+        message_id: str | None = None,
+    ) -> PublishedEvent:
+        """Hand an approver's decision on the open stage to a delegate."""
+        delegate = {"email": delegate_email, **({"name": delegate_name} if delegate_name else {})}
+        delegated = {
+            "report_id": report_id,
+            "stage": stage,
+            "approver": {"email": approver_email},
+            "delegate": delegate,
+        }
+        if comment:
+            delegated["comment"] = comment
+        return self.publish("approval.delegated", delegated, message_id)
+
+    def withdraw(self, report_id: str, submitter_id: str, reason: str | None = None) -> PublishedEvent:
+        withdrawn = {"report_id": report_id, "submitter": {"id": submitter_id}}
+        if reason:
+            withdrawn["reason"] = reason
+        return self.publish("report.withdrawn", withdrawn)
+
+    def resubmit(self, report_id: str, submitter_id: str, **revision) -> PublishedEvent:
+        """Send a revision of a rejected report: any of title, data, approval_stages, comment."""
+        return self.publish(
+            "report.resubmitted", {"report_id": report_id, "submitter": {"id": submitter_id}, **revision}
+        )
 
     def publish(self, event_type: str, payload: dict, message_id: str | None = None) -> PublishedEvent:
         if self._validate:

@@ -4,8 +4,9 @@ publishes the same events any upstream would, and reads reports from the databas
     POST /reports                  report.requested (Bearer token)  -> 202 {report_id, trace_id}
     GET  /reports/{id}             status, stages, decisions, documents (Bearer token)
     GET  /reports/{id}/document    the approved PDF, else the draft (Bearer token)
+    GET  /reports/{id}/history     every step of the report, in order (Bearer token)
     GET  /approve/{token}          an approver's page, from the personal link in their email
-    POST /approve/{token}          the decision: approval.decided
+    POST /approve/{token}          the decision (approval.decided), or a delegation (approval.delegated)
     GET  /approve/{token}/document the draft the approver is asked about
 
 An approval link's token is a credential. Before anything else sees a request (the tracing
@@ -40,7 +41,9 @@ from reportflow.shared.db import make_engine
 from reportflow.shared.documents import ASSETS
 from reportflow.shared.events import new_report_id
 from reportflow.shared.links import LinkRefused
+from reportflow.shared.mail import InvalidAddress, check_address
 from reportflow.shared.models import Report, Submission, UsedLink
+from reportflow.shared.report_history import report_history
 from reportflow.shared.report_views import report_view
 
 log = logging.getLogger("reportflow.gateway")
@@ -191,6 +194,13 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
                 document["url"] = f"{public_url}/reports/{report.id}/document"
             return jsonify(view)
 
+    @app.get("/reports/<report_id>/history")
+    def report_history_view(report_id: str):
+        caller = authorized("read")
+        with Session(engine) as session:
+            readable(session, caller, report_id)
+            return jsonify(report_id=report_id, history=report_history(session, report_id))
+
     @app.get("/reports/<report_id>/document")
     def report_document(report_id: str):
         caller = authorized("read")
@@ -261,14 +271,20 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
     def decide():
         decision = request.form.get("decision")
         comment = (request.form.get("comment") or "").strip()[:5000] or None
+        delegate_to = (request.form.get("delegate_email") or "").strip().lower()
         with open_stage() as (_, claim, session, report, stage):
             form_token = request.form.get("form_token")
             if not links.check_form_token(claim, form_token) or request.cookies.get("reportflow_form") != form_token:
                 raise Refused("This form did not come from the approval page; nothing was sent.", 403)
-            if decision not in ("approve", "reject"):
-                raise Refused("Choose Approve or Reject.", 400)
+            if decision not in ("approve", "reject", "delegate"):
+                raise Refused("Choose Approve, Reject or Delegate.", 400)
+            if decision == "delegate":
+                try:
+                    check_address(delegate_to)
+                except InvalidAddress:
+                    raise Refused("To delegate, give the email address of the person to decide instead.", 400) from None
             title, stage_name = report.title, stage.name  # the session expires them at commit
-            # The link is claimed before the decision is published: the same link submitted twice at once
+            # The link is claimed before the message is published: the same link submitted twice at once
             # waits here on the row, then finds it used and is told what was recorded.
             session.add(
                 UsedLink(
@@ -289,21 +305,34 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
                 ), 409
             try:
                 with client_factory() as client:
-                    client.decide(
-                        report.id,
-                        stage_name,
-                        claim.approver,
-                        approve=decision == "approve",
-                        comment=comment,
-                        message_id=claim.decision_message_id,
-                    )
+                    if decision == "delegate":
+                        client.delegate(
+                            report.id,
+                            stage_name,
+                            claim.approver,
+                            delegate_to,
+                            delegate_name=(request.form.get("delegate_name") or "").strip()[:200] or None,
+                            comment=comment,
+                            message_id=claim.decision_message_id,
+                        )
+                    else:
+                        client.decide(
+                            report.id,
+                            stage_name,
+                            claim.approver,
+                            approve=decision == "approve",
+                            comment=comment,
+                            message_id=claim.decision_message_id,
+                        )
             except BROKER_DOWN as exc:
                 log.warning("broker unavailable for a decision: %r", exc)
                 raise Refused(
                     "The decision could not be sent just now; nothing was recorded. Try again.", 503
                 ) from None
             session.commit()
-        return render_template("decided.html", report_title=title, stage=stage_name, decision=decision), 200
+        return render_template(
+            "decided.html", report_title=title, stage=stage_name, decision=decision, delegate=delegate_to
+        ), 200
 
     @app.get("/healthz")
     def health():

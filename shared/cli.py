@@ -100,6 +100,28 @@ def report_show(report_id: str, as_json: bool) -> None:
     click.echo(json.dumps(summary, indent=2, default=str) if as_json else as_text(summary))
 
 
+@report.command("history")
+@click.argument("report_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def report_history_command(report_id: str, as_json: bool) -> None:
+    """Print every step of a report in order, with time and actor: requested, revisions, generated,
+    stages, reminders, escalations, delegations, decisions, refusals, withdrawal, finalized, each email."""
+    from sqlalchemy.orm import Session
+
+    from reportflow.shared.db import make_engine
+    from reportflow.shared.report_history import as_text, report_history
+
+    engine = make_engine(Settings.load().database_url)
+    try:
+        with Session(engine) as session:
+            steps = report_history(session, report_id)
+    finally:
+        engine.dispose()
+    if steps is None:
+        raise click.ClickException(f"no report {report_id!r}")
+    click.echo(json.dumps(steps, indent=2) if as_json else as_text(steps))
+
+
 @main.command("trace")
 @click.argument("report_id")
 def trace_command(report_id: str) -> None:

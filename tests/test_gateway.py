@@ -225,6 +225,36 @@ def test_a_valid_link_opens_the_page_publishes_the_decision_once_and_then_is_use
     assert len([e for e in tap.drain() if e[0] == "approval.decided"]) == 1
 
 
+def test_delegate_to_on_the_approval_page_publishes_the_delegation(gateway, report_in_approval, tap):
+    base, _ = gateway
+    url = links_for(base).url("r-gw", "review", "eve@example.com")
+    status, page, opener, form_token = open_link(url)
+    assert status == 200 and b"Delegate to" in page
+    form = {"form_token": form_token, "decision": "delegate", "comment": "On leave"}
+    status, _, _ = call("POST", url, token=None, opener=opener, form={**form, "delegate_email": "not an address"})
+    assert status == 400
+    status, page, _ = call("POST", url, token=None, opener=opener, form={**form, "delegate_email": "Ian@Example.com"})
+    assert status == 200 and b"ian@example.com" in page
+    [(_, delegated, _)] = tap.wait_for("approval.delegated")
+    assert delegated == {
+        "report_id": "r-gw",
+        "stage": "review",
+        "approver": {"email": "eve@example.com"},
+        "delegate": {"email": "ian@example.com"},
+        "comment": "On leave",
+    }
+
+
+def test_a_reports_history_is_served_to_its_readers(gateway, report_in_approval):
+    base, _ = gateway
+    assert call("GET", f"{base}/reports/r-gw/history", token=None)[0] == 401
+    status, body, _ = call("GET", f"{base}/reports/r-gw/history")
+    assert status == 200
+    steps = [s["step"] for s in json.loads(body)["history"]]
+    assert steps == ["requested", "generated", "stage opened"]
+    assert call("GET", f"{base}/reports/nope/history")[0] == 404
+
+
 def test_forged_expired_closed_stage_outsider_and_cross_site_posts_publish_nothing(gateway, report_in_approval, tap):
     base, _ = gateway
     links = links_for(base)
