@@ -25,7 +25,8 @@ def trace_this_command() -> None:
 
 @click.group()
 def publish() -> None:
-    """Publish an upstream event (report.requested, approval.decided)."""
+    """Publish an upstream event (report.requested, approval.decided, approval.delegated, report.withdrawn,
+    report.resubmitted)."""
     trace_this_command()
 
 
@@ -57,6 +58,43 @@ def publish_request(request_file, report_id: str | None, no_validate: bool) -> N
 def publish_decision(report_id: str, stage: str, approver: str, approve: bool, comment: str | None) -> None:
     """Publish approval.decided for REPORT_ID."""
     _send(lambda client: client.decide(report_id, stage, approver, approve, comment))
+
+
+@publish.command("delegation")
+@click.argument("report_id")
+@click.option("--stage", required=True, help="The open stage.")
+@click.option("--approver", required=True, help="The approver handing over the decision.")
+@click.option("--to", "delegate", required=True, help="The delegate's email address.")
+@click.option("--comment", default=None)
+def publish_delegation(report_id: str, stage: str, approver: str, delegate: str, comment: str | None) -> None:
+    """Publish approval.delegated for REPORT_ID."""
+    _send(lambda client: client.delegate(report_id, stage, approver, delegate, comment=comment))
+
+
+@publish.command("withdrawal")
+@click.argument("report_id")
+@click.option("--submitter-id", required=True, help="The submitter's id, as in the request.")
+@click.option("--reason", default=None)
+def publish_withdrawal(report_id: str, submitter_id: str, reason: str | None) -> None:
+    """Publish report.withdrawn for REPORT_ID."""
+    _send(lambda client: client.withdraw(report_id, submitter_id, reason))
+
+
+@publish.command("resubmission")
+@click.argument("report_id")
+@click.option("--submitter-id", required=True, help="The submitter's id, as in the request.")
+@click.option(
+    "--revision-file",
+    type=click.File("rb"),
+    help="JSON with any of title, data, approval_stages; what is left out stays as it was.",
+)
+@click.option("--comment", default=None)
+def publish_resubmission(report_id: str, submitter_id: str, revision_file, comment: str | None) -> None:
+    """Publish report.resubmitted for REPORT_ID, a rejected report."""
+    revision = json.loads(revision_file.read()) if revision_file else {}
+    if comment:
+        revision["comment"] = comment
+    _send(lambda client: client.resubmit(report_id, submitter_id, **revision))
 
 
 def _send(action, validate: bool = True) -> None:

@@ -4,8 +4,13 @@ server and the spans on the OTLP wire, with deadlines and reminders of seconds."
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from pypdf import PdfReader
@@ -219,3 +224,27 @@ def _due(engine) -> bool:
             )
             is not None
         )
+
+
+def test_the_publish_command_sends_delegations_withdrawals_and_resubmissions(exchange, tap, tmp_path):
+    revision = tmp_path / "revision.json"
+    revision.write_text(json.dumps({"title": "Q3, restated"}))
+    env = {**os.environ, "REPORTFLOW_AMQP_URL": TEST_AMQP_URL, "REPORTFLOW_EXCHANGE": exchange}
+    reportflow = str(Path(sys.executable).parent / "reportflow")
+    commands = [
+        ["delegation", "r-9", "--stage", "review", "--approver", "bob@example.com", "--to", "ian@example.com"],
+        ["withdrawal", "r-9", "--submitter-id", SUBMITTER, "--reason", "restated"],
+        ["resubmission", "r-9", "--submitter-id", SUBMITTER, "--revision-file", str(revision), "--comment", "v2"],
+    ]
+    for command in commands:
+        run = subprocess.run([reportflow, "publish", *command], capture_output=True, text=True, env=env, timeout=60)
+        assert run.returncode == 0, run.stderr
+    sent = {t: p for t, p, _ in tap.wait_for("report.resubmitted")} | {t: p for t, p, _ in tap.drain()}
+    assert sent["approval.delegated"]["delegate"] == {"email": "ian@example.com"}
+    assert sent["report.withdrawn"] == {"report_id": "r-9", "submitter": {"id": SUBMITTER}, "reason": "restated"}
+    assert sent["report.resubmitted"] == {
+        "report_id": "r-9",
+        "submitter": {"id": SUBMITTER},
+        "title": "Q3, restated",
+        "comment": "v2",
+    }
