@@ -28,7 +28,9 @@ def dependencies(stage, settings: Settings) -> dict:
     factories = {
         "storage": settings.document_storage,
         "clock": lambda: utcnow,  # what now is, for handlers that set timers; tests give their own
-        "renderer": lambda: IsolatedRenderer(settings.render_time_limit_seconds),
+        "renderer": lambda: IsolatedRenderer(
+            settings.render_time_limit_seconds, recycle_above_mb=settings.render_recycle_mb
+        ),
         "postman": lambda: Postman(
             mailer_from_settings(settings.smtp_url, settings.storage_dir), settings.mail_from, _approval_links(settings)
         ),

@@ -80,6 +80,8 @@ class Settings:
     max_message_bytes: int = 1_048_576
     # Well under RabbitMQ's 30-minute consumer timeout, past which the broker closes the channel.
     render_time_limit_seconds: int = 300
+    # The render process is replaced when a render leaves it larger than this (a 5,000-row report does).
+    render_recycle_mb: int = 250
     outbox_relay_seconds: int = 10
     # Timers (reminders, deadlines): how often a stage looks for due ones, and how long one it took may run
     # before another process of the stage takes it over (a process killed while firing it).
@@ -203,6 +205,7 @@ ENVIRONMENT_VARIABLES = {
     "heartbeat_seconds": ["REPORTFLOW_HEARTBEAT_SECONDS"],
     "max_message_bytes": ["REPORTFLOW_MAX_MESSAGE_BYTES"],
     "render_time_limit_seconds": ["REPORTFLOW_RENDER_TIME_LIMIT_SECONDS"],
+    "render_recycle_mb": ["REPORTFLOW_RENDER_RECYCLE_MB"],
     "outbox_relay_seconds": ["REPORTFLOW_OUTBOX_RELAY_SECONDS"],
     "timer_poll_seconds": ["REPORTFLOW_TIMER_POLL_SECONDS"],
     "timer_lease_seconds": ["REPORTFLOW_TIMER_LEASE_SECONDS"],

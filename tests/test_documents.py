@@ -122,3 +122,39 @@ def test_a_render_process_stops_when_its_generation_process_is_killed_outright()
     while any(alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in children if alive(pid)], "render processes outlived their generation process"
+
+
+RECYCLED = """
+import json
+from reportflow.shared.documents import IsolatedRenderer
+
+def children(renderer):
+    return sorted(renderer._pool._processes)
+
+if __name__ == "__main__":
+    kept = IsolatedRenderer(60, recycle_above_mb=10_000)
+    first = children(kept)
+    kept.pdf("<p>one page</p>")
+    recycled = IsolatedRenderer(60, recycle_above_mb=1)  # any render leaves a child bigger than that
+    before = children(recycled)
+    pdf = recycled.pdf("<p>one page</p>")
+    second = recycled.pdf("<p>again</p>")  # rendered by the replacement
+    print(json.dumps({"kept": first == children(kept), "before": before, "after": children(recycled),
+                      "rendered": pdf.pages == second.pages == 1}))
+    kept.close()
+    recycled.close()
+"""
+
+
+def test_a_render_process_left_too_large_is_replaced_and_the_next_render_uses_the_new_one(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "recycled.py"
+    script.write_text(RECYCLED)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout)
+    assert seen["kept"] and seen["rendered"]
+    assert seen["before"] and seen["after"] and not set(seen["before"]) & set(seen["after"])
