@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pika
@@ -39,6 +40,33 @@ def pipeline_environment(folder: Path, exchange: str, database_url: str, **more:
         "REPORTFLOW_STORAGE_DIR": str(folder / "storage"),
         **more,
     }
+
+
+@contextmanager
+def traced_pipeline(folder: Path, exchange: str, database_url: str, broker, smtp, otlp, **more: str):
+    """The four processes of the Procfile, configured for a test's vhost, exchange, database, SMTP server and
+    OTLP collector, consuming; closed afterwards."""
+    pipeline = Pipeline(
+        folder,
+        pipeline_environment(
+            folder,
+            exchange,
+            database_url,
+            REPORTFLOW_SMTP_URL=smtp.url,
+            REPORTFLOW_MAIL_FROM="reportflow <reportflow@example.com>",
+            OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,
+            OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+            OTEL_BSP_SCHEDULE_DELAY="200",
+            REPORTFLOW_ENV="test",
+            **more,
+        ),
+    )
+    try:
+        pipeline.start()
+        pipeline.wait_consuming(broker, exchange)
+        yield pipeline
+    finally:
+        pipeline.close()
 
 
 class Pipeline:

@@ -30,6 +30,12 @@ def open_stage(uow, clock, report_id="r-1", **stage_policy) -> list[Event]:
     return handle(uow, approval.on_report_generated, generated, clock=clock)
 
 
+def set_status(uow, report_id: str, status: str) -> None:
+    with uow() as unit:
+        unit.report(report_id).status = status
+        unit.session.commit()
+
+
 def types(events) -> list[str]:
     return [e.type for e in events]
 
@@ -216,9 +222,7 @@ def test_a_withdrawn_report_tells_the_approvers_and_cancels_its_timers(uow):
 )
 def test_withdrawals_that_are_not_allowed_are_refused(uow, submitter, status, reason):
     open_stage(uow, Clock())
-    with uow() as unit:
-        unit.report("r-1").status = status
-        unit.session.commit()
+    set_status(uow, "r-1", status)
     emitted = handle(uow, approval.on_report_withdrawn, withdraw("r-1", submitter), clock=Clock())
     assert types(emitted) == ["approval.refused"] and reason in emitted[0].payload["reason"]
 
@@ -263,9 +267,7 @@ def test_a_rejected_report_resubmitted_is_revision_2_with_its_stages_again(uow):
 @pytest.mark.parametrize("status", ["in_approval", "finalized"])
 def test_only_a_rejected_report_can_be_resubmitted(uow, status):
     open_stage(uow, Clock())
-    with uow() as unit:
-        unit.report("r-1").status = status
-        unit.session.commit()
+    set_status(uow, "r-1", status)
     resubmitted = Event("report.resubmitted", {"report_id": "r-1", "submitter": SUBMITTER})
     emitted = handle(uow, approval.on_report_resubmitted, resubmitted, clock=Clock())
     assert types(emitted) == ["approval.refused"] and "only a rejected report" in emitted[0].payload["reason"]

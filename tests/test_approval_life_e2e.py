@@ -22,7 +22,7 @@ from reportflow.shared.db import make_engine
 from reportflow.shared.models import Timer, utcnow
 from reportflow.shared.report_history import report_history
 from tests.helpers import TEST_AMQP_URL, report_status, sample_request, wait_until
-from tests.pipeline import Pipeline, pipeline_environment
+from tests.pipeline import traced_pipeline
 
 pytestmark = pytest.mark.e2e
 SUBMITTER = "u-17"  # the example request's submitter id
@@ -30,28 +30,18 @@ SUBMITTER = "u-17"  # the example request's submitter id
 
 @pytest.fixture
 def pipeline(database_url, exchange, broker, smtp, otlp, tmp_path):
-    pipeline = Pipeline(
+    """The Procfile's processes, looking for due timers twice a second, a timer's lease 4 s."""
+    with traced_pipeline(
         tmp_path,
-        pipeline_environment(
-            tmp_path,
-            exchange,
-            database_url,
-            REPORTFLOW_SMTP_URL=smtp.url,
-            REPORTFLOW_MAIL_FROM="reportflow <reportflow@example.com>",
-            OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,
-            OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
-            OTEL_BSP_SCHEDULE_DELAY="200",
-            REPORTFLOW_ENV="test",
-            REPORTFLOW_TIMER_POLL_SECONDS="0.5",
-            REPORTFLOW_TIMER_LEASE_SECONDS="4",
-        ),
-    )
-    try:
-        pipeline.start()
-        pipeline.wait_consuming(broker, exchange)
+        exchange,
+        database_url,
+        broker,
+        smtp,
+        otlp,
+        REPORTFLOW_TIMER_POLL_SECONDS="0.5",
+        REPORTFLOW_TIMER_LEASE_SECONDS="4",
+    ) as pipeline:
         yield pipeline
-    finally:
-        pipeline.close()
 
 
 def one_stage(report_id: str, title: str, approvers=("bob@example.com",), **policy) -> dict:

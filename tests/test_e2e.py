@@ -16,7 +16,7 @@ from pypdf import PdfReader
 
 from reportflow.producers import ReportflowClient
 from tests.helpers import TEST_AMQP_URL, report_status, sample_request, wait_until
-from tests.pipeline import STAGES, Pipeline, pipeline_environment
+from tests.pipeline import STAGES, traced_pipeline
 
 pytestmark = pytest.mark.e2e
 
@@ -24,26 +24,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def pipeline(database_url, exchange, broker, smtp, otlp, tmp_path):
     """The four processes of the Procfile, configured for this test's vhost, exchange, database and servers."""
-    pipeline = Pipeline(
-        tmp_path,
-        pipeline_environment(
-            tmp_path,
-            exchange,
-            database_url,
-            REPORTFLOW_SMTP_URL=smtp.url,
-            REPORTFLOW_MAIL_FROM="reportflow <reportflow@example.com>",
-            OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,
-            OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
-            OTEL_BSP_SCHEDULE_DELAY="200",
-            REPORTFLOW_ENV="test",
-        ),
-    )
-    try:
-        pipeline.start()
-        pipeline.wait_consuming(broker, exchange)
+    with traced_pipeline(tmp_path, exchange, database_url, broker, smtp, otlp) as pipeline:
         yield pipeline
-    finally:
-        pipeline.close()
 
 
 def requested_for(tap, report_id: str, stage: str):
