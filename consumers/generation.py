@@ -98,4 +98,5 @@ STAGE = Stage(
         "report.approved": on_report_approved,
     },
     describe=describe,
+    batch=False,  # a render takes seconds to minutes: each commits on its own
 )

@@ -30,6 +30,9 @@ class Stage:
     # (message, session) -> the stored trace context of what the message is about, when it may arrive
     # in another trace (a decision days later): the message is then processed in that trace.
     stored_trace: Callable[[object, object], dict | None] | None = None
+    # Whether the runtime may handle several of its messages in one transaction under a backlog: not a
+    # stage whose handler takes long (a PDF render), which would hold the batch's transaction open.
+    batch: bool = True
 
     @property
     def event_types(self) -> list[str]:

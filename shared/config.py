@@ -83,6 +83,8 @@ class Settings:
     # The render process is replaced when a render leaves it larger than this (a 5,000-row report does).
     render_recycle_mb: int = 250
     outbox_relay_seconds: int = 10
+    # Under a backlog, up to this many waiting deliveries share one transaction (PostgreSQL); 1: never.
+    batch_size: int = 32
     # Timers (reminders, deadlines): how often a stage looks for due ones, and how long one it took may run
     # before another process of the stage takes it over (a process killed while firing it).
     timer_poll_seconds: float = 1.0
@@ -207,6 +209,7 @@ ENVIRONMENT_VARIABLES = {
     "render_time_limit_seconds": ["REPORTFLOW_RENDER_TIME_LIMIT_SECONDS"],
     "render_recycle_mb": ["REPORTFLOW_RENDER_RECYCLE_MB"],
     "outbox_relay_seconds": ["REPORTFLOW_OUTBOX_RELAY_SECONDS"],
+    "batch_size": ["REPORTFLOW_BATCH_SIZE"],
     "timer_poll_seconds": ["REPORTFLOW_TIMER_POLL_SECONDS"],
     "timer_lease_seconds": ["REPORTFLOW_TIMER_LEASE_SECONDS"],
     "retry_delays": ["REPORTFLOW_RETRY_DELAYS"],

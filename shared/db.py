@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import cast
 
-from sqlalchemy import Table, bindparam, create_engine, event, insert, select, text, update
+from sqlalchemy import Table, bindparam, create_engine, delete, event, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,6 +32,18 @@ _SEEN_IN_INBOX = select(_inbox.c.message_id).where(
     _inbox.c.consumer == bindparam("consumer"), _inbox.c.message_id == bindparam("message_id")
 )
 _ADD_TO_OUTBOX = insert(_outbox).returning(_outbox.c.id)
+# A batch's claims, one statement for all (insertmanyvalues): the ids returned are those not seen before.
+_CLAIM_ALL_ON_POSTGRESQL = postgresql_insert(_inbox).on_conflict_do_nothing().returning(_inbox.c.message_id)
+_ADD_ALL_TO_OUTBOX = insert(_outbox).returning(_outbox.c.id, sort_by_parameter_order=True)
+
+
+@dataclass
+class Effects:
+    """What one handler left to commit: the events it emitted, the timers it set, and whether it refused."""
+
+    emitted: list[Event] = field(default_factory=list)
+    scheduled: list[Timer] = field(default_factory=list)
+    refusal: str | None = None
 
 
 def make_engine(url: str) -> Engine:
@@ -184,20 +198,52 @@ class UnitOfWork:
             self.session.execute(_RECORD_IN_INBOX, self._inbox_pending)
         published = []
         for emitted in self.emitted:
-            outbox_id = self.session.execute(
-                _ADD_TO_OUTBOX,
-                {
-                    "message_id": emitted.message_id,
-                    "event_type": emitted.type,
-                    "payload": emitted.payload,
-                    "headers": dict(trace_headers),
-                    "source": self.consumer,
-                    "created_at": utcnow(),
-                },
-            ).scalar_one()
+            outbox_id = self.session.execute(_ADD_TO_OUTBOX, self._outbox_row(emitted, trace_headers)).scalar_one()
             published.append((outbox_id, emitted))
-        for timer in self.scheduled:
-            timer.headers = dict(trace_headers)  # it fires in this message's trace
-            self.session.add(timer)
+        self._set_timers(self.scheduled, trace_headers)
         self.session.commit()
         return published
+
+    # -- what the runtime uses for a batch (PostgreSQL) ------------------------------------------
+    def claim_all(self, messages: list[tuple[str, str]]) -> set[str]:
+        """Claim (message_id, event_type) pairs in one statement; return the ids not processed before."""
+        now = utcnow()
+        rows = [{"consumer": self.consumer, "message_id": m, "event_type": t, "processed_at": now} for m, t in messages]
+        return set(self.session.scalars(_CLAIM_ALL_ON_POSTGRESQL, rows))
+
+    def unclaim(self, message_id: str) -> None:
+        """Give back a claim whose handler was rolled back: the message is handled again, alone."""
+        self.session.execute(
+            delete(_inbox).where(_inbox.c.consumer == self.consumer, _inbox.c.message_id == message_id)
+        )
+
+    def take_effects(self) -> Effects:
+        """What the last handler left, handed over and forgotten here, before the next handler runs."""
+        effects = Effects(self.emitted, self.scheduled, self.refusal)
+        self.emitted, self.scheduled, self.refusal = [], [], None
+        return effects
+
+    def commit_all(self, handled: list[tuple[Effects, dict]]) -> list[list[tuple[int, Event]]]:
+        """Commit a batch: each handler's (effects, trace headers), the outbox rows in one statement; return
+        each handler's outbox rows (id, event), in order."""
+        rows = [self._outbox_row(e, headers) for effects, headers in handled for e in effects.emitted]
+        ids = iter(self.session.scalars(_ADD_ALL_TO_OUTBOX, rows).all() if rows else [])
+        for effects, headers in handled:
+            self._set_timers(effects.scheduled, headers)
+        self.session.commit()
+        return [[(next(ids), e) for e in effects.emitted] for effects, _ in handled]
+
+    def _outbox_row(self, emitted: Event, trace_headers: dict) -> dict:
+        return {
+            "message_id": emitted.message_id,
+            "event_type": emitted.type,
+            "payload": emitted.payload,
+            "headers": dict(trace_headers),
+            "source": self.consumer,
+            "created_at": utcnow(),
+        }
+
+    def _set_timers(self, timers: list[Timer], trace_headers: dict) -> None:
+        for timer in timers:
+            timer.headers = dict(trace_headers)  # it fires in this message's trace
+            self.session.add(timer)

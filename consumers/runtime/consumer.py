@@ -2,6 +2,7 @@
 
     connection  the broker connection, reopened with backoff; its thread does only I/O
     processing  a delivery -> an Outcome: handler, inbox and outbox in one transaction, in its span
+    batching    under a backlog, the waiting deliveries in one transaction, each with its own span and outcome
     settling    an Outcome -> publish, retry or dead-letter, then ack, on the I/O thread
     outbox      marking confirmed rows, relaying what a crash left, on a thread of its own
     timers      firing the stage's due reminders and deadlines, on a thread of its own
@@ -20,12 +21,14 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pika
 import pika.exceptions
 
 from reportflow.consumers.retries import RetryPolicy
+from reportflow.consumers.runtime.batching import Batches
 from reportflow.consumers.runtime.connection import BrokerConnection, ConnectionLost
 from reportflow.consumers.runtime.messages import Delivery
 from reportflow.consumers.runtime.metrics import RuntimeMetrics
@@ -81,6 +84,12 @@ class Consumer:
             max_message_bytes=settings.max_message_bytes,
             trust=PublisherTrust(settings.trust.trusted_publishers()),
         )
+        batching = stage.batch and settings.batch_size > 1 and settings.database_url.startswith("postgresql")
+        self.batches = Batches(self.processor, session_factory, self.telemetry, batching)
+        self.batch_size = settings.batch_size if batching else 1
+        # Room in the prefetch window for a batch to form under a backlog.
+        self.prefetch = settings.prefetch or max(settings.effective_prefetch, self.batch_size)
+        self._waiting: deque[Delivery] = deque()
         self.settler = Settler(stage.name, self.topology, self.telemetry)
         self.broker = BrokerConnection(
             settings.amqp_url, settings.heartbeat_seconds, f"reportflow-{stage.name}-{os.getpid()}"
@@ -166,14 +175,15 @@ class Consumer:
             connection, self.topology, self._bindings, {self.stage.name: self.stage.event_types}
         )
         self.settler.open_channels(connection)
-        consume_channel.basic_qos(prefetch_count=self.settings.effective_prefetch)
+        consume_channel.basic_qos(prefetch_count=self.prefetch)
         consumer_tag = consume_channel.basic_consume(self.queue, on_message_callback=self._on_message)
         log.info(
-            "%s: consuming %s (prefetch %d, %d worker threads)",
+            "%s: consuming %s (prefetch %d, %d worker threads, batches of up to %d)",
             self.stage.name,
             self.queue,
-            self.settings.effective_prefetch,
+            self.prefetch,
             self._executor._max_workers,
+            self.batch_size,
         )
         self.ready.set()
         stopped_at = time.monotonic()  # from when the stop began: set again then
@@ -212,27 +222,45 @@ class Consumer:
         with self._lock:
             self._in_flight += 1
         self.metrics.in_flight.inc()
-        self._executor.submit(self._work, delivery)
+        self._waiting.append(delivery)
+        self._executor.submit(self._work_waiting)
 
-    def _work(self, delivery: Delivery) -> None:
-        """Process one delivery on a worker thread, then hand its settling to the I/O thread."""
+    def _work_waiting(self) -> None:
+        """On a worker thread: take what is waiting (one delivery when idle, up to a batch under a backlog),
+        process it, and hand each delivery's settling to the I/O thread. A task that finds nothing waiting
+        (others took it) returns."""
+        deliveries = []
+        while len(deliveries) < self.batch_size:
+            try:
+                deliveries.append(self._waiting.popleft())
+            except IndexError:
+                break
+        if not deliveries:
+            return
+        if self._stopping.is_set():
+            for _ in deliveries:
+                self._done()  # not started: left unacked, so the broker gives them to another consumer
+            return
         try:
-            if self._stopping.is_set():
-                self._done()  # not started: left unacked, so the broker gives it to another consumer
-                return
             started = time.perf_counter()
-            outcome = self.processor.process(delivery)
-            self.metrics.processed(delivery, outcome, time.perf_counter() - started)
-            future = self.broker.call_on_io(lambda: self.settler.settle(delivery, outcome))
-        except ConnectionLost as exc:
-            log.warning("%s: %s; message %s will be redelivered", self.stage.name, exc, delivery.properties.message_id)
-            self._done()
-            return
+            outcomes = self.batches.process(deliveries)
+            each = (time.perf_counter() - started) / len(deliveries)
         except Exception:
-            log.exception("%s: message %s could not be handled", self.stage.name, delivery.properties.message_id)
-            self._done()
+            log.exception("%s: %d messages could not be handled", self.stage.name, len(deliveries))
+            for _ in deliveries:
+                self._done()
             return
-        future.add_done_callback(lambda f: self._settled(delivery, f))
+        for delivery, outcome in zip(deliveries, outcomes, strict=True):
+            self.metrics.processed(delivery, outcome, each)
+            try:
+                future = self.broker.call_on_io(lambda d=delivery, o=outcome: self.settler.settle(d, o))
+            except ConnectionLost as exc:
+                log.warning(
+                    "%s: %s; message %s will be redelivered", self.stage.name, exc, delivery.properties.message_id
+                )
+                self._done()
+                continue
+            future.add_done_callback(lambda f, d=delivery: self._settled(d, f))
 
     def _settled(self, delivery: Delivery, future: Future) -> None:
         """Runs where the settle finished: on the I/O thread, or where a lost connection failed it."""

@@ -5,6 +5,7 @@ a delivery can be processed on its own: by a worker thread, a test or a benchmar
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import replace
 
 from opentelemetry import context, trace
@@ -45,24 +46,54 @@ class Processor:
         self._max_message_bytes = max_message_bytes
         self._trust = trust or PublisherTrust({})
 
-    def process(self, delivery: Delivery) -> Outcome:
-        """Handle one delivery; whatever happens, say what is to become of it."""
+    def read(self, delivery: Delivery) -> Event | InvalidMessage:
+        """The delivery as a message of its type, screened for who published it."""
         props = delivery.properties
-        event_type = props.type or delivery.routing_key
         message = parse(
-            event_type,
+            props.type or delivery.routing_key,
             props.message_id,
             props.content_type,
             delivery.body,
             self._max_message_bytes,
             (props.headers or {}).get("schema_version"),
         )
-        publisher = publisher_of(delivery)
-        message = self._trust.screen(message, publisher)
+        return self._trust.screen(message, publisher_of(delivery))
+
+    @contextmanager
+    def span(self, delivery: Delivery, message):
+        """The process span of a delivery (telemetry's), with who published it."""
         exchange = delivery.exchange or self._exchange  # retries come back through the default exchange
         with self._telemetry.process(delivery, message, exchange, self._queue) as span:
+            publisher = publisher_of(delivery)
             if publisher:
                 span.set_attribute("reportflow.publisher", publisher)
+            yield span
+
+    def batchable(self, delivery: Delivery) -> Event | None:
+        """The delivery as a valid event this stage handles, which may share a transaction; else None."""
+        try:
+            message = self.read(delivery)
+            message = validate(message) if isinstance(message, Event) else message
+        except Exception:
+            return None  # process() says what is wrong with it, alone
+        return message if isinstance(message, Event) and message.type in self.stage.handlers else None
+
+    def run_handler(self, message: Event, uow: UnitOfWork) -> None:
+        """The stage's handler for a readable message, its own writes flushed (traced as its SQL)."""
+        handler = self.stage.handlers[message.type]
+        handler(message, uow, **self._handler_kwargs[handler])
+        uow.flush()
+
+    def note_refusal(self, span, message, refusal: str | None) -> None:
+        if refusal:
+            span.set_attribute("reportflow.refused", refusal)
+            span.add_event("refused", {"reason": refusal})
+            log.warning("%s: refused %s %s: %s", self.stage.name, message.type, message.message_id, refusal)
+
+    def process(self, delivery: Delivery) -> Outcome:
+        """Handle one delivery; whatever happens, say what is to become of it."""
+        message = self.read(delivery)
+        with self.span(delivery, message) as span:
             try:
                 if isinstance(message, Event):
                     message = validate(message)  # an invalid one says why on this span (handle)
@@ -105,10 +136,7 @@ class Processor:
                 return Outcome(context.get_current(), verdict="duplicate")
             handler(message, uow, **self._handler_kwargs[handler])
             uow.flush()  # the handler's own writes, traced as its SQL; the bookkeeping below is the runtime's
-            if uow.refusal:
-                span.set_attribute("reportflow.refused", uow.refusal)
-                span.add_event("refused", {"reason": uow.refusal})
-                log.warning("%s: refused %s %s: %s", self.stage.name, message.type, message.message_id, uow.refusal)
+            self.note_refusal(span, message, uow.refusal)
             with self._telemetry.runtime_sql():
                 committed = uow.commit(carrier)
             return Outcome(

@@ -1,0 +1,109 @@
+"""Batches: under a backlog, the deliveries waiting in the prefetch window are handled in one transaction
+(one inbox insert for all of them, their handlers one after another, one outbox insert, one commit), then
+each is settled on its own. A commit and its bookkeeping statements are most of a pass-through hop's cost,
+and a backlog shares them.
+
+Each message keeps what it has alone: its own process span in its own trace, its own outcome, its own
+retry. Its handler runs inside a savepoint, so a handler that fails is rolled back alone, its inbox claim
+given back, and the message handled alone after the batch commits: one bad message never fails its
+neighbours' effects. What cannot be batched (an unreadable or untrusted message, a type with no handler,
+a stage that asks not to be, SQLite) is handled alone, as is a single delivery: an idle pipeline never
+waits to fill a batch."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from opentelemetry import context
+
+from reportflow.consumers.runtime.messages import Delivery, Outcome, OutgoingMessage
+from reportflow.shared.db import UnitOfWork
+from reportflow.shared.events import Event
+from reportflow.shared.trace_context import carrier_of_current
+
+log = logging.getLogger("reportflow.consumer")
+
+
+class Batches:
+    def __init__(self, processor, session_factory, telemetry, enabled: bool):
+        """processor: the stage's Processor, whose handlers and readings the batch shares."""
+        self._processor = processor
+        self._session_factory = session_factory
+        self._telemetry = telemetry
+        self.enabled = enabled
+
+    def process(self, deliveries: list[Delivery]) -> list[Outcome]:
+        """An outcome for each delivery, in order."""
+        if not self.enabled or len(deliveries) == 1:
+            return [self._processor.process(d) for d in deliveries]
+        outcomes: dict[int, Outcome] = {}
+        batch, ids, later = [], set(), []
+        for index, delivery in enumerate(deliveries):
+            event = self._processor.batchable(delivery)
+            if event is None:
+                outcomes[index] = self._processor.process(delivery)
+            elif event.message_id in ids:
+                later.append((index, delivery))  # a second copy: after the first commits, the inbox has it
+            else:
+                ids.add(event.message_id)
+                batch.append((index, delivery, event))
+        if len(batch) == 1:
+            index, delivery, _ = batch[0]
+            outcomes[index] = self._processor.process(delivery)
+        elif batch:
+            try:
+                outcomes.update(self._in_one_transaction(batch))
+            except Exception as exc:  # the commit itself: each is handled alone, with its own retry
+                log.warning("a batch of %d could not commit (%r); handling each alone", len(batch), exc)
+                outcomes.update({index: self._processor.process(delivery) for index, delivery, _ in batch})
+        outcomes.update({index: self._processor.process(delivery) for index, delivery in later})
+        return [outcomes[index] for index in range(len(deliveries))]
+
+    def _in_one_transaction(self, batch: list[tuple[int, Delivery, Event]]) -> dict[int, Outcome]:
+        processor, telemetry = self._processor, self._telemetry
+        handled, alone = [], []
+        with UnitOfWork(self._session_factory, processor.stage.name) as uow:
+            with telemetry.runtime_sql():
+                claimed = uow.claim_all([(event.message_id, event.type) for _, _, event in batch])
+            for index, delivery, event in batch:
+                with processor.span(delivery, event) as span:
+                    span.set_attribute("reportflow.batch.size", len(batch))
+                    if event.message_id not in claimed:
+                        span.set_attribute("reportflow.duplicate", True)
+                        handled.append((index, context.get_current(), None, "duplicate"))
+                        continue
+                    carrier = carrier_of_current()
+                    savepoint = uow.session.begin_nested()
+                    try:
+                        processor.run_handler(replace(event, trace_context=carrier), uow)
+                        savepoint.commit()
+                    except Exception as exc:
+                        savepoint.rollback()
+                        with telemetry.runtime_sql():
+                            uow.unclaim(event.message_id)
+                        uow.take_effects()
+                        span.add_event("taken out of its batch", {"reason": f"{type(exc).__name__}: {exc}"[:1000]})
+                        alone.append((index, delivery))
+                        continue
+                    effects = uow.take_effects()
+                    processor.note_refusal(span, event, effects.refusal)
+                    handled.append((index, context.get_current(), (effects, carrier), None))
+            with telemetry.runtime_sql():
+                committed = iter(uow.commit_all([h[2] for h in handled if h[2] is not None]))
+        outcomes = {}
+        for index, current, effects, verdict in handled:
+            if verdict == "duplicate":
+                outcomes[index] = Outcome(current, verdict="duplicate")
+                continue
+            rows = next(committed)
+            outcomes[index] = Outcome(
+                current,
+                verdict="refused" if effects[0].refusal else "handled",
+                publish=[
+                    OutgoingMessage(outbox_id, e.message_id, e.type, e.payload, effects[1]) for outbox_id, e in rows
+                ],
+            )
+        for index, delivery in alone:  # after the batch's commit: its neighbours' effects do not wait on it
+            outcomes[index] = processor.process(delivery)
+        return outcomes

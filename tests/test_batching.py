@@ -1,0 +1,85 @@
+"""Batched commits under a backlog, against the real RabbitMQ and PostgreSQL: waiting deliveries share one
+transaction, each keeping its own span, trace and outcome; a failing one is handled alone and its
+neighbours' effects stand; an idle consumer handles a single message at once."""
+
+from __future__ import annotations
+
+from reportflow.consumers import creation
+from reportflow.consumers.bootstrap import session_factory
+from reportflow.consumers.runtime import Consumer
+from reportflow.consumers.stage import Stage
+from reportflow.producers import ReportflowClient
+from reportflow.shared.models import InboxRecord, Report
+from reportflow.shared.topology import Topology, declare
+from tests.helpers import TEST_AMQP_URL, count, dead_letters, running, sample_request, settled
+
+
+def consumer_for(settings_for, postgres_url, tracer_provider, handler, **overrides) -> Consumer:
+    settings = settings_for(postgres_url, batch_size=8, concurrency=1, **overrides)
+    stage = Stage("creation", {"report.requested": handler})
+    return Consumer(stage, settings, session_factory(settings, tracer_provider), {}, tracer_provider=tracer_provider)
+
+
+def backlog(broker, exchange: str, report_ids: list[str]) -> dict[str, str]:
+    """Requests waiting in the stage's queue before its consumer starts; report id -> trace id."""
+    declare(broker.channel(), Topology(exchange), {"creation": ["report.requested"]})
+    with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+        return {r: client.request_report(sample_request(report_id=r)).trace_id for r in report_ids}
+
+
+def process_spans(finished_spans, exchange: str) -> list:
+    return [s for s in finished_spans() if s.name == f"process {exchange}:report.requested:{exchange}.creation"]
+
+
+def test_a_backlog_is_committed_in_batches_each_message_in_its_own_trace(
+    settings_for, postgres_url, tracer_provider, finished_spans, broker, exchange, tap
+):
+    traces = backlog(broker, exchange, [f"r-b-{n}" for n in range(20)])
+    consumer = consumer_for(settings_for, postgres_url, tracer_provider, creation.on_report_requested)
+    with running(consumer):
+        tap.wait_for("report.created", count=20)
+        settled(consumer, 20)
+    assert count(postgres_url, Report) == 20 and count(postgres_url, InboxRecord) == 20
+    spans = process_spans(finished_spans, exchange)
+    assert sorted(format(s.context.trace_id, "032x") for s in spans) == sorted(traces.values())
+    sizes = [s.attributes.get("reportflow.batch.size", 1) for s in spans]
+    assert max(sizes) > 1, "no batch formed from a backlog"
+    created = {p["report_id"]: props for _, p, props in tap.drain() if _ == "report.created"}
+    for report_id, trace_id in traces.items():  # what each emitted carries its own trace on
+        assert created[report_id].headers["traceparent"].split("-")[1] == trace_id
+
+
+def test_a_failing_message_leaves_its_batch_and_its_neighbours_effects_stand(
+    settings_for, postgres_url, tracer_provider, finished_spans, broker, exchange, tap
+):
+    def fails_on_bad(event, uow):
+        creation.on_report_requested(event, uow)
+        if event.payload["report_id"] == "r-bad":
+            raise ValueError("this one cannot be stored")
+
+    ids = [f"r-ok-{n}" for n in range(4)] + ["r-bad"] + [f"r-ok-{n}" for n in range(4, 8)]
+    backlog(broker, exchange, ids)
+    consumer = consumer_for(settings_for, postgres_url, tracer_provider, fails_on_bad)
+    with running(consumer):
+        tap.wait_for("report.created", count=8)
+        settled(consumer, 9)
+    assert count(postgres_url, Report) == 8 and count(postgres_url, InboxRecord) == 8
+    assert {p["report_id"] for t, p, _ in tap.drain() if t == "report.created"} == set(ids) - {"r-bad"}
+    [(headers, _)] = dead_letters(broker, exchange)
+    assert "this one cannot be stored" in headers["x-reportflow-error"]
+    spans = [s for s in process_spans(finished_spans, exchange) if s.attributes.get("report.id") == "r-bad"]
+    assert any(e.name == "taken out of its batch" for s in spans for e in s.events)
+    assert any(s.status.status_code.name == "ERROR" for s in spans)  # handled alone, its failure on its span
+
+
+def test_an_idle_consumer_handles_a_single_message_at_once(
+    settings_for, postgres_url, tracer_provider, finished_spans, broker, exchange, tap
+):
+    consumer = consumer_for(settings_for, postgres_url, tracer_provider, creation.on_report_requested)
+    with running(consumer):
+        with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            client.request_report(sample_request(report_id="r-alone"))
+        tap.wait_for("report.created")
+        settled(consumer, 1)
+    [span] = process_spans(finished_spans, exchange)
+    assert "reportflow.batch.size" not in span.attributes
