@@ -134,6 +134,9 @@ def test_deadlines_reminders_escalation_delegation_withdrawal_and_resubmission(
     )
     assert "Revision 2" in final and "Timed out, revised" in final
     assert (reports / "draft.pdf").is_file()
+    delegated_pdf = tmp_path / "storage" / "reports" / "life-delegate" / "final.pdf"
+    record = "\n".join(p.extract_text() for p in PdfReader(io.BytesIO(delegated_pdf.read_bytes())).pages)
+    assert "ian@example.com on behalf of eve@example.com" in " ".join(record.split())
 
     # The history says who did what, in order.
     engine = make_engine(database_url)
