@@ -161,19 +161,20 @@ def _round(stage: ApprovalStage) -> int:
     return 1 if stage.escalated else 0
 
 
-def _timed_stage(uow, due: dict) -> tuple[Report, ApprovalStage] | tuple[None, None]:
+def _timed_stage(uow, due: dict) -> tuple[Report, ApprovalStage] | None:
     """The report and stage a timer is for, if it still applies: same revision, stage open, same round."""
     report = uow.report(due["report_id"], for_update=True)
     stage = report.stage_named(due["stage"]) if report and report.revision == due["revision"] else None
-    if stage is None or stage.status != "open" or _round(stage) != due["round"]:
-        return None, None
+    if report is None or stage is None or stage.status != "open" or _round(stage) != due["round"]:
+        return None
     return report, stage
 
 
 def on_reminder_due(event: Event, uow, clock) -> None:
-    report, stage = _timed_stage(uow, event.payload)
-    if stage is None or not stage.undecided:
+    found = _timed_stage(uow, event.payload)
+    if found is None or not found[1].undecided:
         return
+    report, stage = found
     reminded = {
         "report_id": report.id,
         "title": report.title,
@@ -189,9 +190,10 @@ def on_reminder_due(event: Event, uow, clock) -> None:
 
 
 def on_deadline_due(event: Event, uow, clock) -> None:
-    report, stage = _timed_stage(uow, event.payload)
-    if stage is None:
+    found = _timed_stage(uow, event.payload)
+    if found is None:
         return
+    report, stage = found
     undecided = stage.undecided
     policy = on_deadline(stage.definition)
     if policy == "escalate":
@@ -381,7 +383,7 @@ def _draft(report: Report) -> dict | None:
 
 
 def _refuse(uow, message_id: str, asked: dict, reason: str, action: str = "decide") -> None:
-    person = next((asked[k] for k in ("approver", "submitter") if isinstance(asked.get(k), dict)), {})
+    person: dict = next((asked[k] for k in ("approver", "submitter") if isinstance(asked.get(k), dict)), {})
     email = _text(person, "email")
     report_id, stage_name = _text(asked, "report_id"), _text(asked, "stage")
     decision = _text(asked, "decision") if action == "decide" else action

@@ -13,16 +13,26 @@ waits to fill a batch."""
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from opentelemetry import context
 
 from reportflow.consumers.runtime.messages import Delivery, Outcome, OutgoingMessage
-from reportflow.shared.db import UnitOfWork
+from reportflow.shared.db import Effects, UnitOfWork
 from reportflow.shared.events import Event
 from reportflow.shared.trace_context import carrier_of_current
 
 log = logging.getLogger("reportflow.consumer")
+
+
+@dataclass
+class _Handled:
+    """A message of the batch whose handler ran (effects) or that was seen before (no effects)."""
+
+    index: int
+    context: context.Context
+    effects: Effects | None = None
+    carrier: dict = field(default_factory=dict)
 
 
 class Batches:
@@ -62,7 +72,8 @@ class Batches:
 
     def _in_one_transaction(self, batch: list[tuple[int, Delivery, Event]]) -> dict[int, Outcome]:
         processor, telemetry = self._processor, self._telemetry
-        handled, alone = [], []
+        handled: list[_Handled] = []
+        alone: list[tuple[int, Delivery]] = []
         with UnitOfWork(self._session_factory, processor.stage.name) as uow:
             with telemetry.runtime_sql():
                 claimed = uow.claim_all([(event.message_id, event.type) for _, _, event in batch])
@@ -71,7 +82,7 @@ class Batches:
                     span.set_attribute("reportflow.batch.size", len(batch))
                     if event.message_id not in claimed:
                         span.set_attribute("reportflow.duplicate", True)
-                        handled.append((index, context.get_current(), None, "duplicate"))
+                        handled.append(_Handled(index, context.get_current()))
                         continue
                     carrier = carrier_of_current()
                     savepoint = uow.session.begin_nested()
@@ -88,20 +99,20 @@ class Batches:
                         continue
                     effects = uow.take_effects()
                     processor.note_refusal(span, event, effects.refusal)
-                    handled.append((index, context.get_current(), (effects, carrier), None))
+                    handled.append(_Handled(index, context.get_current(), effects, carrier))
             with telemetry.runtime_sql():
-                committed = iter(uow.commit_all([h[2] for h in handled if h[2] is not None]))
+                committed = iter(uow.commit_all([(h.effects, h.carrier) for h in handled if h.effects is not None]))
         outcomes = {}
-        for index, current, effects, verdict in handled:
-            if verdict == "duplicate":
-                outcomes[index] = Outcome(current, verdict="duplicate")
+        for h in handled:
+            if h.effects is None:
+                outcomes[h.index] = Outcome(h.context, verdict="duplicate")
                 continue
-            rows = next(committed)
-            outcomes[index] = Outcome(
-                current,
-                verdict="refused" if effects[0].refusal else "handled",
+            outcomes[h.index] = Outcome(
+                h.context,
+                verdict="refused" if h.effects.refusal else "handled",
                 publish=[
-                    OutgoingMessage(outbox_id, e.message_id, e.type, e.payload, effects[1]) for outbox_id, e in rows
+                    OutgoingMessage(outbox_id, e.message_id, e.type, e.payload, h.carrier)
+                    for outbox_id, e in next(committed)
                 ],
             )
         for index, delivery in alone:  # after the batch's commit: its neighbours' effects do not wait on it

@@ -23,6 +23,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 import pika
 import pika.exceptions
@@ -229,7 +230,7 @@ class Consumer:
         """On a worker thread: take what is waiting (one delivery when idle, up to a batch under a backlog),
         process it, and hand each delivery's settling to the I/O thread. A task that finds nothing waiting
         (others took it) returns."""
-        deliveries = []
+        deliveries: list[Delivery] = []
         while len(deliveries) < self.batch_size:
             try:
                 deliveries.append(self._waiting.popleft())
@@ -253,14 +254,14 @@ class Consumer:
         for delivery, outcome in zip(deliveries, outcomes, strict=True):
             self.metrics.processed(delivery, outcome, each)
             try:
-                future = self.broker.call_on_io(lambda d=delivery, o=outcome: self.settler.settle(d, o))
+                future = self.broker.call_on_io(partial(self.settler.settle, delivery, outcome))
             except ConnectionLost as exc:
                 log.warning(
                     "%s: %s; message %s will be redelivered", self.stage.name, exc, delivery.properties.message_id
                 )
                 self._done()
                 continue
-            future.add_done_callback(lambda f, d=delivery: self._settled(d, f))
+            future.add_done_callback(partial(self._settled, delivery))
 
     def _settled(self, delivery: Delivery, future: Future) -> None:
         """Runs where the settle finished: on the I/O thread, or where a lost connection failed it."""
