@@ -186,6 +186,8 @@ def status(consuming: bool) -> None:
         if connection.is_open:
             connection.close()
     click.echo("")
+    for line in _timer_lines(settings):
+        click.echo(line)
     for process in read_status_files(settings.storage_dir):
         state = "stale" if process["stale"] else ("connected" if process["connected"] else "connecting")
         spans = process.get("spans") or {}
@@ -194,6 +196,39 @@ def status(consuming: bool) -> None:
             f"reconnects {process['connections_opened'] - 1:<3} spans: "
             + (", ".join(f"{k} {v}" for k, v in spans.items()) if spans else "tracing off")
         )
+
+
+def _timer_lines(settings: Settings) -> list[str]:
+    """Reminders and deadlines per stage: waiting, due and not yet fired (a stage that is down or behind),
+    and given up (their reason is in the timers table's last_error)."""
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import Session
+
+    from reportflow.shared.db import make_engine
+    from reportflow.shared.models import Timer, utcnow
+
+    engine = make_engine(settings.database_url)
+    try:
+        with Session(engine) as session:
+            now, unfired = utcnow(), Timer.fired_at.is_(None)
+            counts = {
+                what: dict(session.execute(select(Timer.stage, func.count()).where(*where).group_by(Timer.stage)).all())
+                for what, where in {
+                    "waiting": (unfired, Timer.cancelled_at.is_(None), Timer.due_at > now),
+                    "due": (unfired, Timer.cancelled_at.is_(None), Timer.due_at <= now),
+                    "given up": (unfired, Timer.last_error.like("given up%")),
+                }.items()
+            }
+    except Exception as exc:  # the database is the operator's to look at; the broker figures still stand
+        return [f"timers: unknown ({type(exc).__name__})", ""]
+    finally:
+        engine.dispose()
+    stages = sorted({stage for by_stage in counts.values() for stage in by_stage})
+    lines = [
+        f"timers of {stage:<13} " + "  ".join(f"{what} {by_stage.get(stage, 0)}" for what, by_stage in counts.items())
+        for stage in stages
+    ]
+    return [*lines, ""] if lines else []
 
 
 def _every_stage_consumed(settings: Settings, topo) -> bool:

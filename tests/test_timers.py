@@ -9,18 +9,22 @@ from concurrent.futures import Future
 from datetime import timedelta
 
 from opentelemetry import trace
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
+from reportflow.consumers.cli import _timer_lines
 from reportflow.consumers.retries import RetryPolicy
 from reportflow.consumers.runtime import Processor
+from reportflow.consumers.runtime.metrics import RuntimeMetrics
 from reportflow.consumers.runtime.telemetry import Telemetry
 from reportflow.consumers.runtime.timers import TimerPoller
 from reportflow.consumers.stage import Stage
-from reportflow.shared.config import TracingSettings
+from reportflow.shared.config import Settings, TracingSettings
 from reportflow.shared.models import Timer, utcnow
 from reportflow.shared.trace_context import carrier_of_current
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+STAGE = "stage"
 
 
 class Published:
@@ -37,14 +41,14 @@ class Published:
 
 
 def poller_for(session_factory, handler, tracer_provider=None, retry_delays=(0, 0)) -> tuple[TimerPoller, Published]:
-    stage = Stage("stage", handlers={}, timers={"stage.ping_due": handler})
+    stage = Stage(STAGE, handlers={}, timers={"stage.ping_due": handler})
     telemetry = Telemetry(stage, TracingSettings(), session_factory, ("127.0.0.1", 5672), tracer_provider)
     processor = Processor(
         stage, session_factory, {}, telemetry, RetryPolicy(()), queue="q", exchange="x", max_message_bytes=1 << 20
     )
     published = Published()
     poller = TimerPoller(
-        "stage",
+        STAGE,
         session_factory,
         processor,
         telemetry,
@@ -52,8 +56,13 @@ def poller_for(session_factory, handler, tracer_provider=None, retry_delays=(0, 
         poll_seconds=0.1,
         lease_seconds=30,
         retry_delays=retry_delays,
+        counted=RuntimeMetrics(STAGE).timers,
     )
     return poller, published
+
+
+def counted(outcome: str) -> float:
+    return REGISTRY.get_sample_value("reportflow_timers_total", {"stage": STAGE, "outcome": outcome}) or 0
 
 
 def set_timer(session_factory, due_in: timedelta = timedelta(0)) -> None:
@@ -61,7 +70,7 @@ def set_timer(session_factory, due_in: timedelta = timedelta(0)) -> None:
         session.add(
             Timer(
                 message_id="timer-1",
-                stage="stage",
+                stage=STAGE,
                 key="k",
                 event_type="stage.ping_due",
                 payload={"report_id": "r-1"},
@@ -86,12 +95,14 @@ def test_a_due_timer_fires_once_in_the_trace_it_was_set_in(session_factory, trac
 
     set_timer(session_factory, due_in=timedelta(hours=1))
     poller, published = poller_for(session_factory, on_ping, tracer_provider)
+    fired_before = counted("fired")
     assert poller.fire_due() == 0  # not due yet
     with session_factory() as session, session.begin():
         session.scalars(select(Timer)).one().due_at = utcnow()
     assert poller.fire_due() == 1
     assert poller.fire_due() == 0
     assert [m.event_type for m in published.messages] == ["report.approved"]
+    assert counted("fired") == fired_before + 1
     assert the_timer(session_factory).fired_at is not None
     [span] = [s for s in finished_spans() if s.name == "timer stage.ping_due"]
     assert format(span.context.trace_id, "032x") == TRACEPARENT.split("-")[1]
@@ -132,6 +143,7 @@ def test_a_failing_timer_is_tried_again_then_given_up_with_its_reason(session_fa
 
     set_timer(session_factory)
     poller, published = poller_for(session_factory, broken, retry_delays=(0,))
+    before = {outcome: counted(outcome) for outcome in ("retried", "given_up")}
     assert poller.fire_due() == 1
     timer = the_timer(session_factory)
     assert (timer.attempts, timer.cancelled_at, timer.last_error) == (1, None, "RuntimeError: template missing")
@@ -140,3 +152,25 @@ def test_a_failing_timer_is_tried_again_then_given_up_with_its_reason(session_fa
     assert timer.cancelled_at is not None and timer.fired_at is None
     assert timer.last_error == "given up after 2 attempts: RuntimeError: template missing"
     assert poller.fire_due() == 0 and published.messages == []
+    assert {outcome: counted(outcome) - before[outcome] for outcome in before} == {"retried": 1, "given_up": 1}
+
+
+def test_status_counts_each_stages_waiting_due_and_given_up_timers(session_factory, database_url):
+    set_timer(session_factory, due_in=timedelta(hours=1))
+    with session_factory() as session, session.begin():
+        session.add(
+            Timer(
+                message_id="timer-2",
+                stage=STAGE,
+                key="k",
+                event_type="stage.ping_due",
+                payload={},
+                headers={},
+                due_at=utcnow(),
+                attempts=5,
+                cancelled_at=utcnow(),
+                last_error="given up after 5 attempts: boom",
+            )
+        )
+    lines = _timer_lines(Settings(database_url=database_url))
+    assert lines == [f"timers of {STAGE:<13} waiting 1  due 0  given up 1", ""]

@@ -109,6 +109,7 @@ class Consumer:
                 poll_seconds=settings.timer_poll_seconds,
                 lease_seconds=settings.timer_lease_seconds,
                 retry_delays=self.retry_policy.delays,
+                counted=self.metrics.timers,
             )
             if stage.timers
             else None

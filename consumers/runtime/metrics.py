@@ -1,5 +1,6 @@
 """The runtime's Prometheus metrics, per stage and event type: what became of each message, how long it
-took, how long it waited in its queue, what is in flight and what the outbox still holds.
+took, how long it waited in its queue, what is in flight, what the outbox still holds, and what became of
+its timers.
 
 Event types come from the message, which anyone can publish: a type outside the contract is counted as
 "unknown", so a hostile publisher cannot grow the label set."""
@@ -38,12 +39,17 @@ OUTBOX_WAITING = Gauge(
     "reportflow_outbox_waiting", "Outbox rows not yet published, as the relay last counted", ["stage"]
 )
 
+TIMERS = Counter(
+    "reportflow_timers", "Timers a stage fired, by what became of them (fired, retried, given_up)", ["stage", "outcome"]
+)
+
 
 class RuntimeMetrics:
     def __init__(self, stage: str):
         self.stage = stage
         self.in_flight = IN_FLIGHT.labels(stage)
         self.outbox_waiting = OUTBOX_WAITING.labels(stage)
+        self.timers = {outcome: TIMERS.labels(stage, outcome) for outcome in ("fired", "retried", "given_up")}
 
     def processed(self, delivery: Delivery, outcome: Outcome, seconds: float) -> None:
         event_type = _known(delivery.properties.type or delivery.routing_key)

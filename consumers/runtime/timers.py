@@ -39,8 +39,10 @@ class TimerPoller:
         poll_seconds: float,
         lease_seconds: int,
         retry_delays: tuple[int, ...],
+        counted: dict | None = None,
     ):
-        """processor.handle runs a timer's message; publish_on_io(messages) publishes what it emitted."""
+        """processor.handle runs a timer's message; publish_on_io(messages) publishes what it emitted;
+        counted, outcome -> a counter (fired, retried, given_up)."""
         self.stage_name = stage_name
         self._session_factory = session_factory
         self._processor = processor
@@ -49,6 +51,7 @@ class TimerPoller:
         self._poll_seconds = poll_seconds
         self._lease = timedelta(seconds=lease_seconds)
         self._retry_delays = retry_delays
+        self._counted = counted or {}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{stage_name}-timers", daemon=True)
 
@@ -114,6 +117,7 @@ class TimerPoller:
             except Exception as exc:  # committed in the outbox: the relay publishes it
                 log.warning("%s: timer %s: publishing left to the outbox relay (%r)", self.stage_name, timer.id, exc)
         self._set(timer.id, fired_at=utcnow(), last_error=None)
+        self._count("fired")
 
     def _failed(self, timer: Timer, reason: str) -> None:
         """Try again after the retry policy's delays, like a message; past the last, give up, saying why."""
@@ -121,11 +125,17 @@ class TimerPoller:
             delay = self._retry_delays[timer.attempts - 1]
             log.warning("%s: timer %s failed (%s); again in %d s", self.stage_name, timer.id, reason, delay)
             self._set(timer.id, leased_until=utcnow() + timedelta(seconds=delay), last_error=reason[:2000])
+            self._count("retried")
             return
         log.error("%s: timer %s failed %d times, given up: %s", self.stage_name, timer.id, timer.attempts, reason)
         self._set(
             timer.id, cancelled_at=utcnow(), last_error=f"given up after {timer.attempts} attempts: {reason}"[:2000]
         )
+        self._count("given_up")
+
+    def _count(self, outcome: str) -> None:
+        if outcome in self._counted:
+            self._counted[outcome].inc()
 
     def _set(self, timer_id: int, **values) -> None:
         with suppress_instrumentation(), self._session_factory() as session, session.begin():
