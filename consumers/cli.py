@@ -211,8 +211,13 @@ def _timer_lines(settings: Settings) -> list[str]:
     try:
         with Session(engine) as session:
             now, unfired = utcnow(), Timer.fired_at.is_(None)
-            counts = {
-                what: dict(session.execute(select(Timer.stage, func.count()).where(*where).group_by(Timer.stage)).all())
+            counts: dict[str, dict[str, int]] = {
+                what: {
+                    stage: number
+                    for stage, number in session.execute(
+                        select(Timer.stage, func.count()).where(*where).group_by(Timer.stage)
+                    ).tuples()
+                }
                 for what, where in {
                     "waiting": (unfired, Timer.cancelled_at.is_(None), Timer.due_at > now),
                     "due": (unfired, Timer.cancelled_at.is_(None), Timer.due_at <= now),
