@@ -103,6 +103,18 @@ class Report(Base):
             return None, NotDecidable("already_decided", f"{approver} has already decided stage {stage_name!r}")
         return stage, None
 
+    def submitters_refusal(self, submitter_id: str, action: str) -> str | None:
+        """Why this submitter may not withdraw or resubmit the report now, or None: the one rule for both."""
+        if submitter_id != self.submitter.get("id"):
+            return "only the report's submitter may do this"
+        if action == "withdraw" and self.status == "withdrawn":
+            return "the report was already withdrawn"
+        if action == "withdraw" and self.status in ("approved", "finalized"):
+            return "the report's approval is complete"
+        if action == "resubmit" and self.status != "rejected":
+            return f"only a rejected report can be resubmitted; this one is {self.status}"
+        return None
+
 
 @dataclass(frozen=True)
 class NotDecidable:
@@ -148,6 +160,12 @@ class ApprovalStage(Base):
 
     def decision_of(self, approver: str) -> Decision | None:
         return next((d for d in self.decisions if d.approver_email == approver), None)
+
+    @property
+    def complete(self) -> bool:
+        """Approved by its rule: any one approver, or all of them."""
+        approved = {d.approver_email for d in self.decisions if d.decision == "approve"}
+        return bool(approved) if self.rule == "any" else approved >= set(self.approvers)
 
     @property
     def undecided(self) -> list[str]:

@@ -78,7 +78,7 @@ def handle(units, handler, message: Event | InvalidMessage, **dependencies) -> l
     if "clock" in dependency_names(handler):
         dependencies.setdefault("clock", utcnow)
     stage = Stage(
-        handler.__module__.rsplit(".", 1)[-1],
+        _stage_name(handler),
         **(
             {"handlers": {}, "on_invalid": {message.type: handler}}
             if isinstance(message, InvalidMessage)
@@ -105,6 +105,16 @@ def handle(units, handler, message: Event | InvalidMessage, **dependencies) -> l
             context.detach(token)
     assert outcome.dead_letter_reason is None, outcome.dead_letter_reason
     return [Event(m.event_type, m.payload, m.message_id) for m in outcome.publish]
+
+
+def _stage_name(handler) -> str:
+    """The stage that runs this handler (its inbox, its timers), whichever of the stage's modules has it."""
+    from reportflow.consumers import STAGES
+
+    for name, stage in STAGES.items():
+        if handler in stage.all_handlers:
+            return name
+    return handler.__module__.rsplit(".", 1)[-1]
 
 
 def request_event(**overrides) -> Event:

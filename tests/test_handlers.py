@@ -172,7 +172,7 @@ def test_an_unreadable_decision_is_refused_with_its_reasons(uow):
         ["decision: 'maybe' is not one of ['approve', 'reject']"],
         {"report_id": "r-1", "stage": "review", "decision": "maybe"},
     )
-    emitted = handle(uow, approval.on_unreadable_decision, message)
+    emitted = handle(uow, approval.on_unreadable_message, message)
     assert emitted[0].type == "approval.refused"
     assert "is not one of" in emitted[0].payload["reason"]
     assert refusals(uow) == [emitted[0].payload["reason"]]
