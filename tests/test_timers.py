@@ -65,20 +65,20 @@ def counted(outcome: str) -> float:
     return REGISTRY.get_sample_value("reportflow_timers_total", {"stage": STAGE, "outcome": outcome}) or 0
 
 
-def set_timer(session_factory, due_in: timedelta = timedelta(0)) -> None:
+def set_timer(session_factory, due_in: timedelta = timedelta(0), **state) -> None:
+    """A due (or later) timer of the test's stage; state: any other columns, as a poller would have left them."""
+    values = {
+        "message_id": "timer-1",
+        "stage": STAGE,
+        "key": "k",
+        "event_type": "stage.ping_due",
+        "payload": {"report_id": "r-1"},
+        "headers": {"traceparent": TRACEPARENT},
+        "due_at": utcnow() + due_in,
+        "attempts": 0,
+    }
     with session_factory() as session, session.begin():
-        session.add(
-            Timer(
-                message_id="timer-1",
-                stage=STAGE,
-                key="k",
-                event_type="stage.ping_due",
-                payload={"report_id": "r-1"},
-                headers={"traceparent": TRACEPARENT},
-                due_at=utcnow() + due_in,
-                attempts=0,
-            )
-        )
+        session.add(Timer(**{**values, **state}))
 
 
 def the_timer(session_factory) -> Timer:
@@ -157,20 +157,7 @@ def test_a_failing_timer_is_tried_again_then_given_up_with_its_reason(session_fa
 
 def test_status_counts_each_stages_waiting_due_and_given_up_timers(session_factory, database_url):
     set_timer(session_factory, due_in=timedelta(hours=1))
-    with session_factory() as session, session.begin():
-        session.add(
-            Timer(
-                message_id="timer-2",
-                stage=STAGE,
-                key="k",
-                event_type="stage.ping_due",
-                payload={},
-                headers={},
-                due_at=utcnow(),
-                attempts=5,
-                cancelled_at=utcnow(),
-                last_error="given up after 5 attempts: boom",
-            )
-        )
+    given_up = "given up after 5 attempts: boom"
+    set_timer(session_factory, message_id="timer-2", attempts=5, cancelled_at=utcnow(), last_error=given_up)
     lines = _timer_lines(Settings(database_url=database_url))
     assert lines == [f"timers of {STAGE:<13} waiting 1  due 0  given up 1", ""]

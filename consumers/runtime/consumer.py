@@ -85,7 +85,8 @@ class Consumer:
             max_message_bytes=settings.max_message_bytes,
             trust=PublisherTrust(settings.trust.trusted_publishers()),
         )
-        batching = stage.batch and settings.batch_size > 1 and settings.database_url.startswith("postgresql")
+        on_postgresql = session_factory.kw["bind"].dialect.name == "postgresql"
+        batching = stage.batch and settings.batch_size > 1 and on_postgresql
         self.batches = Batches(self.processor, session_factory, self.telemetry, batching)
         self.batch_size = settings.batch_size if batching else 1
         # Room in the prefetch window for a batch to form under a backlog.
