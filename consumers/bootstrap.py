@@ -10,6 +10,7 @@ from sqlalchemy.orm import sessionmaker
 
 from reportflow import consumers
 from reportflow.consumers.runtime import Consumer
+from reportflow.consumers.runtime.telemetry import SampledSessions
 from reportflow.shared.config import Settings
 from reportflow.shared.db import make_engine
 from reportflow.shared.documents import IsolatedRenderer
@@ -59,12 +60,16 @@ def without_checkout_spans() -> None:
 
 def session_factory(settings: Settings, tracer_provider=None) -> sessionmaker:
     engine = make_engine(settings.database_url)
-    if tracer_provider is not None:
-        # Each SQL statement a handler runs becomes a span under the message's process span.
-        SQLAlchemyInstrumentor().instrument(engine=engine, tracer_provider=tracer_provider)
-        without_checkout_spans()
     # expire_on_commit=False: the runtime reads outbox rows after the commit that wrote them.
-    return sessionmaker(engine, expire_on_commit=False)
+    if tracer_provider is None:
+        return sessionmaker(engine, expire_on_commit=False)
+    # Each SQL statement a handler runs becomes a span under the message's process span. The listeners
+    # that make them sit on a view of the engine (same pool), taken only inside a sampled span: an
+    # unsampled message's statements run with no instrumentation to ask.
+    traced = engine.execution_options()
+    SQLAlchemyInstrumentor().instrument(engine=traced, tracer_provider=tracer_provider)
+    without_checkout_spans()
+    return SampledSessions(engine, traced)
 
 
 def build_consumer(stage_name: str, settings: Settings, tracer_provider=None) -> Consumer:

@@ -18,7 +18,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
 from opentelemetry.propagators.jaeger import JaegerPropagator
-from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.propagators.textmap import TextMapPropagator, default_getter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -52,10 +52,10 @@ class UpstreamFriendlyPropagator(TextMapPropagator):
 
     def extract(self, carrier, context=None, getter=None):
         kwargs = {"getter": getter} if getter is not None else {}
-        # Every message is read on every hop: with the default getter, a format none of whose headers is
-        # present is not asked. (Jaeger's baggage headers are named by a prefix, uberctx-.)
+        # Every message is read on every hop: with the default getter (propagate.extract passes it), a
+        # format none of whose headers is present is not asked. (Jaeger's baggage headers: prefix uberctx-.)
         present = None
-        if getter is None and isinstance(carrier, dict):
+        if (getter is None or getter is default_getter) and isinstance(carrier, dict):
             present = set(carrier) | ({"uber-trace-id"} if any(k.startswith("uberctx-") for k in carrier) else set())
         for reader, fields in zip(self._readers, self._reader_fields, strict=True):
             if present is not None and fields.isdisjoint(present):

@@ -485,3 +485,23 @@ def test_a_stored_context_is_read_as_sampled_or_not_in_any_format(stored, sample
     from reportflow.consumers.runtime.telemetry import sampled as is_sampled
 
     assert is_sampled(stored) is sampled
+
+
+def test_an_unsampled_messages_sql_meets_no_instrumentation(sqlite_url, tracer_provider):
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from reportflow.consumers.bootstrap import session_factory
+    from reportflow.shared.config import Settings
+
+    sessions = session_factory(Settings(database_url=sqlite_url), tracer_provider)
+    plain, traced = sessions.kw["bind"], sessions.always_traced.kw["bind"]
+    assert plain is not traced and plain.pool is traced.pool  # one pool: a view of the engine, not a second
+    assert len(plain.dispatch.before_cursor_execute) == 0  # nothing for a statement to ask
+    unsampled = NonRecordingSpan(SpanContext(int(UPSTREAM_TRACE, 16), int(UPSTREAM_SPAN, 16), False, TraceFlags(0)))
+    with trace.use_span(unsampled), sessions() as session:
+        assert session.get_bind() is plain
+    with tracer_provider.get_tracer("tests").start_as_current_span("sampled"), sessions() as session:
+        assert session.get_bind() is traced
+    with sessions() as session:  # outside any span: the runtime's own bookkeeping
+        assert session.get_bind() is plain
+    plain.dispose()

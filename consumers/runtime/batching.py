@@ -39,7 +39,9 @@ class Batches:
     def __init__(self, processor, session_factory, telemetry, enabled: bool):
         """processor: the stage's Processor, whose handlers and readings the batch shares."""
         self._processor = processor
-        self._session_factory = session_factory
+        # A batch's messages share a session, sampled or not: its SQL is on the traced engine, if any, and
+        # an unsampled message's statements are suppressed there by its span.
+        self._session_factory = getattr(session_factory, "always_traced", session_factory)
         self._telemetry = telemetry
         self.enabled = enabled
 

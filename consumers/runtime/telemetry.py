@@ -12,6 +12,7 @@ from opentelemetry import context, trace
 from opentelemetry.instrumentation.pika import PikaInstrumentor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from sqlalchemy.orm import Session, sessionmaker
 
 from reportflow.consumers.stage import Stage
 from reportflow.shared import failures
@@ -136,6 +137,9 @@ class Telemetry:
             with suppress_instrumentation():
                 yield dict(stored_headers)  # carried on as it is
             return
+        if _is_current(stored_headers):  # settling right after the handler: its span is current already
+            yield {}
+            return
         token = context.attach(context_from(stored_headers))
         try:
             yield {}
@@ -199,6 +203,21 @@ class Telemetry:
         return attributes
 
 
+class SampledSessions(sessionmaker):
+    """Sessions for a traced process: on the instrumented view of the engine inside a recording span, on
+    the plain engine otherwise, so that an unsampled message's statements meet no instrumentation at all
+    (suppressed, each would still ask it). always_traced: for a batch, whose messages may be either."""
+
+    def __init__(self, plain, traced):
+        super().__init__(plain, expire_on_commit=False)
+        self.always_traced = sessionmaker(traced, expire_on_commit=False)
+
+    def __call__(self, **local_kw) -> Session:
+        if "bind" not in local_kw and trace.get_current_span().is_recording():
+            local_kw["bind"] = self.always_traced.kw["bind"]
+        return super().__call__(**local_kw)
+
+
 def sampled(stored_headers: dict) -> bool:
     """Whether the context stored with an outbox row is sampled. It is asked for every message published,
     so the W3C flags (bit 0) are read directly; another format (OTEL_PROPAGATORS) takes full extraction."""
@@ -209,6 +228,20 @@ def sampled(stored_headers: dict) -> bool:
         return bool(int(traceparent.rsplit("-", 1)[1], 16) & 1)
     except (IndexError, ValueError):
         return False
+
+
+def _is_current(stored_headers: dict) -> bool:
+    """Whether the stored W3C context is that of the current span, recording (so instrumentation is not
+    suppressed in the current context), so that nothing need be extracted."""
+    span = trace.get_current_span()
+    current = span.get_span_context()
+    traceparent = stored_headers.get("traceparent")
+    return (
+        span.is_recording()
+        and isinstance(traceparent, str)
+        and traceparent[36:52] == format(current.span_id, "016x")
+        and traceparent[3:35] == format(current.trace_id, "032x")
+    )
 
 
 def _publish_hook(host: str, port: int):
