@@ -11,7 +11,6 @@ and the runtime collects them between rounds.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import pika
@@ -25,7 +24,7 @@ CONFIRM_MODE_TIMEOUT_SECONDS = 30
 
 
 class PipelinedConfirms(Generic[Item]):
-    def __init__(self, connection: pika.BlockingConnection, instrument: Callable[[object], None]):
+    def __init__(self, connection: pika.BlockingConnection):
         self._channel = connection.channel()._impl
         selected: list[object] = []
         self._channel.confirm_delivery(ack_nack_callback=self._on_confirmation, callback=selected.append)
@@ -35,7 +34,6 @@ class PipelinedConfirms(Generic[Item]):
                 raise pika.exceptions.AMQPChannelError("the broker did not enter confirm mode")
             connection.process_data_events(time_limit=0.1)
         self._channel.add_on_return_callback(self._on_return)
-        instrument(self._channel)
         self._ledger: ConfirmLedger[Item] = ConfirmLedger()
         self.confirmed: list[Item] = []  # taken by some queue
         self.returned: list[Item] = []  # no queue takes them

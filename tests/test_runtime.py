@@ -203,7 +203,7 @@ def test_pipelined_confirms_sort_every_publish_into_taken_or_returned(broker, ex
     channel.exchange_declare(exchange, exchange_type="topic", durable=True)
     channel.queue_declare(f"{exchange}.confirms", exclusive=True)
     channel.queue_bind(f"{exchange}.confirms", exchange, routing_key="bound")
-    confirms = PipelinedConfirms(broker, instrument=lambda channel: None)
+    confirms = PipelinedConfirms(broker)
     for n in range(200):  # a burst, so the broker answers some with one multiple ack
         confirms.publish(
             exchange,

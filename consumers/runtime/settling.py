@@ -48,7 +48,7 @@ class Settler:
     def open_channels(self, connection) -> None:
         replacing = connection.channel()
         replacing.confirm_delivery()
-        self.attach(replacing, PipelinedConfirms(connection, self._telemetry.instrument))
+        self.attach(replacing, PipelinedConfirms(connection))
 
     def attach(self, replacing_channel, outbox: PipelinedConfirms) -> None:
         """The channels to settle on: a confirming channel for retries and dead letters, pipelined confirms
@@ -77,10 +77,10 @@ class Settler:
     def publish(self, message: OutgoingMessage) -> None:
         event = Event(message.event_type, message.payload, message.message_id)
         properties = pika.BasicProperties(**message_properties(event, app_id=self.app_id))
-        with self._telemetry.publishing(message.headers) as carried:
-            if carried:
-                properties.headers = {**(properties.headers or {}), **carried}
-            self.outbox.publish(self.topology.exchange, event.type, encode(event), properties, message)
+        body = encode(event)
+        with self._telemetry.publishing(message.headers, self.topology.exchange, properties, len(body)) as carried:
+            properties.headers = {**(properties.headers or {}), **carried}
+            self.outbox.publish(self.topology.exchange, event.type, body, properties, message)
 
     def take_confirmations(self) -> list[int]:
         """The outbox ids the broker has taken since the last call. A row no queue takes goes to the

@@ -18,7 +18,7 @@ from reportflow.consumers.stage import Stage
 from reportflow.shared import failures
 from reportflow.shared.config import TracingSettings
 from reportflow.shared.publishing import publish_span_attributes, publish_span_name
-from reportflow.shared.trace_context import context_from
+from reportflow.shared.trace_context import carrier_of_current, context_from
 
 PRIVATE_ATTRIBUTES = {"user.email"}  # personal data: recorded only when tracing.record_emails says so
 
@@ -40,8 +40,9 @@ class Telemetry:
         self.tracer = trace.get_tracer("reportflow.consumer", tracer_provider=tracer_provider)
 
     def instrument(self, channel) -> None:
-        # Per channel, not global instrument(): only publishing is instrumented this way. Consuming is traced
-        # by process() below, because the process span must be able to join a report's stored trace.
+        # Per channel, not global instrument(): the channel of retries and dead letters, whose publishes are
+        # rare. Consuming is traced by process() below, because the process span must be able to join a
+        # report's stored trace; emitted events by publishing(), whose attributes are set once, at start.
         PikaInstrumentor.instrument_channel(
             channel, tracer_provider=self._provider, publish_hook=_publish_hook(*self.broker_address)
         )
@@ -131,20 +132,29 @@ class Telemetry:
         )
 
     @contextmanager
-    def publishing(self, stored_headers: dict):
-        """Publish an outbox row under the span that emitted it; unsampled, with no publish span at all."""
+    def publishing(self, stored_headers: dict, exchange: str, properties, body_size: int):
+        """The publish span of an emitted event (an outbox row), under the span that emitted it, with its
+        attributes given at start as the client's are; unsampled, no span at all. Yields the trace headers
+        the message carries: the publish span's, or the stored context as it is."""
         if not sampled(stored_headers):
-            with suppress_instrumentation():
-                yield dict(stored_headers)  # carried on as it is
+            yield dict(stored_headers)
             return
-        if _is_current(stored_headers):  # settling right after the handler: its span is current already
-            yield {}
-            return
-        token = context.attach(context_from(stored_headers))
-        try:
-            yield {}
-        finally:
-            context.detach(token)
+        routing_key = properties.type or ""
+        with self.tracer.start_as_current_span(
+            publish_span_name(exchange, routing_key),
+            # Settled right after its handler, the emitting span is current already: nothing to extract.
+            context=None if _is_current(stored_headers) else context_from(stored_headers),
+            kind=SpanKind.PRODUCER,
+            attributes=publish_span_attributes(
+                exchange,
+                routing_key,
+                message_id=properties.message_id,
+                report_id=properties.correlation_id,
+                body_size=body_size,
+                server=self.broker_address,
+            ),
+        ):
+            yield carrier_of_current()
 
     def _parent(self, props, message) -> tuple[context.Context, list[Link]]:
         """The message's own context; or, for a message about a report that lives in another trace (a late
