@@ -4,7 +4,7 @@ processor and settler, on a pass-through stage with PostgreSQL, the real SDK, th
 instrumentations and a real OTLP export to a local sink; only the broker is left out (a channel that
 sends nothing). Run once with tracing on and once off: the difference is tracing's.
 
-    python -m bench.tracing_cost OTLP_PORT ITERATIONS on|off [SAMPLING_RATIO]  (prints JSON)
+    python -m bench.tracing_cost OTLP_PORT ITERATIONS on|off|sdk [SAMPLING_RATIO]  (prints JSON)
 
 It runs in its own process because a process has one global tracer provider."""
 
@@ -68,7 +68,11 @@ class _NetworklessConfirms:
         self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
 
 
-def main(port: int, iterations: int, enabled: bool, ratio: float, database_url: str) -> dict:
+def main(port: int, iterations: int, mode: str, ratio: float, database_url: str) -> dict:
+    """mode: "on" or "off", the runtime's hop with tracing on or off; "sdk", the floor: the two spans a
+    traced hop exports (process and publish, with the attributes the runtime gives them), made and
+    exported by the SDK alone, with no runtime around them."""
+    enabled = mode != "off"
     os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{port}"
     upgrade(database_url)
     settings = Settings(
@@ -76,6 +80,10 @@ def main(port: int, iterations: int, enabled: bool, ratio: float, database_url: 
         exchange="bench-tracing-cost",
         tracing=TracingSettings(enabled=enabled, sampling_ratio=ratio),
     )
+    if mode == "sdk":
+        # Made faster than a hop makes them, the spans would overflow the SDK's queue and go unexported.
+        os.environ.setdefault("OTEL_BSP_MAX_QUEUE_SIZE", str(4 * (iterations + 200)))
+        return _measured(iterations, setup_tracing("bench-tracing-cost", settings.tracing), _bare_spans(settings))
     provider = setup_tracing("bench-tracing-cost", settings.tracing)
     stage = Stage("tracing-cost", {"report.created": pass_through("report.created")}, describe=describe)
     consumer = Consumer(stage, settings, session_factory(settings, provider), {}, tracer_provider=provider)
@@ -91,6 +99,41 @@ def main(port: int, iterations: int, enabled: bool, ratio: float, database_url: 
         assert outcome.publish and outcome.dead_letter_reason is None, outcome
         consumer.settler.settle(delivery, outcome)
 
+    return _measured(iterations, provider, one_message)
+
+
+def _bare_spans(settings: Settings):
+    """One hop's spans with the SDK alone: attributes as the runtime makes them, computed once."""
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+
+    from reportflow.shared.publishing import publish_span_attributes
+
+    event = Event("report.created", first_event("r-bare"))
+    properties = pika.BasicProperties(**message_properties(event))
+    delivery = Delivery(_NetworklessChannel(), 1, settings.exchange, event.type, properties, encode(event), False)
+    stage = Stage("tracing-cost", {"report.created": pass_through("report.created")}, describe=describe)
+    consumer = Consumer(stage, settings, session_factory(settings), {})
+    queue = consumer.queue
+    processed = consumer.telemetry._attributes(delivery, event, settings.exchange, queue)
+    published = publish_span_attributes(
+        settings.exchange, "report.generated", message_id=event.message_id, report_id="r-bare", body_size=188
+    )
+    tracer = trace.get_tracer("bench.bare")
+
+    def one_message(n: int) -> None:
+        with tracer.start_as_current_span(
+            f"process {settings.exchange}:report.created:{queue}", kind=SpanKind.CONSUMER, attributes=processed
+        ):
+            with tracer.start_as_current_span(
+                f"publish {settings.exchange}:report.generated", kind=SpanKind.PRODUCER, attributes=published
+            ):
+                pass
+
+    return one_message
+
+
+def _measured(iterations: int, provider, one_message) -> dict:
     for n in range(200):  # warm
         one_message(-n - 1)
     started_cpu, started_wall, started_thread = time.process_time(), time.perf_counter(), time.thread_time()
@@ -104,7 +147,6 @@ def main(port: int, iterations: int, enabled: bool, ratio: float, database_url: 
     if provider is not None:
         provider.shutdown()
     return {
-        "enabled": enabled,
         "iterations": iterations,
         "cpu_seconds": cpu,
         "main_thread_cpu_seconds": main_thread,
@@ -119,7 +161,7 @@ if __name__ == "__main__":
             main(
                 int(sys.argv[1]),
                 int(sys.argv[2]),
-                sys.argv[3] == "on",
+                sys.argv[3],
                 float(sys.argv[4]) if len(sys.argv) > 4 else 1.0,
                 os.environ.get("REPORTFLOW_DATABASE_URL", "postgresql://postgres@127.0.0.1/reportflow_test"),
             )
