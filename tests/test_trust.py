@@ -100,7 +100,7 @@ def test_a_stage_user_cannot_consume_another_stages_queue(users, exchange):
 
 
 def test_approval_as_its_own_user_applies_only_decisions_from_trusted_publishers(
-    users, exchange, settings_for, sqlite_url, uow_on
+    users, exchange, settings_for, sqlite_url, uow_on, finished_spans
 ):
     units = uow_on(sqlite_url)
     open_first_stage(units, generated_report(units, "trusted-1"))
@@ -122,6 +122,8 @@ def test_approval_as_its_own_user_applies_only_decisions_from_trusted_publishers
         settled(consumer, 2)
         assert count(sqlite_url, Decision) == 1
         assert len(refusals(units)) == 1
+    decided = [s for s in finished_spans() if s.name.startswith(f"process {exchange}:approval.decided")]
+    assert sorted(s.attributes["reportflow.publisher"] for s in decided) == ["guest", f"{users['prefix']}approvals"]
 
 
 def test_a_retry_keeps_its_publisher_and_a_header_from_outside_is_not_believed():

@@ -63,10 +63,7 @@ class Processor:
     def span(self, delivery: Delivery, message):
         """The process span of a delivery (telemetry's), with who published it."""
         exchange = delivery.exchange or self._exchange  # retries come back through the default exchange
-        with self._telemetry.process(delivery, message, exchange, self._queue) as span:
-            publisher = publisher_of(delivery)
-            if publisher:
-                span.set_attribute("reportflow.publisher", publisher)
+        with self._telemetry.process(delivery, message, exchange, self._queue, publisher_of(delivery)) as span:
             yield span
 
     def batchable(self, delivery: Delivery) -> Event | None:

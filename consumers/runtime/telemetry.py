@@ -48,7 +48,7 @@ class Telemetry:
         )
 
     @contextmanager
-    def process(self, delivery, message, exchange: str, queue: str):
+    def process(self, delivery, message, exchange: str, queue: str, publisher: str | None = None):
         """The span a delivery is processed in. Library instrumentation (SQL, publishes) runs only inside a
         sampled one: unsampled, it would make spans nobody exports; the context still travels on."""
         try:
@@ -61,7 +61,7 @@ class Telemetry:
                 context=parent,
                 kind=SpanKind.CONSUMER,
                 links=links,
-                attributes=self._attributes(delivery, message, exchange, queue),
+                attributes=self._attributes(delivery, message, exchange, queue, publisher),
                 record_exception=False,
                 set_status_on_exception=False,
             ) as span,
@@ -180,7 +180,7 @@ class Telemetry:
         )
         return context_from(stored), links
 
-    def _attributes(self, delivery, message, exchange: str, queue: str) -> dict:
+    def _attributes(self, delivery, message, exchange: str, queue: str, publisher: str | None = None) -> dict:
         host, port = self.broker_address
         attributes = {
             "messaging.system": "rabbitmq",
@@ -206,10 +206,13 @@ class Telemetry:
                     if self.settings.record_emails or k not in PRIVATE_ATTRIBUTES
                 }
             )
+        if publisher:
+            attributes["reportflow.publisher"] = publisher
         if delivery.redelivered:
             attributes["reportflow.redelivered"] = True
-        if failures.failures(delivery.properties):
-            attributes["reportflow.attempt"] = failures.failures(delivery.properties) + 1
+        failed_before = failures.failures(delivery.properties)
+        if failed_before:
+            attributes["reportflow.attempt"] = failed_before + 1
         return attributes
 
 
