@@ -70,7 +70,7 @@ class Settler:
                 self._retry_later(delivery, outcome)
             elif outcome.dead_letter_reason is not None:
                 self._dead_letter(delivery, outcome.dead_letter_reason)
-            delivery.channel.basic_ack(delivery.delivery_tag)
+            _acknowledge(delivery)
         finally:
             context.detach(token)
 
@@ -192,3 +192,10 @@ class Settler:
             outcome.retry_after,
             reason,
         )
+
+
+def _acknowledge(delivery: Delivery) -> None:
+    """The ack joins the connection's output behind the publishes before it, and goes out in the I/O loop's
+    next round with them: pika's BlockingChannel.basic_ack flushes (a poll and a send) for each one."""
+    channel = getattr(delivery.channel, "_impl", delivery.channel)
+    channel.basic_ack(delivery.delivery_tag)
