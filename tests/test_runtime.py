@@ -55,6 +55,18 @@ def test_a_duplicated_message_id_has_one_effect(settings_for, database_url, tap,
     assert count(database_url, Report) == 1
 
 
+def test_each_ack_reaches_the_broker_while_the_consumer_keeps_running(settings_for, database_url, broker, exchange):
+    # With a prefetch window of one, the broker gives the next delivery only once the last one's ack has
+    # arrived: five settled in turn means each ack went out, though none is flushed on its own.
+    settings = settings_for(database_url, prefetch=1, concurrency=1)
+    with running(build_consumer("creation", settings)) as consumer:
+        with ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            for n in range(5):
+                client.request_report(sample_request(report_id=f"r-rt-ack-{n}"))
+        settled(consumer, 5)
+    assert broker.channel().queue_declare(f"{exchange}.creation", passive=True).method.message_count == 0
+
+
 def test_malformed_requests_become_report_invalid_and_the_consumer_keeps_serving(
     settings_for, sqlite_url, tap, exchange
 ):
