@@ -6,6 +6,7 @@
     settling    an Outcome -> publish, retry or dead-letter, then ack, on the I/O thread
     outbox      marking confirmed rows, relaying what a crash left, on a thread of its own
     timers      firing the stage's due reminders and deadlines, on a thread of its own
+    background  the thread the outbox relay and the timers each loop on
     telemetry   every span the runtime makes
     metrics     what Prometheus scrapes: outcomes, durations, time in queue, in flight
 

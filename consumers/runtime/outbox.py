@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import select, update
 
+from reportflow.consumers.runtime.background import BackgroundLoop
 from reportflow.consumers.runtime.messages import OutgoingMessage
 from reportflow.shared.models import OutboxMessage, utcnow
 
@@ -21,7 +22,7 @@ log = logging.getLogger("reportflow.consumer")
 MARK_PUBLISHED_EVERY_SECONDS = 0.2
 
 
-class OutboxRelay:
+class OutboxRelay(BackgroundLoop):
     def __init__(self, stage_name: str, session_factory, relay_every_seconds: float, publish_on_io, waiting=None):
         """publish_on_io(messages) publishes on the connection's thread and returns a future; waiting, a
         gauge, is set to the rows still unpublished at each round."""
@@ -32,17 +33,11 @@ class OutboxRelay:
         self._waiting = waiting
         self._lock = threading.Lock()
         self._unmarked: list[int] = []
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"{stage_name}-outbox", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
+        super().__init__(f"{stage_name}-outbox")
 
     def stop(self) -> None:
-        """Mark what is confirmed so far, then end the thread."""
-        self._stopping.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
+        """End the thread, then mark what is confirmed so far."""
+        super().stop()
         self.mark_published()
 
     def confirmed(self, outbox_ids: list[int]) -> None:

@@ -12,12 +12,12 @@ the inbox makes that a no-op, so a timer fires once in effect."""
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import timedelta
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import or_, select, update
 
+from reportflow.consumers.runtime.background import BackgroundLoop
 from reportflow.shared.events import Event
 from reportflow.shared.models import Timer, utcnow
 
@@ -27,7 +27,7 @@ LEASED_PER_POLL = 50
 PUBLISH_WAIT_SECONDS = 30
 
 
-class TimerPoller:
+class TimerPoller(BackgroundLoop):
     def __init__(
         self,
         stage_name: str,
@@ -52,16 +52,7 @@ class TimerPoller:
         self._lease = timedelta(seconds=lease_seconds)
         self._retry_delays = retry_delays
         self._counted = counted or {}
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"{stage_name}-timers", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
+        super().__init__(f"{stage_name}-timers")
 
     def _run(self) -> None:
         while not self._stopping.wait(self._poll_seconds):
