@@ -27,6 +27,7 @@ from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from reportflow.shared.config import Settings, TracingSettings
+from reportflow.shared.otlp_wire import http_exporter
 from reportflow.shared.version import version
 
 log = logging.getLogger("reportflow.tracing")
@@ -181,9 +182,7 @@ def _exporter(settings: TracingSettings, service_name: str) -> SpanExporter | No
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
         return GrpcExporter(endpoint=explicit)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-
-    return HttpExporter(endpoint=explicit)
+    return http_exporter(explicit)
 
 
 def _traces_url(endpoint: str, protocol: str) -> str:
