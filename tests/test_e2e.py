@@ -192,6 +192,11 @@ def test_reports_go_from_request_to_approved_pdf_and_emails_in_one_trace_each(
 
     publishes = Counter(s["attributes"].get("messaging.message.id") for s in exported if s["kind"] == 4)
     assert publishes and max(publishes.values()) == 1  # SPAN_KIND_PRODUCER: one span per publish
+    by_id = {s["span_id"]: s for s in spans_a}
+    emitted = [s for s in spans_a if s["kind"] == 4]
+    assert emitted and all(  # each under the span that emitted it, though it is published after that one ends
+        by_id[s["parent_id"]]["name"].split(" ")[0] in {"process", "timer", "retry", "dead-letter"} for s in emitted
+    ), [(s["name"], by_id.get(s["parent_id"], {}).get("name")) for s in emitted]
     instances = {s["resource"]["service.instance.id"] for s in exported}
     assert len(instances) == 4 and all(s["resource"]["service.version"] for s in exported)
 

@@ -244,13 +244,13 @@ def sampled(stored_headers: dict) -> bool:
 
 
 def _is_current(stored_headers: dict) -> bool:
-    """Whether the stored W3C context is that of the current span, recording (so instrumentation is not
-    suppressed in the current context), so that nothing need be extracted."""
-    span = trace.get_current_span()
-    current = span.get_span_context()
+    """Whether the stored W3C context is that of the current span, so that nothing need be extracted: as when
+    a delivery is settled in its process span's context (ended by then). Sampled, as publishing asks first,
+    that span was recording, so its context carries no suppression of instrumentation."""
+    current = trace.get_current_span().get_span_context()
     traceparent = stored_headers.get("traceparent")
     return (
-        span.is_recording()
+        current.trace_flags.sampled
         and isinstance(traceparent, str)
         and traceparent[36:52] == format(current.span_id, "016x")
         and traceparent[3:35] == format(current.trace_id, "032x")
