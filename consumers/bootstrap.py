@@ -58,6 +58,20 @@ def without_checkout_spans() -> None:
         unwrap(Engine, "connect")
 
 
+def without_pool_metrics(engine, engine_tracer) -> None:
+    """The instrumentation also counts pool checkouts and checkins, for an OpenTelemetry connections
+    metric, on the pool the plain engine shares: two listeners on every transaction, sampled or not.
+    reportflow's metrics are Prometheus' (on /metrics) and no OpenTelemetry meter is set up, so these
+    would count for nobody."""
+    from sqlalchemy import event
+
+    for identifier, name in [("connect", "_pool_connect"), ("close", "_pool_close"), ("checkin", "_pool_checkin"),
+                             ("checkout", "_pool_checkout")]:  # fmt: skip
+        listener = getattr(engine_tracer, name, None)
+        if listener is not None and event.contains(engine, identifier, listener):
+            event.remove(engine, identifier, listener)
+
+
 def session_factory(settings: Settings, tracer_provider=None) -> sessionmaker:
     engine = make_engine(settings.database_url)
     # expire_on_commit=False: the runtime reads outbox rows after the commit that wrote them.
@@ -67,7 +81,7 @@ def session_factory(settings: Settings, tracer_provider=None) -> sessionmaker:
     # that make them sit on a view of the engine (same pool), taken only inside a sampled span: an
     # unsampled message's statements run with no instrumentation to ask.
     traced = engine.execution_options()
-    SQLAlchemyInstrumentor().instrument(engine=traced, tracer_provider=tracer_provider)
+    without_pool_metrics(traced, SQLAlchemyInstrumentor().instrument(engine=traced, tracer_provider=tracer_provider))
     without_checkout_spans()
     return SampledSessions(engine, traced)
 

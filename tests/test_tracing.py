@@ -497,6 +497,9 @@ def test_an_unsampled_messages_sql_meets_no_instrumentation(sqlite_url, tracer_p
     plain, traced = sessions.kw["bind"], sessions.always_traced.kw["bind"]
     assert plain is not traced and plain.pool is traced.pool  # one pool: a view of the engine, not a second
     assert len(plain.dispatch.before_cursor_execute) == 0  # nothing for a statement to ask
+    # nor for a transaction: the instrumentation's pool listeners feed an OpenTelemetry metric nobody reads
+    pool_listeners = [*plain.pool.dispatch.checkout, *plain.pool.dispatch.checkin, *plain.pool.dispatch.connect]
+    assert not any("opentelemetry" in getattr(listener, "__module__", "") for listener in pool_listeners)
     unsampled = NonRecordingSpan(SpanContext(int(UPSTREAM_TRACE, 16), int(UPSTREAM_SPAN, 16), False, TraceFlags(0)))
     with trace.use_span(unsampled), sessions() as session:
         assert session.get_bind() is plain
