@@ -27,13 +27,13 @@ def publish_span_attributes(
     body_size: int,
     server: tuple[str, int] | None = None,
 ) -> dict:
-    """The OpenTelemetry messaging conventions for a RabbitMQ publish, and the report it is about."""
+    """The OpenTelemetry messaging conventions for a RabbitMQ publish, and the report it is about. (Not
+    messaging.destination.temporary: the conventions set it only when true, and no exchange here is.)"""
     attributes = {
         "messaging.system": "rabbitmq",
         "messaging.operation.type": "send",
         "messaging.operation.name": "publish",
         "messaging.destination.name": publish_destination(exchange, routing_key),
-        "messaging.destination.temporary": False,
         "messaging.rabbitmq.destination.routing_key": routing_key,
         "messaging.message.body.size": body_size,
     }
