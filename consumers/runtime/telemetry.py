@@ -10,7 +10,7 @@ from contextlib import contextmanager, nullcontext
 
 from opentelemetry import context, trace
 from opentelemetry.instrumentation.pika import PikaInstrumentor
-from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled, suppress_instrumentation
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -96,8 +96,11 @@ class Telemetry:
 
     def runtime_sql(self):
         """Around the runtime's own bookkeeping (inbox claim, outbox rows, commit): reportflow's plumbing,
-        not the operator's business, so its SQL is traced only with tracing.runtime_sql."""
-        return nullcontext() if self.settings.runtime_sql else suppress_instrumentation()
+        not the operator's business, so its SQL is traced only with tracing.runtime_sql. (In an unsampled
+        message's span, instrumentation is suppressed already.)"""
+        if self.settings.runtime_sql or not is_instrumentation_enabled():
+            return nullcontext()
+        return suppress_instrumentation()
 
     @staticmethod
     def failed(span, exc: Exception, reason: str) -> None:
