@@ -83,7 +83,8 @@ def main(port: int, iterations: int, mode: str, ratio: float, database_url: str)
     if mode == "sdk":
         # Made faster than a hop makes them, the spans would overflow the SDK's queue and go unexported.
         os.environ.setdefault("OTEL_BSP_MAX_QUEUE_SIZE", str(4 * (iterations + 200)))
-        return _measured(iterations, setup_tracing("bench-tracing-cost", settings.tracing), _bare_spans(settings))
+        provider = setup_tracing("bench-tracing-cost", settings.tracing)
+        return _measured(iterations, provider, _bare_spans(settings, iterations))
     provider = setup_tracing("bench-tracing-cost", settings.tracing)
     stage = Stage("tracing-cost", {"report.created": pass_through("report.created")}, describe=describe)
     consumer = Consumer(stage, settings, session_factory(settings, provider), {}, tracer_provider=provider)
@@ -102,26 +103,40 @@ def main(port: int, iterations: int, mode: str, ratio: float, database_url: str)
     return _measured(iterations, provider, one_message)
 
 
-def _bare_spans(settings: Settings):
-    """One hop's spans with the SDK alone: attributes as the runtime makes them, computed once."""
+def _bare_spans(settings: Settings, iterations: int):
+    """One hop's spans with the SDK alone: attributes as the runtime makes them, made before the clock
+    starts, each message with its own ids as in a real hop (an encoder that keeps repeated attributes
+    must not find them all repeated)."""
     from opentelemetry import trace
     from opentelemetry.trace import SpanKind
 
     from reportflow.shared.publishing import publish_span_attributes
 
-    event = Event("report.created", first_event("r-bare"))
-    properties = pika.BasicProperties(**message_properties(event))
-    delivery = Delivery(_NetworklessChannel(), 1, settings.exchange, event.type, properties, encode(event), False)
     stage = Stage("tracing-cost", {"report.created": pass_through("report.created")}, describe=describe)
     consumer = Consumer(stage, settings, session_factory(settings), {})
     queue = consumer.queue
-    processed = consumer.telemetry._attributes(delivery, event, settings.exchange, queue)
-    published = publish_span_attributes(
-        settings.exchange, "report.generated", message_id=event.message_id, report_id="r-bare", body_size=188
-    )
+
+    def attributes(n: int) -> tuple[dict, dict]:
+        event = Event("report.created", first_event(f"r-bare-{n}"))
+        properties = pika.BasicProperties(**message_properties(event))
+        body = encode(event)
+        delivery = Delivery(_NetworklessChannel(), n + 201, settings.exchange, event.type, properties, body, False)
+        processed = consumer.telemetry._attributes(delivery, event, settings.exchange, queue)
+        published = publish_span_attributes(
+            settings.exchange,
+            "report.generated",
+            message_id=uuid.uuid4().hex,
+            report_id=event.report_id,
+            body_size=len(body),
+            server=consumer.telemetry.broker_address,
+        )
+        return processed, published
+
+    made = {n: attributes(n) for n in range(-200, iterations)}
     tracer = trace.get_tracer("bench.bare")
 
     def one_message(n: int) -> None:
+        processed, published = made[n]
         with tracer.start_as_current_span(
             f"process {settings.exchange}:report.created:{queue}", kind=SpanKind.CONSUMER, attributes=processed
         ):
