@@ -26,7 +26,8 @@ _KIND = {  # the SDK's SpanKind to OTLP's Span.SpanKind (which keeps 0 for UNSPE
 _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200  # SpanFlags: whether the parent's remoteness is known, and is
 _KEYS_KEPT = 4096  # attribute names are code's, so few; the bound is for a program that makes them up
 _VALUES_KEPT = 16  # an attribute with more values than this (an id) is encoded each time
-_KEYABLE = (str, int, bool, float)  # (True and 1 are equal keys, so a kept value is keyed by its class too)
+# Values that are kept: not floats, since 0.0 and -0.0 are one key; True and 1 are too, hence the class.
+_KEYABLE = (str, int, bool)
 
 
 def _varint(n: int) -> bytes:
@@ -49,9 +50,9 @@ def _field(field: int, payload: bytes) -> bytes:
     return _tag(field, _LEN) + _varint(len(payload)) + payload
 
 
-_SPAN = {name: _tag(number, wire) for name, number, wire in [
-    ("trace_id", 1, _LEN), ("span_id", 2, _LEN), ("trace_state", 3, _LEN), ("parent_span_id", 4, _LEN),
-    ("name", 5, _LEN), ("kind", 6, _VARINT), ("start", 7, _I64), ("end", 8, _I64),
+_SPAN = {name: _tag(number, wire) for name, number, wire in [  # tags of Span's fields
+    ("trace_id", 1, _LEN), ("span_id", 2, _LEN), ("parent_span_id", 4, _LEN),
+    ("kind", 6, _VARINT), ("start", 7, _I64), ("end", 8, _I64),
     ("dropped_attributes", 10, _VARINT), ("dropped_events", 12, _VARINT), ("dropped_links", 14, _VARINT),
     ("flags", 16, _I32),
 ]}  # fmt: skip
@@ -192,7 +193,7 @@ def _flags(parent) -> int:
     return _HAS_IS_REMOTE | _IS_REMOTE if parent is not None and parent.is_remote else _HAS_IS_REMOTE
 
 
-def http_exporter(endpoint: str | None):
+def http_exporter(endpoint: str | None, **options):
     """The SDK's OTLP/HTTP exporter (endpoint, headers, TLS, compression, retries, all its OTEL_* variables)
     with its spans encoded by SpanEncoder. export() is the SDK's step for step but for the encoder; the SDK
     is pinned, and the end-to-end tests read what it sends."""
@@ -214,10 +215,14 @@ def http_exporter(endpoint: str | None):
                     _log.error("could not encode a batch of %d spans: %s", len(spans), error)
                     result.error = error
                     return SpanExportResult.FAILURE
+                if 0 < self._max_request_size < len(body):  # as the SDK's: a collector would refuse it
+                    _log.warning("dropped a batch of %d spans: %d bytes, above max_request_size", len(spans), len(body))
+                    result.error = ValueError("request too large")
+                    return SpanExportResult.FAILURE
                 sent = self._client.export(body)
                 if not sent.success:
                     result.error = sent.error
                     return SpanExportResult.FAILURE
             return SpanExportResult.SUCCESS
 
-    return CompactOTLPSpanExporter(endpoint=endpoint)
+    return CompactOTLPSpanExporter(endpoint=endpoint, **options)

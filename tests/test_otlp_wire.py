@@ -108,8 +108,8 @@ def test_a_kept_attribute_is_its_own_type_and_field():
         assert ExportTraceServiceRequest.FromString(encoder.request(spans)) == encode_spans(spans)
 
 
-def test_the_exporter_sends_a_collector_the_spans(otlp):
-    spans = _made(
+def _one_span() -> list:
+    return _made(
         [
             {
                 "name": "process x",
@@ -124,6 +124,10 @@ def test_the_exporter_sends_a_collector_the_spans(otlp):
         ],
         {"service.name": "wire-test"},
     )
+
+
+def test_the_exporter_sends_a_collector_the_spans(otlp):
+    spans = _one_span()
     exporter = http_exporter(otlp.endpoint + "/v1/traces")
     try:
         assert exporter.export(spans).name == "SUCCESS"
@@ -135,3 +139,12 @@ def test_the_exporter_sends_a_collector_the_spans(otlp):
     assert received["attributes"] == {"messaging.system": "rabbitmq", "report.id": "r-1"}
     assert received["events"] == ["refused"] and received["status"] == StatusCode.ERROR.value
     assert received["trace_id"] == format(spans[0].context.trace_id, "032x")
+
+
+def test_a_batch_above_the_request_limit_is_dropped_as_the_sdks_exporter_drops_it(otlp):
+    exporter = http_exporter(otlp.endpoint + "/v1/traces", max_request_size=64)
+    try:
+        assert exporter.export(_one_span()).name == "FAILURE"
+    finally:
+        exporter.shutdown()
+    assert otlp.requests == 0
