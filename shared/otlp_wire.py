@@ -65,8 +65,7 @@ _FIXED64, _FIXED32, _DOUBLE = struct.Struct("<Q"), struct.Struct("<I"), struct.S
 def _value(value) -> bytes:
     """An AnyValue. Each member is in a oneof, so even "", 0 and False are written."""
     if isinstance(value, str):
-        raw = value.encode("utf-8", "replace")
-        return b"\x0a" + _varint(len(raw)) + raw
+        return _field(1, value.encode("utf-8", "replace"))
     if isinstance(value, bool):
         return b"\x10\x01" if value else b"\x10\x00"
     if isinstance(value, int):
@@ -149,7 +148,7 @@ class SpanEncoder:
             keyable = value.__class__ in _KEYABLE
             encoded = kept.get((value, value.__class__)) if keyable and kept is not None else None
             if encoded is None:
-                encoded = _field(field, _field(1, key.encode("utf-8", "replace")) + _field(2, _value(value)))
+                encoded = _field(field, _key_value(key, value))
                 if keyable and kept is not None and len(kept) < _VALUES_KEPT:
                     kept[(value, value.__class__)] = encoded
             out.append(encoded)
