@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import cast
 
+from psycopg.types.json import Json
 from sqlalchemy import Table, bindparam, create_engine, delete, event, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from reportflow import schemas
@@ -21,7 +23,20 @@ from reportflow.shared.models import InboxRecord, OutboxMessage, Report, Timer, 
 # The runtime's bookkeeping on every message, built once on the tables (not the mapped classes): the ORM's
 # insert path rebuilt and recompiled these per message, and that was a third of a hop's CPU.
 _inbox, _outbox = cast(Table, InboxRecord.__table__), cast(Table, OutboxMessage.__table__)
-# SQLAlchemy does not cache the PostgreSQL dialect's insert (it compiles it every time); SQL text it does.
+# On PostgreSQL with psycopg, a message's inbox claim and its outbox rows go to the driver's cursor: through
+# SQLAlchemy's execution (its events, instrumented or not, its compiled cache, its result) the two were a
+# quarter of a hop's CPU. They write what SQLAlchemy would: JSON bound as psycopg's Json, as the dialect does.
+_CLAIM_ON_PSYCOPG = (
+    "INSERT INTO inbox (consumer, message_id, event_type, processed_at)"
+    " VALUES (%(consumer)s, %(message_id)s, %(event_type)s, %(processed_at)s)"
+    " ON CONFLICT DO NOTHING RETURNING message_id"
+)
+_ADD_TO_OUTBOX_ON_PSYCOPG = (
+    "INSERT INTO outbox (message_id, event_type, payload, headers, source, created_at)"
+    " VALUES (%(message_id)s, %(event_type)s, %(payload)s, %(headers)s, %(source)s, %(created_at)s) RETURNING id"
+)
+# Elsewhere, or with their SQL traced (tracing.runtime_sql), through SQLAlchemy. It does not cache the
+# PostgreSQL dialect's insert (it compiles it every time); SQL text it does.
 _CLAIM_ON_POSTGRESQL = text(
     "INSERT INTO inbox (consumer, message_id, event_type, processed_at)"
     " VALUES (:consumer, :message_id, :event_type, :processed_at)"
@@ -76,9 +91,12 @@ class UnitOfWork:
 
     Handlers call emit() and schedule(); nothing is published or set until the runtime has committed."""
 
-    def __init__(self, session_factory: sessionmaker, consumer: str = "handler"):
+    def __init__(self, session_factory: sessionmaker, consumer: str = "handler", *, bookkeeping_traced: bool = False):
+        """bookkeeping_traced: the inbox and outbox statements go through SQLAlchemy, where its instrumentation
+        sees them, even where the driver could take them directly."""
         self._session_factory = session_factory
         self.consumer = consumer
+        self._bookkeeping_traced = bookkeeping_traced
         self._session: Session | None = None
         self.emitted: list[Event] = []
         self.scheduled: list[Timer] = []
@@ -186,8 +204,11 @@ class UnitOfWork:
             "event_type": event_type,
             "processed_at": utcnow(),
         }
-        if self.session.get_bind().dialect.name == "postgresql":
+        dialect = self.session.get_bind().dialect
+        if dialect.name == "postgresql":
             self._inbox_pending = None
+            if self._to_driver(dialect):
+                return self._driver_returning(_CLAIM_ON_PSYCOPG, values) is not None
             return self.session.execute(_CLAIM_ON_POSTGRESQL, values).first() is not None
         self._inbox_pending = values
         return self.session.execute(_SEEN_IN_INBOX, values).first() is None
@@ -197,8 +218,14 @@ class UnitOfWork:
         if self._inbox_pending:
             self.session.execute(_RECORD_IN_INBOX, self._inbox_pending)
         published = []
+        to_driver = bool(self.emitted) and self._to_driver(self.session.get_bind().dialect)
         for emitted in self.emitted:
-            outbox_id = self.session.execute(_ADD_TO_OUTBOX, self._outbox_row(emitted, trace_headers)).scalar_one()
+            row = self._outbox_row(emitted, trace_headers)
+            if to_driver:
+                row["payload"], row["headers"] = Json(row["payload"]), Json(row["headers"])
+                outbox_id = self._driver_returning(_ADD_TO_OUTBOX_ON_PSYCOPG, row)[0]
+            else:
+                outbox_id = self.session.execute(_ADD_TO_OUTBOX, row).scalar_one()
             published.append((outbox_id, emitted))
         self._set_timers(self.scheduled, trace_headers)
         self.session.commit()
@@ -232,6 +259,25 @@ class UnitOfWork:
             self._set_timers(effects.scheduled, headers)
         self.session.commit()
         return [[(next(ids), e) for e in effects.emitted] for effects, _ in handled]
+
+    def _to_driver(self, dialect) -> bool:
+        return dialect.driver == "psycopg" and not self._bookkeeping_traced
+
+    def _driver_returning(self, statement: str, values: dict):
+        """Run statement on the session's own connection, in its transaction; its RETURNING row, or None.
+        A driver error is raised as SQLAlchemy raises it, so that retries judge it alike, and a lost
+        connection is dropped from the pool as SQLAlchemy drops it."""
+        connection = self.session.connection()
+        driver_error = connection.dialect.loaded_dbapi.Error
+        try:
+            with closing(connection.connection.cursor()) as cursor:
+                cursor.execute(statement, values)
+                return cursor.fetchone()
+        except driver_error as error:
+            lost = connection.dialect.is_disconnect(error, connection.connection, None)
+            if lost:
+                connection.invalidate(error)
+            raise DBAPIError.instance(statement, values, error, driver_error, connection_invalidated=lost) from error
 
     def _outbox_row(self, emitted: Event, trace_headers: dict) -> dict:
         return {

@@ -9,8 +9,9 @@ import threading
 from datetime import UTC
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select, text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import sessionmaker
 
 from reportflow.consumers import STAGE_NAMES
 from reportflow.consumers.bootstrap import build_consumer, session_factory
@@ -19,6 +20,7 @@ from reportflow.consumers.runtime import Consumer
 from reportflow.consumers.stage import Stage
 from reportflow.producers import ReportflowClient
 from reportflow.shared.config import Settings
+from reportflow.shared.db import UnitOfWork, make_engine
 from reportflow.shared.dead_letters import DeadLetterQueue
 from reportflow.shared.models import InboxRecord, OutboxMessage, Report
 from reportflow.shared.topology import Topology
@@ -28,6 +30,7 @@ from tests.helpers import (
     TEST_VHOST,
     count,
     dead_letters,
+    example_payloads,
     raw_publish,
     running,
     sample_request,
@@ -292,6 +295,57 @@ def postgres_behind_proxy(postgres_url):
     proxy = TcpProxy(5432)
     yield proxy, postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
     proxy.close()
+
+
+@pytest.mark.parametrize("bookkeeping_traced", [False, True], ids=["to-the-driver", "through-sqlalchemy"])
+def test_the_inbox_claim_and_the_outbox_row_read_back_as_written_whichever_way_they_went(
+    database_url, bookkeeping_traced
+):
+    """On PostgreSQL the runtime's claim and outbox row go to the driver, below SQLAlchemy's events (unless
+    their SQL is to be traced): they must write what the SQLAlchemy path writes, and a duplicate must be seen."""
+    engine = make_engine(database_url)
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda conn, cursor, statement, *rest: statements.append(statement))
+    factory = sessionmaker(engine, expire_on_commit=False)
+    headers = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "baggage": "tenant=a"}
+    payload = example_payloads("r-bookkeeping")["report.generated"]
+    try:
+        with UnitOfWork(factory, "generation", bookkeeping_traced=bookkeeping_traced) as unit:
+            assert unit.claim("m-bookkeeping", "report.created")
+            unit.emit("report.generated", payload)
+            [(outbox_id, emitted)] = unit.commit(headers)
+        with UnitOfWork(factory, "generation", bookkeeping_traced=bookkeeping_traced) as unit:
+            assert not unit.claim("m-bookkeeping", "report.created")  # processed before
+        with factory() as session:
+            row = session.get(OutboxMessage, outbox_id)
+            assert (row.message_id, row.event_type, row.payload, row.headers, row.source, row.published_at) == (
+                emitted.message_id, "report.generated", payload, headers, "generation", None
+            )  # fmt: skip
+            assert session.get(InboxRecord, ("generation", "m-bookkeeping")).event_type == "report.created"
+        through_sqlalchemy = bookkeeping_traced or engine.dialect.name != "postgresql"
+        assert any(s.startswith("INSERT INTO outbox") for s in statements) == through_sqlalchemy, statements
+        assert any(s.startswith("INSERT INTO inbox") for s in statements) == through_sqlalchemy, statements
+    finally:
+        engine.dispose()
+
+
+def test_a_connection_lost_under_the_drivers_claim_fails_as_sqlalchemy_says_it_and_leaves_the_pool(postgres_url):
+    """The claim that goes to the driver must fail as it would through SQLAlchemy: its OperationalError, which
+    the retry policy takes as transient, and the dead connection gone from the pool."""
+    engine = make_engine(postgres_url)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    try:
+        with UnitOfWork(factory, "generation") as unit:
+            backend = unit.session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            with engine.connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": backend})
+            with pytest.raises(OperationalError) as raised:
+                unit.claim("m-lost", "report.created")
+        assert raised.value.connection_invalidated and RetryPolicy().is_transient(raised.value)
+        with UnitOfWork(factory, "generation") as unit:  # a fresh connection
+            assert unit.claim("m-lost", "report.created")
+    finally:
+        engine.dispose()
 
 
 def test_a_database_outage_is_retried_through_and_nothing_reaches_the_dead_letter_queue(

@@ -119,7 +119,8 @@ class Processor:
                 )
             message = replace(message, trace_context=carrier)
 
-        with UnitOfWork(self._session_factory, self.stage.name) as uow:
+        bookkeeping_traced = self._telemetry.settings.runtime_sql
+        with UnitOfWork(self._session_factory, self.stage.name, bookkeeping_traced=bookkeeping_traced) as uow:
             with self._telemetry.runtime_sql():
                 claimed = uow.claim(message.message_id, message.type)
             if not claimed:
