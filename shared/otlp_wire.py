@@ -45,9 +45,16 @@ def _tag(field: int, wire_type: int) -> bytes:
     return _varint(field << 3 | wire_type)
 
 
+# Most fields are numbered below 16 and most strings are short: their tags and lengths are one byte, kept.
+_LEN_TAGS = tuple(_tag(field, _LEN) for field in range(16))
+_ONE_BYTE = tuple(bytes((n,)) for n in range(0x80))
+
+
 def _field(field: int, payload: bytes) -> bytes:
     """A length-delimited field: a string, bytes or an embedded message."""
-    return _tag(field, _LEN) + _varint(len(payload)) + payload
+    size = len(payload)
+    tag = _LEN_TAGS[field] if field < 16 else _tag(field, _LEN)
+    return tag + (_ONE_BYTE[size] if size < 0x80 else _varint(size)) + payload
 
 
 _SPAN = {name: _tag(number, wire) for name, number, wire in [  # tags of Span's fields
@@ -141,7 +148,9 @@ class SpanEncoder:
         if not attributes:
             return b""
         out = []
-        for key, value in attributes.items():
+        # A span's attributes are a read-only view of the SDK's BoundedAttributes, whose items() calls back
+        # into Python for each value; its copy() is a plain dict.
+        for key, value in (attributes.copy() if hasattr(attributes, "copy") else attributes).items():
             kept = self._kept.get((field, key))
             if kept is None and len(self._kept) < _KEYS_KEPT:
                 kept = self._kept[(field, key)] = {}
