@@ -260,6 +260,11 @@ class UnitOfWork:
         self.session.commit()
         return [[(next(ids), e) for e in effects.emitted] for effects, _ in handled]
 
+    def bookkeeping_in_sqlalchemy(self) -> bool:
+        """Whether the runtime's next step (the claim, or the commit with what is pending) runs statements
+        through SQLAlchemy, where its instrumentation would see them; on the driver's cursor none does."""
+        return bool(self._inbox_pending or self.scheduled) or not self._to_driver(self.session.get_bind().dialect)
+
     def _to_driver(self, dialect) -> bool:
         return dialect.driver == "psycopg" and not self._bookkeeping_traced
 

@@ -121,7 +121,7 @@ class Processor:
 
         bookkeeping_traced = self._telemetry.settings.runtime_sql
         with UnitOfWork(self._session_factory, self.stage.name, bookkeeping_traced=bookkeeping_traced) as uow:
-            with self._telemetry.runtime_sql():
+            with self._telemetry.runtime_sql(uow.bookkeeping_in_sqlalchemy()):
                 claimed = uow.claim(message.message_id, message.type)
             if not claimed:
                 span.set_attribute("reportflow.duplicate", True)
@@ -135,7 +135,7 @@ class Processor:
             handler(message, uow, **self._handler_kwargs[handler])
             uow.flush()  # the handler's own writes, traced as its SQL; the bookkeeping below is the runtime's
             self.note_refusal(span, message, uow.refusal)
-            with self._telemetry.runtime_sql():
+            with self._telemetry.runtime_sql(uow.bookkeeping_in_sqlalchemy()):
                 committed = uow.commit(carrier)
             return Outcome(
                 context.get_current(),

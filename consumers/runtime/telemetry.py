@@ -94,11 +94,12 @@ class Telemetry:
         ):
             yield span
 
-    def runtime_sql(self):
+    def runtime_sql(self, instrumented: bool = True):
         """Around the runtime's own bookkeeping (inbox claim, outbox rows, commit): reportflow's plumbing,
-        not the operator's business, so its SQL is traced only with tracing.runtime_sql. (In an unsampled
-        message's span, instrumentation is suppressed already.)"""
-        if self.settings.runtime_sql or not is_instrumentation_enabled():
+        not the operator's business, so its SQL is traced only with tracing.runtime_sql. instrumented: whether
+        its statements pass where the instrumentation sees them. (In an unsampled message's span,
+        instrumentation is suppressed already.)"""
+        if not instrumented or self.settings.runtime_sql or not is_instrumentation_enabled():
             return nullcontext()
         return suppress_instrumentation()
 
