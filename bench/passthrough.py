@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import sys
 
-from reportflow.consumers.bootstrap import session_factory
+from reportflow.consumers.bootstrap import freeze_startup_objects, session_factory
 from reportflow.consumers.descriptions import describe
 from reportflow.consumers.runtime import Consumer
 from reportflow.consumers.stage import Stage
@@ -50,6 +50,7 @@ def main(stage_name: str, consumed: str) -> None:
         bindings={stage_name: [consumed]},
         concurrency=settings.worker_threads,
     )
+    freeze_startup_objects()  # as bootstrap.run does
     try:
         consumer.run()
     finally:

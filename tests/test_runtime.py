@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -9,7 +10,7 @@ import time
 import pika
 import pytest
 
-from reportflow.consumers.bootstrap import build_consumer, session_factory
+from reportflow.consumers.bootstrap import build_consumer, freeze_startup_objects, session_factory
 from reportflow.consumers.confirms import PipelinedConfirms
 from reportflow.consumers.runtime import Consumer
 from reportflow.consumers.stage import Stage
@@ -303,3 +304,16 @@ def test_a_delivery_whose_channel_closed_is_left_to_its_redelivery_not_dead_lett
     assert dead_letters(broker, exchange) == []
     again, _, _ = broker.channel().basic_get(consumer.queue, auto_ack=True)
     assert again is not None and again.redelivered
+
+
+def test_what_a_stage_process_built_to_start_is_left_out_of_full_collections(settings_for, sqlite_url):
+    """A full collection walking the whole startup heap was a stage's p99 (docs/performance.md): once the
+    process is built, the oldest generation holds only what was made after."""
+    build_consumer("creation", settings_for(sqlite_url))
+    before = len(gc.get_objects(generation=2))
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() > before / 2
+        assert len(gc.get_objects(generation=2)) < before / 100
+    finally:
+        gc.unfreeze()  # this is the test process, not a stage's
