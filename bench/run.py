@@ -328,7 +328,9 @@ def chain_reportflow(
         delete_broker_objects(exchange, [name for name, _ in CHAIN])
 
 
-def _add_paced(figures: Figures, pace: str, ours: list[float], theirs: list[float], target, keep_samples: bool) -> None:
+def _add_paced(
+    figures: Figures, pace: str, ours: list[float], theirs: list[float], target: str | None, keep_samples: bool
+) -> None:
     """p50 and p99 per hop of a paced load, reportflow's against Celery's. target: "ratio" (p99 at most
     twice Celery's), "8 ms" (p99 per hop), or None."""
     for label, latencies, baseline in (("reportflow", ours, theirs), ("Celery", theirs, None)):
