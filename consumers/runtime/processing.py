@@ -45,6 +45,8 @@ class Processor:
         self._queue, self._exchange = queue, exchange
         self._max_message_bytes = max_message_bytes
         self._trust = trust or PublisherTrust({})
+        # The runtime's inbox and outbox statements where the SQL instrumentation sees them (tracing.runtime_sql)
+        self._bookkeeping_traced = telemetry.settings.runtime_sql
 
     def read(self, delivery: Delivery) -> Event | InvalidMessage:
         """The delivery as a message of its type, screened for who published it."""
@@ -119,8 +121,7 @@ class Processor:
                 )
             message = replace(message, trace_context=carrier)
 
-        bookkeeping_traced = self._telemetry.settings.runtime_sql
-        with UnitOfWork(self._session_factory, self.stage.name, bookkeeping_traced=bookkeeping_traced) as uow:
+        with UnitOfWork(self._session_factory, self.stage.name, bookkeeping_traced=self._bookkeeping_traced) as uow:
             with self._telemetry.runtime_sql(uow.bookkeeping_in_sqlalchemy()):
                 claimed = uow.claim(message.message_id, message.type)
             if not claimed:
