@@ -4,14 +4,18 @@ processor and settler, on a pass-through stage with PostgreSQL, the real SDK, th
 instrumentations and a real OTLP export to a local sink; only the broker is left out (a channel that
 sends nothing). Run once with tracing on and once off: the difference is tracing's.
 
-    python -m bench.tracing_cost OTLP_PORT ITERATIONS on|off|sdk [SAMPLING_RATIO]  (prints JSON)
+    python -m bench.tracing_cost OTLP_PORT ITERATIONS on|off|sdk|paired [SAMPLING_RATIO]  (prints JSON)
 
-It runs in its own process because a process has one global tracer provider."""
+on, off and sdk each run in a process of their own, because a process has one global tracer provider.
+paired runs the traced and the untraced hop side by side in one process, in alternating blocks, so that
+what moves a process's CPU time from one run to the next (the machine's load, where its heap landed)
+moves both alike and cancels in their difference."""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -86,8 +90,13 @@ def main(port: int, iterations: int, mode: str, ratio: float, database_url: str)
         provider = setup_tracing("bench-tracing-cost", settings.tracing)
         return _measured(iterations, provider, _bare_spans(settings, iterations))
     provider = setup_tracing("bench-tracing-cost", settings.tracing)
+    return _measured(iterations, provider, _hops(settings, session_factory(settings, provider), provider))
+
+
+def _hops(settings: Settings, sessions, provider):
+    """one_message(n): the runtime's hop for the n-th message, on a pass-through stage."""
     stage = Stage("tracing-cost", {"report.created": pass_through("report.created")}, describe=describe)
-    consumer = Consumer(stage, settings, session_factory(settings, provider), {}, tracer_provider=provider)
+    consumer = Consumer(stage, settings, sessions, {}, tracer_provider=provider)
     consumer.settler.attach(_NetworklessChannel(), _NetworklessConfirms())
     run = uuid.uuid4().hex[:8]
 
@@ -100,7 +109,67 @@ def main(port: int, iterations: int, mode: str, ratio: float, database_url: str)
         assert outcome.publish and outcome.dead_letter_reason is None, outcome
         consumer.settler.settle(delivery, outcome)
 
-    return _measured(iterations, provider, one_message)
+    return one_message
+
+
+PAIRED_BLOCK = 100  # messages: 200 spans, under the batch processor's 512, so no export starts mid-block
+
+
+def paired(port: int, iterations: int, ratio: float, database_url: str) -> dict:
+    """The hop traced and untraced in one process, in alternating blocks of PAIRED_BLOCK messages, each
+    pair's order swapped from the last. A traced block ends with a flush, so the export of its spans is
+    in its own CPU time. Tracing's cost is the median of the pairs' differences, per message."""
+    from opentelemetry.trace import NoOpTracerProvider
+
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{port}"
+    upgrade(database_url)
+    untraced = Settings(
+        database_url=database_url, exchange="bench-tracing-cost", tracing=TracingSettings(enabled=False)
+    )
+    traced = Settings(
+        database_url=database_url,
+        exchange="bench-tracing-cost",
+        tracing=TracingSettings(enabled=True, sampling_ratio=ratio),
+    )
+    # The untraced hop's engine first: once the SQLAlchemy instrumentation is on, it instruments every engine
+    # made after. Its tracer is the API's no-op one, as in a process that traces nothing.
+    off = _hops(untraced, session_factory(untraced), NoOpTracerProvider())
+    provider = setup_tracing("bench-tracing-cost", traced.tracing)
+    on = _hops(traced, session_factory(traced, provider), provider)
+
+    def block(one_message, first: int, flush: bool) -> float:
+        started = time.process_time()
+        for n in range(first, first + PAIRED_BLOCK):
+            one_message(n)
+        if flush:
+            provider.force_flush()
+        return (time.process_time() - started) / PAIRED_BLOCK
+
+    for n in range(200):  # warm both
+        on(-n - 1), off(-n - 1)
+    provider.force_flush()
+    differences, on_cpu, off_cpu = [], [], []
+    for pair in range(max(1, iterations // PAIRED_BLOCK)):
+        first = pair * PAIRED_BLOCK
+        if pair % 2:
+            untraced_cpu, traced_cpu = block(off, first, False), block(on, first, True)
+        else:
+            traced_cpu, untraced_cpu = block(on, first, True), block(off, first, False)
+        differences.append(traced_cpu - untraced_cpu)
+        on_cpu.append(traced_cpu)
+        off_cpu.append(untraced_cpu)
+    spans = provider.stats.snapshot()
+    provider.shutdown()
+    quartiles = statistics.quantiles(differences, n=4) if len(differences) > 1 else differences * 3
+    return {
+        "iterations": len(differences) * PAIRED_BLOCK,
+        "pairs": len(differences),
+        "tracing_us": statistics.median(differences) * 1e6,
+        "tracing_us_quartiles": [quartiles[0] * 1e6, quartiles[2] * 1e6],
+        "traced_us": statistics.median(on_cpu) * 1e6,
+        "untraced_us": statistics.median(off_cpu) * 1e6,
+        "spans": spans,
+    }
 
 
 def _bare_spans(settings: Settings, iterations: int):
@@ -171,12 +240,12 @@ def _measured(iterations: int, provider, one_message) -> dict:
 
 
 if __name__ == "__main__":
+    measure = paired if sys.argv[3] == "paired" else lambda *a: main(a[0], a[1], sys.argv[3], *a[2:])
     print(
         json.dumps(
-            main(
+            measure(
                 int(sys.argv[1]),
                 int(sys.argv[2]),
-                sys.argv[3],
                 float(sys.argv[4]) if len(sys.argv) > 4 else 1.0,
                 os.environ.get("REPORTFLOW_DATABASE_URL", "postgresql://postgres@127.0.0.1/reportflow_test"),
             )
