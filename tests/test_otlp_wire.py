@@ -27,6 +27,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.span import TraceState
 
 from reportflow.shared.otlp_wire import SpanEncoder, http_exporter
+from tests.helpers import free_port
 
 _INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 _SCALARS = [st.text(max_size=30), st.booleans(), _INT64, st.floats(allow_nan=False)]
@@ -148,3 +149,26 @@ def test_a_batch_above_the_request_limit_is_dropped_as_the_sdks_exporter_drops_i
     finally:
         exporter.shutdown()
     assert otlp.requests == 0
+
+
+def test_the_exporter_sends_by_urllib3_unless_the_environment_asks_for_what_only_requests_does(otlp, monkeypatch):
+    for variable in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy", "NO_PROXY",
+                     "no_proxy"):  # fmt: skip
+        monkeypatch.delenv(variable, raising=False)
+    direct = http_exporter(otlp.endpoint + "/v1/traces")
+    try:
+        assert type(direct._client._transport).__module__.endswith("_urllib3")
+        assert direct.export(_one_span()).name == "SUCCESS"
+    finally:
+        direct.shutdown()
+    assert otlp.requests == 1
+
+    # A proxy in the environment: requests is kept, and sends through it (the receiver stands in for the
+    # proxy). The collector named in the endpoint is not listening, so a direct send would fail.
+    monkeypatch.setenv("HTTP_PROXY", otlp.endpoint)
+    proxied = http_exporter(f"http://127.0.0.1:{free_port()}/v1/traces", timeout=5)
+    try:
+        assert proxied.export(_one_span()).name == "SUCCESS"
+    finally:
+        proxied.shutdown()
+    assert otlp.requests == 2
