@@ -286,12 +286,19 @@ def tracing_cpu(
     return costs
 
 
-def tracing_cpu_paired(otlp_port: int, iterations: int, ratios: tuple[float, ...]) -> dict[float, dict]:
+def tracing_cpu_paired(otlp_port: int, iterations: int, ratios: tuple[float, ...], repeats: int) -> dict[float, dict]:
     """Tracing's CPU per message per hop with the traced and the untraced hop in one process, in alternating
     blocks (bench/tracing_cost.py, mode paired): the median of the blocks' differences, and its quartiles.
     Between separate processes the untraced hop alone moved by more than the unsampled cost it is set
-    against (docs/performance.md); within a process, both sides move together."""
-    return {r: _tracing_cost(otlp_port, iterations, "paired", r) for r in ratios}
+    against (docs/performance.md); within a process, both sides move together. A whole run still moves
+    with the machine's speed, which only ever slows it: each ratio keeps its least median over `repeats`."""
+    best: dict[float, dict] = {}
+    for _ in range(repeats):
+        for ratio in ratios:
+            run = _tracing_cost(otlp_port, iterations, "paired", ratio)
+            if ratio not in best or run["tracing_us"] < best[ratio]["tracing_us"]:
+                best[ratio] = run
+    return best
 
 
 # -- 2. four-stage chain: reportflow vs Celery ----------------------------------------------------------------
@@ -715,7 +722,7 @@ def main() -> None:
             # 1: every trace kept; 0.25: config/production.yaml's ratio; 0: the cost a trace left unsampled adds.
             ratios = (1.0, 0.25, 0.1, 0.0)
             costs = tracing_cpu(OTLP_PORT, 500 if q else 3000, ratios, 1 if q else 5)
-            paired = tracing_cpu_paired(OTLP_PORT, 500 if q else 6000, ratios)
+            paired = tracing_cpu_paired(OTLP_PORT, 500 if q else 6000, ratios, 1 if q else 3)
             # Targets: every trace kept, and the cost an unsampled message adds (docs/performance.md), set
             # against the paired figure, whose untraced side ran beside it.
             targets = {1.0: 150, 0.0: 25}
