@@ -8,11 +8,12 @@ from __future__ import annotations
 import itertools
 import sys
 
-from reportflow.consumers.bootstrap import freeze_startup_objects, session_factory
+from reportflow.consumers.bootstrap import session_factory
 from reportflow.consumers.descriptions import describe
 from reportflow.consumers.runtime import Consumer
 from reportflow.consumers.stage import Stage
 from reportflow.shared.config import Settings
+from reportflow.shared.startup_heap import freeze_startup_objects
 from reportflow.shared.tracing import setup_logging, setup_tracing
 from tests.helpers import example_payloads
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 
@@ -18,6 +17,7 @@ from reportflow.shared.documents import IsolatedRenderer
 from reportflow.shared.health import serve_health
 from reportflow.shared.mail import Postman, mailer_from_settings
 from reportflow.shared.models import utcnow
+from reportflow.shared.startup_heap import freeze_startup_objects
 from reportflow.shared.status import StatusFile
 from reportflow.shared.topology import TopologyMismatch
 from reportflow.shared.tracing import log_span_stats_periodically, setup_logging, setup_tracing
@@ -85,15 +85,6 @@ def session_factory(settings: Settings, tracer_provider=None) -> sessionmaker:
     without_pool_metrics(traced, SQLAlchemyInstrumentor().instrument(engine=traced, tracer_provider=tracer_provider))
     without_checkout_spans()
     return SampledSessions(engine, traced)
-
-
-def freeze_startup_objects() -> None:
-    """What a stage process builds to start (modules, schemas, engines, the stage's dependencies) lives as
-    long as the process. Left to the cyclic collector, every full collection walked all of it: 65-150 ms
-    on a stage process, every few seconds under load, and so every message's p99 (docs/performance.md).
-    Frozen after a collection, it is never walked again; a full collection walks what messages made."""
-    gc.collect()
-    gc.freeze()
 
 
 def build_consumer(stage_name: str, settings: Settings, tracer_provider=None) -> Consumer:

@@ -374,6 +374,7 @@ def serve(settings: Settings | None = None) -> None:
     from opentelemetry.instrumentation.flask import FlaskInstrumentor
 
     from reportflow.shared.health import serve_health
+    from reportflow.shared.startup_heap import freeze_startup_objects
     from reportflow.shared.tracing import setup_logging, setup_tracing
 
     settings = settings or Settings.load()
@@ -413,6 +414,7 @@ def serve(settings: Settings | None = None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    freeze_startup_objects()
     try:
         server.run()
     except SystemExit:

@@ -10,13 +10,14 @@ import time
 import pika
 import pytest
 
-from reportflow.consumers.bootstrap import build_consumer, freeze_startup_objects, session_factory
+from reportflow.consumers.bootstrap import build_consumer, session_factory
 from reportflow.consumers.confirms import PipelinedConfirms
 from reportflow.consumers.runtime import Consumer
 from reportflow.consumers.stage import Stage
 from reportflow.producers import ReportflowClient, Unroutable
 from reportflow.producers.client import InvalidEvent
 from reportflow.shared.models import InboxRecord, OutboxMessage, Report
+from reportflow.shared.startup_heap import freeze_startup_objects
 from tests.helpers import (
     TEST_AMQP_URL,
     count,
