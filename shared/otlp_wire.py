@@ -4,7 +4,10 @@ The SDK's encoder builds a protobuf object for every attribute, key and value, a
 resource (as JSON) to group spans by it: about 55 µs a span of sixteen attributes, twice what making the
 span costs. This writes the same message as bytes, keeping those of attributes that repeat. The OTLP proto
 (opentelemetry/proto/trace/v1/trace.proto, common.proto) gives the field numbers below; what it says,
-the SDK's encoder says too, and tests/test_otlp_wire.py holds the two to the same message."""
+the SDK's encoder says too, and tests/test_otlp_wire.py holds the two to the same message.
+
+http_exporter() is the SDK's OTLP/HTTP exporter with this encoder, sending by urllib3 where the
+environment asks for nothing that only requests does."""
 
 from __future__ import annotations
 
