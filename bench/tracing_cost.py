@@ -76,14 +76,8 @@ def main(port: int, iterations: int, mode: str, ratio: float, database_url: str)
     """mode: "on" or "off", the runtime's hop with tracing on or off; "sdk", the floor: the two spans a
     traced hop exports (process and publish, with the attributes the runtime gives them), made and
     exported by the SDK alone, with no runtime around them."""
-    enabled = mode != "off"
-    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{port}"
-    upgrade(database_url)
-    settings = Settings(
-        database_url=database_url,
-        exchange="bench-tracing-cost",
-        tracing=TracingSettings(enabled=enabled, sampling_ratio=ratio),
-    )
+    _export_to(port, database_url)
+    settings = _settings(database_url, TracingSettings(enabled=mode != "off", sampling_ratio=ratio))
     if mode == "sdk":
         # Made faster than a hop makes them, the spans would overflow the SDK's queue and go unexported.
         os.environ.setdefault("OTEL_BSP_MAX_QUEUE_SIZE", str(4 * (iterations + 200)))
@@ -91,6 +85,16 @@ def main(port: int, iterations: int, mode: str, ratio: float, database_url: str)
         return _measured(iterations, provider, _bare_spans(settings, iterations))
     provider = setup_tracing("bench-tracing-cost", settings.tracing)
     return _measured(iterations, provider, _hops(settings, session_factory(settings, provider), provider))
+
+
+def _export_to(port: int, database_url: str) -> None:
+    """Spans to the sink on port; the database at the schema's head."""
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{port}"
+    upgrade(database_url)
+
+
+def _settings(database_url: str, tracing: TracingSettings) -> Settings:
+    return Settings(database_url=database_url, exchange="bench-tracing-cost", tracing=tracing)
 
 
 def _hops(settings: Settings, sessions, provider):
@@ -123,16 +127,9 @@ def paired(port: int, iterations: int, ratio: float, database_url: str) -> dict:
     message."""
     from opentelemetry.trace import NoOpTracerProvider
 
-    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{port}"
-    upgrade(database_url)
-    untraced = Settings(
-        database_url=database_url, exchange="bench-tracing-cost", tracing=TracingSettings(enabled=False)
-    )
-    traced = Settings(
-        database_url=database_url,
-        exchange="bench-tracing-cost",
-        tracing=TracingSettings(enabled=True, sampling_ratio=ratio),
-    )
+    _export_to(port, database_url)
+    untraced = _settings(database_url, TracingSettings(enabled=False))
+    traced = _settings(database_url, TracingSettings(enabled=True, sampling_ratio=ratio))
     # The untraced hop's engine first: once the SQLAlchemy instrumentation is on, it instruments every engine
     # made after. Its tracer is the API's no-op one, as in a process that traces nothing.
     off = _hops(untraced, session_factory(untraced), NoOpTracerProvider())
@@ -242,14 +239,10 @@ def _measured(iterations: int, provider, one_message) -> dict:
 
 
 if __name__ == "__main__":
-    measure = paired if sys.argv[3] == "paired" else lambda *a: main(a[0], a[1], sys.argv[3], *a[2:])
-    print(
-        json.dumps(
-            measure(
-                int(sys.argv[1]),
-                int(sys.argv[2]),
-                float(sys.argv[4]) if len(sys.argv) > 4 else 1.0,
-                os.environ.get("REPORTFLOW_DATABASE_URL", "postgresql://postgres@127.0.0.1/reportflow_test"),
-            )
-        )
-    )
+    port, iterations, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    ratio = float(sys.argv[4]) if len(sys.argv) > 4 else 1.0
+    database_url = os.environ.get("REPORTFLOW_DATABASE_URL", "postgresql://postgres@127.0.0.1/reportflow_test")
+    if mode == "paired":
+        print(json.dumps(paired(port, iterations, ratio, database_url)))
+    else:
+        print(json.dumps(main(port, iterations, mode, ratio, database_url)))
