@@ -43,7 +43,8 @@ def main(stage_name: str, consumed: str) -> None:
     setup_logging("WARNING")
     provider = setup_tracing(f"bench-{stage_name}", settings.tracing, "bench")
     consumer = Consumer(
-        Stage(stage_name, {consumed: pass_through(consumed)}, describe=describe),
+        # As approval's and creation's, its handler waits only on the database.
+        Stage(stage_name, {consumed: pass_through(consumed)}, describe=describe, waits_only_on_database=True),
         settings,
         session_factory(settings, provider),
         {},

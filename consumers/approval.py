@@ -107,4 +107,5 @@ STAGE = Stage(
     timers={REMINDER_DUE: on_reminder_due, DEADLINE_DUE: on_deadline_due},
     describe=describe,
     stored_trace=report_trace,
+    waits_only_on_database=True,
 )

@@ -96,4 +96,5 @@ STAGE = Stage(
     handlers={"report.requested": on_report_requested},
     on_invalid={"report.requested": on_unreadable_request},
     describe=describe,
+    waits_only_on_database=True,
 )

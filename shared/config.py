@@ -75,7 +75,9 @@ class Settings:
     smtp_url: str = ""
     mail_from: str = "reportflow <reportflow@localhost>"
     prefetch: int = 0  # 0: twice the worker threads, at least 4
-    concurrency: int = 0  # worker threads per process; 0: 4 on PostgreSQL, 1 on SQLite (one writer)
+    # Worker threads per process; 0: 4 on PostgreSQL, 1 on SQLite (one writer). A stage that batches and waits
+    # only on the database runs 1 unless this is set (Stage.waits_only_on_database).
+    concurrency: int = 0
     heartbeat_seconds: int = 30
     max_message_bytes: int = 1_048_576
     # Well under RabbitMQ's 30-minute consumer timeout, past which the broker closes the channel.

@@ -5,7 +5,7 @@ neighbours' effects stand; an idle consumer handles a single message at once."""
 from __future__ import annotations
 
 from reportflow.consumers import creation
-from reportflow.consumers.bootstrap import session_factory
+from reportflow.consumers.bootstrap import build_consumer, session_factory
 from reportflow.consumers.runtime import Consumer
 from reportflow.consumers.stage import Stage
 from reportflow.producers import ReportflowClient
@@ -83,3 +83,18 @@ def test_an_idle_consumer_handles_a_single_message_at_once(
         settled(consumer, 1)
     [span] = process_spans(finished_spans, exchange)
     assert "reportflow.batch.size" not in span.attributes
+
+
+def test_a_stage_that_waits_only_on_the_database_batches_on_one_worker_thread(settings_for, postgres_url, sqlite_url):
+    """A second thread would split its backlog's batches; a stage that waits on SMTP keeps its threads, and
+    the operator's own setting wins over both."""
+
+    def worker_threads(stage_name: str, database_url: str, **overrides) -> int:
+        return build_consumer(stage_name, settings_for(database_url, **overrides)).worker_threads
+
+    assert worker_threads("creation", postgres_url) == 1
+    assert worker_threads("approval", postgres_url) == 1
+    assert worker_threads("notification", postgres_url) == 4
+    assert worker_threads("creation", postgres_url, concurrency=3) == 3
+    assert worker_threads("creation", postgres_url, batch_size=1) == 4  # no batches: threads overlap its waits
+    assert worker_threads("creation", sqlite_url) == 1

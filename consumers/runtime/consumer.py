@@ -90,6 +90,9 @@ class Consumer:
         batching = stage.batch and settings.batch_size > 1 and on_postgresql
         self.batches = Batches(self.processor, session_factory, self.telemetry, batching)
         self.batch_size = settings.batch_size if batching else 1
+        if batching and stage.waits_only_on_database and not settings.concurrency:
+            concurrency = 1  # its backlog shares one transaction (Stage.waits_only_on_database)
+        self.worker_threads = concurrency
         # Room in the prefetch window for a batch to form under a backlog.
         self.prefetch = settings.prefetch or max(settings.effective_prefetch, self.batch_size)
         self._waiting: deque[Delivery] = deque()
@@ -116,7 +119,7 @@ class Consumer:
             if stage.timers
             else None
         )
-        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"{stage.name}-worker")
+        self._executor = ThreadPoolExecutor(max_workers=self.worker_threads, thread_name_prefix=f"{stage.name}-worker")
         self._stopping = threading.Event()
         self.ready = threading.Event()
         self._lock = threading.Lock()
@@ -186,7 +189,7 @@ class Consumer:
             self.stage.name,
             self.queue,
             self.prefetch,
-            self._executor._max_workers,
+            self.worker_threads,
             self.batch_size,
         )
         self.ready.set()
