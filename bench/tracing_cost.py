@@ -76,7 +76,7 @@ def main(port: int, iterations: int, mode: str, ratio: float, database_url: str)
     """mode: "on" or "off", the runtime's hop with tracing on or off; "sdk", the floor: the two spans a
     traced hop exports (process and publish, with the attributes the runtime gives them), made and
     exported by the SDK alone, with no runtime around them."""
-    _export_to(port, database_url)
+    _prepare(port, database_url)
     settings = _settings(database_url, TracingSettings(enabled=mode != "off", sampling_ratio=ratio))
     if mode == "sdk":
         # Made faster than a hop makes them, the spans would overflow the SDK's queue and go unexported.
@@ -87,8 +87,8 @@ def main(port: int, iterations: int, mode: str, ratio: float, database_url: str)
     return _measured(iterations, provider, _hops(settings, session_factory(settings, provider), provider))
 
 
-def _export_to(port: int, database_url: str) -> None:
-    """Spans to the sink on port; the database at the schema's head."""
+def _prepare(port: int, database_url: str) -> None:
+    """Spans to the sink on port, and the database migrated to the schema's head."""
     os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{port}"
     upgrade(database_url)
 
@@ -127,7 +127,7 @@ def paired(port: int, iterations: int, ratio: float, database_url: str) -> dict:
     message."""
     from opentelemetry.trace import NoOpTracerProvider
 
-    _export_to(port, database_url)
+    _prepare(port, database_url)
     untraced = _settings(database_url, TracingSettings(enabled=False))
     traced = _settings(database_url, TracingSettings(enabled=True, sampling_ratio=ratio))
     # The untraced hop's engine first: once the SQLAlchemy instrumentation is on, it instruments every engine

@@ -33,10 +33,8 @@ class Stage:
     # Whether the runtime may handle several of its messages in one transaction under a backlog: not a
     # stage whose handler takes long (a PDF render), which would hold the batch's transaction open.
     batch: bool = True
-    # Whether its handlers wait on nothing but the database. Where such a stage batches, it runs one worker
-    # thread unless the operator sets more: under a backlog its messages share one transaction, and a second
-    # thread would only split the batches (each paying its own commit) and take the interpreter lock from
-    # the first. A stage that waits on another service (SMTP) keeps several, to overlap those waits.
+    # Whether its handlers wait on nothing but the database (no SMTP server, no render): the runtime then
+    # has no other waits to overlap with more worker threads.
     waits_only_on_database: bool = False
 
     @property

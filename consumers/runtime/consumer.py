@@ -90,9 +90,12 @@ class Consumer:
         batching = stage.batch and settings.batch_size > 1 and on_postgresql
         self.batches = Batches(self.processor, session_factory, self.telemetry, batching)
         self.batch_size = settings.batch_size if batching else 1
-        if batching and stage.waits_only_on_database and not settings.concurrency:
-            concurrency = 1  # its backlog shares one transaction (Stage.waits_only_on_database)
-        self.worker_threads = concurrency
+        # Unless the operator says otherwise, a stage that batches and waits only on the database gets one
+        # worker thread: what arrives while it works forms its next batch. A second thread would split the
+        # batches, each paying its own commit, and take the interpreter lock from the first; several threads
+        # pay only where handlers wait on something else (SMTP).
+        one_suffices = batching and stage.waits_only_on_database and not settings.concurrency
+        self.worker_threads = 1 if one_suffices else concurrency
         # Room in the prefetch window for a batch to form under a backlog.
         self.prefetch = settings.prefetch or max(settings.effective_prefetch, self.batch_size)
         self._waiting: deque[Delivery] = deque()
