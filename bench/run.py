@@ -13,17 +13,20 @@ import datetime
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pika
 from sqlalchemy import text
 
 from bench.passthrough import first_event
+from bench.proc import CpuMeter, rss_mb
 from reportflow.consumers import STAGE_NAMES
 from reportflow.producers.bulk import BulkPublisher
 from reportflow.shared.config import Settings
@@ -189,29 +192,6 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
 
-def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    """Resident memory of a process and its children (the render process), in MB."""
-    total = 0.0
-    for p in [pid, *_children(pid)]:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return total
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return found + [g for c in found for g in _children(c)]
-
-
 # -- 1. hop cost ---------------------------------------------------------------------------------------------
 def hop(n: int, mode: str, otlp_port: int) -> float:
     """Messages per second through one hop: 'raw' pika, or the runtime with tracing 'on' or 'off'."""
@@ -310,9 +290,17 @@ CHAIN = [
 ]
 
 
-def chain_reportflow(
-    n_burst: int, rate: int, seconds: float, otlp_port: int, tracing: bool = True
-) -> tuple[float, list[float]]:
+@dataclass
+class ChainRun:
+    """One chain's run: its burst throughput, each paced message's latency, and the CPU per message its
+    processes and the servers spent in each phase ("burst", "paced"; CpuMeter.per_message)."""
+
+    throughput: float
+    latencies: list[float]
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def chain_reportflow(n_burst: int, rate: int, seconds: float, otlp_port: int, tracing: bool = True) -> ChainRun:
     """Burst throughput, then per-message latencies at a paced rate (none when seconds is 0)."""
     fresh_database()
     exchange = f"bench-{uuid.uuid4().hex[:8]}"
@@ -331,13 +319,15 @@ def chain_reportflow(
         publisher = BulkPublisher(AMQP_URL, exchange)
         publisher.publish(Event("report.created", first_event(f"warm-{i}")) for i in range(100))
         sink.wait(100)
+        meter = CpuMeter([p.pid for p in processes])
         started = time.perf_counter()
         publisher.publish(Event("report.created", first_event(f"burst-{i}")) for i in range(n_burst))
-        throughput = n_burst / (sink.wait(100 + n_burst) - started)
-        if not seconds:
-            return throughput, []
-        latencies = _paced(lambda rid: _publish_one(exchange, rid), sink, rate, seconds, 100 + n_burst)
-        return throughput, latencies
+        run = ChainRun(n_burst / (sink.wait(100 + n_burst) - started), [])
+        run.cpu["burst"] = meter.per_message(n_burst)
+        if seconds:
+            run.latencies = _paced(lambda rid: _publish_one(exchange, rid), sink, rate, seconds, 100 + n_burst)
+            run.cpu["paced"] = meter.per_message(len(run.latencies))
+        return run
     finally:
         stop(*processes)
         sink.close()
@@ -376,6 +366,53 @@ def _add_paced(
         )
 
 
+def _add_cpu(figures: Figures, phase: str, ours: dict, theirs: dict, bursts: tuple[dict, dict] | None = None) -> None:
+    """CPU per message of the four stage processes (reportflow) or the four workers with their pools
+    (Celery), PostgreSQL's and RabbitMQ's beside it. bursts: each chain's burst figures, which a paced
+    phase is set against; without them (the burst itself), reportflow is set against Celery."""
+    for label, spent, other, burst in (
+        ("reportflow", ours, theirs, bursts[0] if bursts else None),
+        ("Celery", theirs, None, bursts[1] if bursts else None),
+    ):
+        servers = {"postgresql_ms": round(spent["postgresql"], 3), "rabbitmq_ms": round(spent["rabbitmq"], 3)}
+        if burst is not None:
+            baseline, ratio = "the same chain's burst", spent["processes"] / burst["processes"]
+            if other is not None:
+                servers["against_celery"] = round(spent["processes"] / other["processes"], 3)
+        elif other is not None:
+            baseline, ratio = "Celery chain", spent["processes"] / other["processes"]
+        else:
+            baseline, ratio = "itself", None
+        figures.add(f"chain CPU per message, {phase}, {label}", spent["processes"], "ms", baseline, ratio, **servers)
+
+
+def cold_work(items: int, pause: float = 0.005) -> tuple[float, float]:
+    """Median seconds of a piece of a hop's own CPU work (an event encoded, read and checked against its
+    schema), done back to back, and done after a pause as long as a stage waits between messages at half
+    capacity. Where the second costs more, a machine's caches went cold in the pause: every message a
+    stage handles alone pays that, in any framework."""
+    from reportflow.shared.events import CONTENT_TYPE, encode, parse, validate
+
+    event = Event("report.created", first_event("cold-work"))
+
+    def work() -> None:
+        parsed = parse(event.type, event.message_id, CONTENT_TYPE, encode(event), 1 << 20)
+        assert isinstance(parsed, Event) and isinstance(validate(parsed), Event)
+
+    def median_after(wait: float) -> float:
+        times = []
+        for _ in range(items):
+            if wait:
+                time.sleep(wait)
+            started = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    work()
+    return median_after(0), median_after(pause)
+
+
 _channels: dict[str, object] = {}
 
 
@@ -410,9 +447,7 @@ def _paced(publish, sink: Sink, rate: int, seconds: float, already: int) -> list
     return [(sink.arrivals[r] - t) * 1000 for r, t in sent.items()]
 
 
-def chain_celery(
-    n_burst: int, rate: int, seconds: float, durable: bool = False, traced: bool = False
-) -> tuple[float, list[float]]:
+def chain_celery(n_burst: int, rate: int, seconds: float, durable: bool = False, traced: bool = False) -> ChainRun:
     """The bare chain, or (durable) one whose tasks do reportflow's durable work, and (traced) with
     opentelemetry-instrumentation-celery exporting to the same OTLP sink (bench/celery_chain.py)."""
     from bench import celery_chain
@@ -451,18 +486,22 @@ def chain_celery(
         for i in range(100):
             celery_chain.stage1.apply_async((f"warm-{i}",), queue="bench.stage1")
         sink.wait(100)
+        meter = CpuMeter([w.pid for w in workers])  # each with its pool's processes
         started = time.perf_counter()
         for i in range(n_burst):
             celery_chain.stage1.apply_async((f"burst-{i}",), queue="bench.stage1")
-        throughput = n_burst / (sink.wait(100 + n_burst) - started)
-        latencies = _paced(
-            lambda rid: celery_chain.stage1.apply_async((rid,), queue="bench.stage1"),
-            sink,
-            rate,
-            seconds,
-            100 + n_burst,
-        )
-        return throughput, latencies
+        run = ChainRun(n_burst / (sink.wait(100 + n_burst) - started), [])
+        run.cpu["burst"] = meter.per_message(n_burst)
+        if seconds:
+            run.latencies = _paced(
+                lambda rid: celery_chain.stage1.apply_async((rid,), queue="bench.stage1"),
+                sink,
+                rate,
+                seconds,
+                100 + n_burst,
+            )
+            run.cpu["paced"] = meter.per_message(len(run.latencies))
+        return run
     finally:
         stop(*workers)
         sink.close()
@@ -754,37 +793,50 @@ def main() -> None:
         if "chain" in only:
             print("2. four-stage chain vs Celery", flush=True)
             burst, rate, seconds = (200, 200, 3) if q else (2000, 200, 15)
-            ours, ours_lat = chain_reportflow(burst, rate, seconds, OTLP_PORT)
-            theirs, theirs_lat = chain_celery(burst, rate, seconds)
+            warm, after_pause = cold_work(100 if q else 400)
+            figures.add(
+                "a hop's own CPU work after a 5 ms pause (this machine)",
+                after_pause * 1e6,
+                "µs",
+                "the same work back to back",
+                after_pause / warm,
+                back_to_back_us=round(warm * 1e6, 1),
+            )
+            ours = chain_reportflow(burst, rate, seconds, OTLP_PORT)
+            theirs = chain_celery(burst, rate, seconds)
             figures.add(
                 "chain burst throughput, reportflow",
-                ours,
+                ours.throughput,
                 "msg/s",
                 "Celery chain",
-                ours / theirs,
+                ours.throughput / theirs.throughput,
                 ">= 1.0x",
-                ours / theirs >= 1.0,
+                ours.throughput / theirs.throughput >= 1.0,
             )
-            figures.add("chain burst throughput, Celery", theirs, "msg/s", "itself")
-            untraced, _ = chain_reportflow(burst, rate, 0, OTLP_PORT, tracing=False)
+            figures.add("chain burst throughput, Celery", theirs.throughput, "msg/s", "itself")
+            untraced = chain_reportflow(burst, rate, 0, OTLP_PORT, tracing=False).throughput
             figures.add(
-                "chain burst throughput, reportflow, tracing off", untraced, "msg/s", "Celery chain", untraced / theirs
+                "chain burst throughput, reportflow, tracing off",
+                untraced,
+                "msg/s",
+                "Celery chain",
+                untraced / theirs.throughput,
             )
             # Equal work: Celery tasks that commit what a reportflow hop commits, traced and not.
-            equal_traced, _ = chain_celery(burst, rate, 0, durable=True, traced=True)
-            equal, _ = chain_celery(burst, rate, 0, durable=True)
+            equal_traced = chain_celery(burst, rate, 0, durable=True, traced=True).throughput
+            equal = chain_celery(burst, rate, 0, durable=True).throughput
             figures.add(
                 "chain burst throughput, Celery with equal durable work, traced", equal_traced, "msg/s", "itself"
             )
             figures.add("chain burst throughput, Celery with equal durable work", equal, "msg/s", "itself")
             figures.add(
                 "chain burst throughput, reportflow, against equal work",
-                ours,
+                ours.throughput,
                 "msg/s",
                 "Celery with equal durable work, traced",
-                ours / equal_traced,
+                ours.throughput / equal_traced,
                 ">= 1.5x",
-                ours / equal_traced >= 1.5,
+                ours.throughput / equal_traced >= 1.5,
             )
             figures.add(
                 "chain burst throughput, reportflow, tracing off, against equal work",
@@ -795,17 +847,35 @@ def main() -> None:
             )
             # The same latencies where the chain keeps up: half the burst rate reportflow reached, for both;
             # and at 100/s, which a machine of two cores carries for both chains (at 200/s it is 95% busy).
-            half = max(10, int(ours / 2))
-            _, ours_half = chain_reportflow(burst // 4, half, seconds, OTLP_PORT)
-            _, theirs_half = chain_celery(burst // 4, half, seconds)
-            _, ours_light = chain_reportflow(burst // 4, 100, seconds, OTLP_PORT)
-            _, theirs_light = chain_celery(burst // 4, 100, seconds)
+            half = max(10, int(ours.throughput / 2))
+            ours_half, theirs_half = (
+                chain_reportflow(burst // 4, half, seconds, OTLP_PORT),
+                chain_celery(burst // 4, half, seconds),
+            )
+            ours_light, theirs_light = (
+                chain_reportflow(burst // 4, 100, seconds, OTLP_PORT),
+                chain_celery(burst // 4, 100, seconds),
+            )
             for pace, ours_paced, theirs_paced, target in (
                 (f"{half}/s (half capacity)", ours_half, theirs_half, "ratio"),
-                (f"{rate}/s", ours_lat, theirs_lat, "8 ms"),
+                (f"{rate}/s", ours, theirs, "8 ms"),
                 ("100/s", ours_light, theirs_light, None),
             ):
-                _add_paced(figures, pace, ours_paced, theirs_paced, target, keep_samples=not q)
+                _add_paced(figures, pace, ours_paced.latencies, theirs_paced.latencies, target, keep_samples=not q)
+            # What each message cost the chain's processes: in the burst (reportflow batches), and handled
+            # alone at half capacity and at 100/s, against the burst.
+            _add_cpu(figures, "burst", ours.cpu["burst"], theirs.cpu["burst"])
+            for pace, ours_paced, theirs_paced in (
+                (f"paced {half}/s (half capacity)", ours_half, theirs_half),
+                ("paced 100/s", ours_light, theirs_light),
+            ):
+                _add_cpu(
+                    figures,
+                    pace,
+                    ours_paced.cpu["paced"],
+                    theirs_paced.cpu["paced"],
+                    (ours.cpu["burst"], theirs.cpu["burst"]),
+                )
 
         if "generation" in only:
             print("3. generation vs a bare render", flush=True)
