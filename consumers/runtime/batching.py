@@ -8,7 +8,7 @@ retry. Its handler runs inside a savepoint, so a handler that fails is rolled ba
 given back, and the message handled alone after the batch commits: one bad message never fails its
 neighbours' effects. What cannot be batched (an unreadable or untrusted message, a type with no handler,
 a stage that asks not to be, SQLite) is handled alone, as is a single delivery: an idle pipeline never
-waits to fill a batch."""
+waits to fill a batch. BatchPlan says how large a stage's batches are and how many worker threads take them."""
 
 from __future__ import annotations
 
@@ -23,6 +23,26 @@ from reportflow.shared.events import Event
 from reportflow.shared.trace_context import carrier_of_current
 
 log = logging.getLogger("reportflow.consumer")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a stage's consumer takes its deliveries: in batches of up to `size` (1: one at a time), on
+    `worker_threads` threads."""
+
+    size: int
+    worker_threads: int
+
+    @classmethod
+    def of(cls, stage, settings, on_postgresql: bool, concurrency: int) -> BatchPlan:
+        """concurrency: the threads the stage runs where nothing says fewer (Settings.worker_threads)."""
+        batching = stage.batch and settings.batch_size > 1 and on_postgresql
+        # Unless the operator says otherwise, a stage that batches and waits only on the database gets one
+        # worker thread: what arrives while it works forms its next batch. A second thread would split the
+        # batches, each paying its own commit, and take the interpreter lock from the first; several threads
+        # pay only where handlers wait on something else (SMTP).
+        one_suffices = batching and stage.waits_only_on_database and not settings.concurrency
+        return cls(settings.batch_size if batching else 1, 1 if one_suffices else concurrency)
 
 
 @dataclass

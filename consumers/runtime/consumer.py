@@ -2,7 +2,8 @@
 
     connection  the broker connection, reopened with backoff; its thread does only I/O
     processing  a delivery -> an Outcome: handler, inbox and outbox in one transaction, in its span
-    batching    under a backlog, the waiting deliveries in one transaction, each with its own span and outcome
+    batching    under a backlog, the waiting deliveries in one transaction, each with its own span and outcome;
+                how large a stage's batches are and how many worker threads take them
     settling    an Outcome -> publish, retry or dead-letter, then ack, on the I/O thread
     outbox      marking confirmed rows, relaying what a crash left, on a thread of its own
     timers      firing the stage's due reminders and deadlines, on a thread of its own
@@ -30,7 +31,7 @@ import pika
 import pika.exceptions
 
 from reportflow.consumers.retries import RetryPolicy
-from reportflow.consumers.runtime.batching import Batches
+from reportflow.consumers.runtime.batching import Batches, BatchPlan
 from reportflow.consumers.runtime.connection import BrokerConnection, ConnectionLost
 from reportflow.consumers.runtime.messages import Delivery
 from reportflow.consumers.runtime.metrics import RuntimeMetrics
@@ -87,15 +88,9 @@ class Consumer:
             trust=PublisherTrust(settings.trust.trusted_publishers()),
         )
         on_postgresql = session_factory.kw["bind"].dialect.name == "postgresql"
-        batching = stage.batch and settings.batch_size > 1 and on_postgresql
-        self.batches = Batches(self.processor, session_factory, self.telemetry, batching)
-        self.batch_size = settings.batch_size if batching else 1
-        # Unless the operator says otherwise, a stage that batches and waits only on the database gets one
-        # worker thread: what arrives while it works forms its next batch. A second thread would split the
-        # batches, each paying its own commit, and take the interpreter lock from the first; several threads
-        # pay only where handlers wait on something else (SMTP).
-        one_suffices = batching and stage.waits_only_on_database and not settings.concurrency
-        self.worker_threads = 1 if one_suffices else concurrency
+        plan = BatchPlan.of(stage, settings, on_postgresql, concurrency)
+        self.batches = Batches(self.processor, session_factory, self.telemetry, plan.size > 1)
+        self.batch_size, self.worker_threads = plan.size, plan.worker_threads
         # Room in the prefetch window for a batch to form under a backlog.
         self.prefetch = settings.prefetch or max(settings.effective_prefetch, self.batch_size)
         self._waiting: deque[Delivery] = deque()
