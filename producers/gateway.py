@@ -21,6 +21,8 @@ import json
 import logging
 import re
 import signal
+import threading
+import time
 from contextlib import contextmanager
 
 import kombu.exceptions
@@ -391,16 +393,10 @@ def serve(settings: Settings | None = None) -> None:
         )
     provider = setup_tracing("reportflow-gateway", settings.tracing, settings.environment)
     app = create_app(settings)
-    # Alive while this process answers at all (waitress runs in the main thread; its end is the process's).
+    # Alive while this process answers at all: the process ends when its server loop does.
     health = serve_health(settings, live=lambda: True, ready=_not_ready(settings), provider=provider)
     if provider is not None:
         FlaskInstrumentor().instrument_app(app, tracer_provider=provider)
-    log.info(
-        "gateway listening on http://%s:%d (public URL %s)",
-        settings.gateway_bind,
-        settings.gateway_port,
-        settings.gateway_url,
-    )
     server = waitress.create_server(
         app,
         host=settings.gateway_bind,
@@ -408,19 +404,27 @@ def serve(settings: Settings | None = None) -> None:
         threads=8,
         max_request_body_size=settings.max_message_bytes,
     )
-
-    def stop(*_):
-        raise SystemExit(0)  # out of the server loop, so the spans still queued are flushed below
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # The handler only sets a flag. Raised from it, SystemExit could land in a weakref callback run by a
+    # collection, where Python prints and swallows it, and the stop asked for would be lost.
+    stop_requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    signal.signal(signal.SIGINT, lambda *_: stop_requested.set())
+    log.info(
+        "gateway listening on http://%s:%d (public URL %s)",
+        settings.gateway_bind,
+        settings.gateway_port,
+        settings.gateway_url,
+    )
     freeze_startup_objects()
+    http = threading.Thread(target=server.run, name="gateway-http", daemon=True)
+    http.start()
     try:
-        server.run()
-    except SystemExit:
-        pass
+        while http.is_alive() and not stop_requested.is_set():
+            # is_set() and sleep take no lock, so the handler, run on this thread, never waits on one it holds.
+            time.sleep(0.2)
     finally:
-        server.close()
+        server.trigger.pull_trigger(server.close)  # stop accepting, on the server loop's own thread
+        server.task_dispatcher.shutdown()  # requests in hand get 5 s to finish; queued ones are cancelled
         if health is not None:
             health.stop()
         if provider is not None:
