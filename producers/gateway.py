@@ -430,3 +430,5 @@ def serve(settings: Settings | None = None) -> None:
         if provider is not None:
             provider.shutdown()
         log.info("gateway stopped")
+    if not stop_requested.is_set():
+        raise SystemExit("the gateway's server loop ended unasked; its error is above")
