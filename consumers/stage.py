@@ -34,7 +34,7 @@ class Stage:
     # stage whose handler takes long (a PDF render), which would hold the batch's transaction open.
     batch: bool = True
     # Whether its handlers wait on nothing but the database (no SMTP server, no render): the runtime then
-    # has no other waits to overlap with more worker threads.
+    # has no other waits to overlap with worker threads, and handles its batches on the I/O thread.
     waits_only_on_database: bool = False
 
     @property

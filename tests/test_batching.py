@@ -1,8 +1,13 @@
 """Batched commits under a backlog, against the real RabbitMQ and PostgreSQL: waiting deliveries share one
 transaction, each keeping its own span, trace and outcome; a failing one is handled alone and its
-neighbours' effects stand; an idle consumer handles a single message at once."""
+neighbours' effects stand; an idle consumer handles a single message at once. Each on both paths: a stage that
+waits only on the database, handled on the I/O thread, and one the operator gives a worker thread."""
 
 from __future__ import annotations
+
+import threading
+
+import pytest
 
 from reportflow.consumers import creation
 from reportflow.consumers.bootstrap import build_consumer, session_factory
@@ -13,11 +18,17 @@ from reportflow.shared.models import InboxRecord, Report
 from reportflow.shared.topology import Topology, declare
 from tests.helpers import TEST_AMQP_URL, count, dead_letters, running, sample_request, settled
 
+HANDLED_ON = {"the I/O thread": {}, "a worker thread": {"concurrency": 1}}
+handled_on = pytest.mark.parametrize("handled_on", HANDLED_ON)
 
-def consumer_for(settings_for, postgres_url, tracer_provider, handler, **overrides) -> Consumer:
-    settings = settings_for(postgres_url, batch_size=8, concurrency=1, **overrides)
-    stage = Stage("creation", {"report.requested": handler})
-    return Consumer(stage, settings, session_factory(settings, tracer_provider), {}, tracer_provider=tracer_provider)
+
+def consumer_for(settings_for, postgres_url, tracer_provider, handler, handled_on: str) -> Consumer:
+    settings = settings_for(postgres_url, batch_size=8, **HANDLED_ON[handled_on])
+    stage = Stage("creation", {"report.requested": handler}, waits_only_on_database=True)
+    sessions = session_factory(settings, tracer_provider)
+    consumer = Consumer(stage, settings, sessions, {}, tracer_provider=tracer_provider)
+    assert consumer.on_io_thread == (handled_on == "the I/O thread")
+    return consumer
 
 
 def backlog(broker, exchange: str, report_ids: list[str]) -> dict[str, str]:
@@ -31,11 +42,18 @@ def process_spans(finished_spans, exchange: str) -> list:
     return [s for s in finished_spans() if s.name == f"process {exchange}:report.requested:{exchange}.creation"]
 
 
+@handled_on
 def test_a_backlog_is_committed_in_batches_each_message_in_its_own_trace(
-    settings_for, postgres_url, tracer_provider, finished_spans, broker, exchange, tap
+    settings_for, postgres_url, tracer_provider, finished_spans, broker, exchange, tap, handled_on
 ):
+    threads = set()
+
+    def on_report_requested(event, uow):
+        threads.add(threading.current_thread().name)
+        creation.on_report_requested(event, uow)
+
     traces = backlog(broker, exchange, [f"r-b-{n}" for n in range(20)])
-    consumer = consumer_for(settings_for, postgres_url, tracer_provider, creation.on_report_requested)
+    consumer = consumer_for(settings_for, postgres_url, tracer_provider, on_report_requested, handled_on)
     with running(consumer):
         tap.wait_for("report.created", count=20)
         settled(consumer, 20)
@@ -44,13 +62,16 @@ def test_a_backlog_is_committed_in_batches_each_message_in_its_own_trace(
     assert sorted(format(s.context.trace_id, "032x") for s in spans) == sorted(traces.values())
     sizes = [s.attributes.get("reportflow.batch.size", 1) for s in spans]
     assert max(sizes) > 1, "no batch formed from a backlog"
+    on_workers = {name.startswith("creation-worker") for name in threads}
+    assert on_workers == {handled_on == "a worker thread"}, threads
     created = {p["report_id"]: props for _, p, props in tap.drain() if _ == "report.created"}
     for report_id, trace_id in traces.items():  # what each emitted carries its own trace on
         assert created[report_id].headers["traceparent"].split("-")[1] == trace_id
 
 
+@handled_on
 def test_a_failing_message_leaves_its_batch_and_its_neighbours_effects_stand(
-    settings_for, postgres_url, tracer_provider, finished_spans, broker, exchange, tap
+    settings_for, postgres_url, tracer_provider, finished_spans, broker, exchange, tap, handled_on
 ):
     def fails_on_bad(event, uow):
         creation.on_report_requested(event, uow)
@@ -59,7 +80,7 @@ def test_a_failing_message_leaves_its_batch_and_its_neighbours_effects_stand(
 
     ids = [f"r-ok-{n}" for n in range(4)] + ["r-bad"] + [f"r-ok-{n}" for n in range(4, 8)]
     backlog(broker, exchange, ids)
-    consumer = consumer_for(settings_for, postgres_url, tracer_provider, fails_on_bad)
+    consumer = consumer_for(settings_for, postgres_url, tracer_provider, fails_on_bad, handled_on)
     with running(consumer):
         tap.wait_for("report.created", count=8)
         settled(consumer, 9)
@@ -72,10 +93,11 @@ def test_a_failing_message_leaves_its_batch_and_its_neighbours_effects_stand(
     assert any(s.status.status_code.name == "ERROR" for s in spans)  # handled alone, its failure on its span
 
 
+@handled_on
 def test_an_idle_consumer_handles_a_single_message_at_once(
-    settings_for, postgres_url, tracer_provider, finished_spans, broker, exchange, tap
+    settings_for, postgres_url, tracer_provider, finished_spans, broker, exchange, tap, handled_on
 ):
-    consumer = consumer_for(settings_for, postgres_url, tracer_provider, creation.on_report_requested)
+    consumer = consumer_for(settings_for, postgres_url, tracer_provider, creation.on_report_requested, handled_on)
     with running(consumer):
         with ReportflowClient(TEST_AMQP_URL, exchange) as client:
             client.request_report(sample_request(report_id="r-alone"))
@@ -85,15 +107,15 @@ def test_an_idle_consumer_handles_a_single_message_at_once(
     assert "reportflow.batch.size" not in span.attributes
 
 
-def test_a_stage_that_waits_only_on_the_database_batches_on_one_worker_thread(settings_for, postgres_url, sqlite_url):
-    """A second thread would split its backlog's batches; a stage that waits on SMTP keeps its threads, and
-    the operator's own setting wins over both."""
+def test_a_stage_that_waits_only_on_the_database_batches_on_the_io_thread(settings_for, postgres_url, sqlite_url):
+    """A worker thread would only add hand-offs, and a second would split its backlog's batches; a stage
+    that waits on SMTP keeps its threads, and the operator's own setting wins over both."""
 
     def worker_threads(stage_name: str, database_url: str, **overrides) -> int:
         return build_consumer(stage_name, settings_for(database_url, **overrides)).worker_threads
 
-    assert worker_threads("creation", postgres_url) == 1
-    assert worker_threads("approval", postgres_url) == 1
+    assert worker_threads("creation", postgres_url) == 0  # none: the I/O thread handles its deliveries
+    assert worker_threads("approval", postgres_url) == 0
     assert worker_threads("notification", postgres_url) == 4
     assert worker_threads("creation", postgres_url, concurrency=3) == 3
     assert worker_threads("creation", postgres_url, batch_size=1) == 4  # no batches: threads overlap its waits

@@ -8,7 +8,7 @@ retry. Its handler runs inside a savepoint, so a handler that fails is rolled ba
 given back, and the message handled alone after the batch commits: one bad message never fails its
 neighbours' effects. What cannot be batched (an unreadable or untrusted message, a type with no handler,
 a stage that asks not to be, SQLite) is handled alone, as is a single delivery: an idle pipeline never
-waits to fill a batch. BatchPlan says how large a stage's batches are and how many worker threads take them."""
+waits to fill a batch. BatchPlan says how large a stage's batches are and which threads take them."""
 
 from __future__ import annotations
 
@@ -28,21 +28,27 @@ log = logging.getLogger("reportflow.consumer")
 @dataclass(frozen=True)
 class BatchPlan:
     """How a stage's consumer takes its deliveries: in batches of up to `size` (1: one at a time), on
-    `worker_threads` threads."""
+    `worker_threads` threads, or, with none, on the connection's I/O thread itself."""
 
     size: int
     worker_threads: int
+
+    @property
+    def on_io_thread(self) -> bool:
+        return self.worker_threads == 0
 
     @classmethod
     def of(cls, stage, settings, on_postgresql: bool, concurrency: int) -> BatchPlan:
         """concurrency: the threads the stage runs where nothing says fewer (Settings.worker_threads)."""
         batching = stage.batch and settings.batch_size > 1 and on_postgresql
-        # Unless the operator says otherwise, a stage that batches and waits only on the database gets one
-        # worker thread: what arrives while it works forms its next batch. A second thread would split the
-        # batches, each paying its own commit, and take the interpreter lock from the first; several threads
-        # pay only where handlers wait on something else (SMTP).
-        one_suffices = batching and stage.waits_only_on_database and not settings.concurrency
-        return cls(settings.batch_size if batching else 1, 1 if one_suffices else concurrency)
+        # Unless the operator says otherwise, a stage that batches and waits only on the database is handled
+        # on the I/O thread: what arrives while it works forms its next batch, and a message handled alone
+        # crosses no thread (each hand-off is a wake-up and a wait for the interpreter lock). A worker
+        # thread would only add them, and more than one would split the batches, each paying its own commit;
+        # several threads pay only where handlers wait on something else (SMTP). Its handlers are short, so
+        # heartbeats still go out in time.
+        on_io_thread = batching and stage.waits_only_on_database and not settings.concurrency
+        return cls(settings.batch_size if batching else 1, 0 if on_io_thread else concurrency)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The consumer's connection to the broker, kept open: opened on the first node that answers, handed to
 whoever serves on it, and opened again with backoff (on any node) when that one goes away.
 
-pika's BlockingConnection is not thread-safe, so the thread that runs it does nothing but I/O (which keeps
-heartbeats flowing during a long PDF render); other threads hand it work with call_on_io."""
+pika's BlockingConnection is not thread-safe: other threads hand its thread work with call_on_io. That thread
+does I/O, and handles deliveries itself only for stages whose handlers are short (a long PDF render runs on
+a worker thread, so heartbeats keep flowing)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class BrokerConnection:
         self.opened = 0  # more than one means the connection was re-established
         self._lock = threading.Lock()
         self._connection: pika.BlockingConnection | None = None
+        self._io_thread: int | None = None
         self._pending: set[Future] = set()
 
     def run(
@@ -60,7 +62,7 @@ class BrokerConnection:
         connection = blocking_connection(self._url, heartbeat=self._heartbeat, name=self.name)
         log.info("%s: connected to %s:%s", self.name, *connected_address(connection))
         with self._lock:
-            self._connection = connection
+            self._connection, self._io_thread = connection, threading.get_ident()
         self.opened += 1
         try:
             serve(connection)
@@ -80,7 +82,8 @@ class BrokerConnection:
                     pass
 
     def call_on_io(self, fn) -> Future:
-        """Run fn on the I/O thread; the returned future fails if the connection is lost first."""
+        """Run fn on the I/O thread (at once when called there); the returned future fails if the
+        connection is lost first."""
         future: Future = Future()
 
         def run() -> None:
@@ -96,8 +99,13 @@ class BrokerConnection:
             connection = self._connection
             if connection is None or not connection.is_open:
                 raise ConnectionLost("no broker connection")
-            self._pending.add(future)
-        connection.add_callback_threadsafe(run)
+            on_io_thread = threading.get_ident() == self._io_thread
+            if not on_io_thread:
+                self._pending.add(future)
+        if on_io_thread:
+            run()
+        else:
+            connection.add_callback_threadsafe(run)
         return future
 
     def _fail_pending(self) -> None:

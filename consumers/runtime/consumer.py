@@ -1,9 +1,9 @@
 """The consumer: runs one stage on RabbitMQ, a thin front over the runtime's parts.
 
-    connection  the broker connection, reopened with backoff; its thread does only I/O
+    connection  the broker connection, reopened with backoff; its thread does the I/O
     processing  a delivery -> an Outcome: handler, inbox and outbox in one transaction, in its span
     batching    under a backlog, the waiting deliveries in one transaction, each with its own span and outcome;
-                how large a stage's batches are and how many worker threads take them
+                how large a stage's batches are, and whether worker threads or the I/O thread take them
     settling    an Outcome -> publish, retry or dead-letter, then ack, on the I/O thread
     outbox      marking confirmed rows, relaying what a crash left, on a thread of its own
     timers      firing the stage's due reminders and deadlines, on a thread of its own
@@ -90,7 +90,7 @@ class Consumer:
         on_postgresql = session_factory.kw["bind"].dialect.name == "postgresql"
         plan = BatchPlan.of(stage, settings, on_postgresql, concurrency)
         self.batches = Batches(self.processor, session_factory, self.telemetry, plan.size > 1)
-        self.batch_size, self.worker_threads = plan.size, plan.worker_threads
+        self.batch_size, self.worker_threads, self.on_io_thread = plan.size, plan.worker_threads, plan.on_io_thread
         # Room in the prefetch window for a batch to form under a backlog.
         self.prefetch = settings.prefetch or max(settings.effective_prefetch, self.batch_size)
         self._waiting: deque[Delivery] = deque()
@@ -117,7 +117,11 @@ class Consumer:
             if stage.timers
             else None
         )
-        self._executor = ThreadPoolExecutor(max_workers=self.worker_threads, thread_name_prefix=f"{stage.name}-worker")
+        self._executor = (
+            None
+            if self.on_io_thread
+            else ThreadPoolExecutor(max_workers=self.worker_threads, thread_name_prefix=f"{stage.name}-worker")
+        )
         self._stopping = threading.Event()
         self.ready = threading.Event()
         self._lock = threading.Lock()
@@ -164,7 +168,8 @@ class Consumer:
         self.broker.run(self._serve, self._stopping, tick=self._tick)
         if self.timers:
             self.timers.stop()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
         self.outbox.stop()
         log.info("%s: stopped", self.stage.name)
 
@@ -183,18 +188,22 @@ class Consumer:
         consume_channel.basic_qos(prefetch_count=self.prefetch)
         consumer_tag = consume_channel.basic_consume(self.queue, on_message_callback=self._on_message)
         log.info(
-            "%s: consuming %s (prefetch %d, %d worker threads, batches of up to %d)",
+            "%s: consuming %s (prefetch %d, %s, batches of up to %d)",
             self.stage.name,
             self.queue,
             self.prefetch,
-            self.worker_threads,
+            "handled on the I/O thread" if self.on_io_thread else f"{self.worker_threads} worker threads",
             self.batch_size,
         )
         self.ready.set()
         stopped_at = time.monotonic()  # from when the stop began: set again then
         try:
             while True:
-                connection.process_data_events(time_limit=0.25)
+                # Deliveries left for this thread: take in what else has come, without waiting, then handle.
+                waiting_here = self.on_io_thread and bool(self._waiting)
+                connection.process_data_events(time_limit=0 if waiting_here else 0.25)
+                if self.on_io_thread:
+                    self._work_waiting()
                 self._tick()
                 self.outbox.confirmed(self.settler.take_confirmations())
                 if self._stopping.is_set():
@@ -227,13 +236,14 @@ class Consumer:
         with self._lock:
             self._in_flight += 1
         self.metrics.in_flight.inc()
-        self._waiting.append(delivery)
-        self._executor.submit(self._work_waiting)
+        self._waiting.append(delivery)  # with no worker threads, _serve handles it after this round of I/O
+        if self._executor is not None:
+            self._executor.submit(self._work_waiting)
 
     def _work_waiting(self) -> None:
-        """On a worker thread: take what is waiting (one delivery when idle, up to a batch under a backlog),
-        process it, and hand each delivery's settling to the I/O thread. A task that finds nothing waiting
-        (others took it) returns."""
+        """On a worker thread or the I/O thread: take what is waiting (one delivery when idle, up to a batch
+        under a backlog), process it, and settle each delivery on the I/O thread. A call that finds nothing
+        waiting (others took it) returns."""
         deliveries: list[Delivery] = []
         while len(deliveries) < self.batch_size:
             try:
