@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pika
 import pytest
@@ -22,6 +26,7 @@ from tests.helpers import (
     TEST_AMQP_URL,
     count,
     dead_letters,
+    free_port,
     raw_publish,
     running,
     sample_request,
@@ -318,3 +323,39 @@ def test_what_a_stage_process_built_to_start_is_left_out_of_full_collections(set
         assert len(gc.get_objects(generation=2)) < before / 100
     finally:
         gc.unfreeze()  # this is the test process, not a stage's
+
+
+def test_sigterm_while_the_broker_is_away_stops_the_consumer_within_its_backoff(tmp_path):
+    """Between tries to reach the broker the consumer waits up to 30 s; a stop must not wait with it."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("REPORTFLOW_")}
+    environment.update(
+        REPORTFLOW_ENV="development",
+        REPORTFLOW_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",  # nothing listens there
+        REPORTFLOW_DATABASE_URL=f"sqlite:///{tmp_path / 'reportflow.db'}",
+        REPORTFLOW_STORAGE_DIR=str(tmp_path / "storage"),
+        TRACING_ENABLED="false",
+    )
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "reportflow"), "consume", "creation"],
+        env=environment,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = threading.Timer(60, process.kill)
+    deadline.start()
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "reconnecting in 5s" in line:  # the third try failed: a 5 s wait begins
+                break
+        assert lines and "reconnecting in 5s" in lines[-1], "".join(lines)
+        process.terminate()
+        stopped_within = time.monotonic() + 2.5
+        output, _ = process.communicate(timeout=10)
+        assert time.monotonic() < stopped_within, "the stop waited for the backoff"
+    finally:
+        deadline.cancel()
+        process.kill()
+    assert process.returncode == 0 and "creation: stopped" in output, (process.returncode, output)

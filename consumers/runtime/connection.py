@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -20,6 +21,7 @@ from reportflow.shared.broker import blocking_connection, connected_address
 log = logging.getLogger("reportflow.consumer")
 
 RECONNECT_BACKOFF_SECONDS = (1, 2, 5, 10, 30)
+STOP_CHECK_SECONDS = 0.2  # how soon a stop asked for during a backoff is seen
 
 
 class ConnectionLost(RuntimeError):
@@ -56,7 +58,7 @@ class BrokerConnection:
                 delay = RECONNECT_BACKOFF_SECONDS[min(attempt, len(RECONNECT_BACKOFF_SECONDS) - 1)]
                 attempt += 1
                 log.warning("%s: broker connection lost (%r); reconnecting in %ss", self.name, exc, delay)
-                stopping.wait(delay)
+                _back_off(delay, stopping)
 
     def _serve_one(self, serve) -> None:
         connection = blocking_connection(self._url, heartbeat=self._heartbeat, name=self.name)
@@ -115,3 +117,11 @@ class BrokerConnection:
         for future in pending:
             if future.set_running_or_notify_cancel():
                 future.set_exception(ConnectionLost("broker connection closed before the message was settled"))
+
+
+def _back_off(seconds: float, stopping: threading.Event) -> None:
+    """Sleep until the time is up or stopping is set. Not stopping.wait(): the SIGTERM handler sets stopping
+    on this same thread, and one that ran while wait() held the event's lock would wait on it for good."""
+    deadline = time.monotonic() + seconds
+    while not stopping.is_set() and (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(STOP_CHECK_SECONDS, left))
