@@ -27,7 +27,7 @@ def consumer_for(settings_for, postgres_url, tracer_provider, handler, handled_o
     stage = Stage("creation", {"report.requested": handler}, waits_only_on_database=True)
     sessions = session_factory(settings, tracer_provider)
     consumer = Consumer(stage, settings, sessions, {}, tracer_provider=tracer_provider)
-    assert consumer.on_io_thread == (handled_on == "the I/O thread")
+    assert consumer.worker_threads == (0 if handled_on == "the I/O thread" else 1)
     return consumer
 
 

@@ -4,6 +4,7 @@
     processing  a delivery -> an Outcome: handler, inbox and outbox in one transaction, in its span
     batching    under a backlog, the waiting deliveries in one transaction, each with its own span and outcome;
                 how large a stage's batches are, and whether worker threads or the I/O thread take them
+    dispatch    handing deliveries to the worker threads, or handling them on the I/O thread between rounds
     settling    an Outcome -> publish, retry or dead-letter, then ack, on the I/O thread
     outbox      marking confirmed rows, relaying what a crash left, on a thread of its own
     timers      firing the stage's due reminders and deadlines, on a thread of its own
@@ -24,7 +25,7 @@ import signal
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import partial
 
 import pika
@@ -33,6 +34,7 @@ import pika.exceptions
 from reportflow.consumers.retries import RetryPolicy
 from reportflow.consumers.runtime.batching import Batches, BatchPlan
 from reportflow.consumers.runtime.connection import BrokerConnection, ConnectionLost
+from reportflow.consumers.runtime.dispatch import dispatch_for
 from reportflow.consumers.runtime.messages import Delivery
 from reportflow.consumers.runtime.metrics import RuntimeMetrics
 from reportflow.consumers.runtime.outbox import OutboxRelay
@@ -90,7 +92,7 @@ class Consumer:
         on_postgresql = session_factory.kw["bind"].dialect.name == "postgresql"
         plan = BatchPlan.of(stage, settings, on_postgresql, concurrency)
         self.batches = Batches(self.processor, session_factory, self.telemetry, plan.size > 1)
-        self.batch_size, self.worker_threads, self.on_io_thread = plan.size, plan.worker_threads, plan.on_io_thread
+        self.batch_size, self.worker_threads = plan.size, plan.worker_threads
         # Room in the prefetch window for a batch to form under a backlog.
         self.prefetch = settings.prefetch or max(settings.effective_prefetch, self.batch_size)
         self._waiting: deque[Delivery] = deque()
@@ -117,11 +119,7 @@ class Consumer:
             if stage.timers
             else None
         )
-        self._executor = (
-            None
-            if self.on_io_thread
-            else ThreadPoolExecutor(max_workers=self.worker_threads, thread_name_prefix=f"{stage.name}-worker")
-        )
+        self._dispatch = dispatch_for(plan, self._work_waiting, stage.name)
         self._stopping = threading.Event()
         self.ready = threading.Event()
         self._lock = threading.Lock()
@@ -168,8 +166,7 @@ class Consumer:
         self.broker.run(self._serve, self._stopping, tick=self._tick)
         if self.timers:
             self.timers.stop()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        self._dispatch.shutdown()
         self.outbox.stop()
         log.info("%s: stopped", self.stage.name)
 
@@ -192,18 +189,15 @@ class Consumer:
             self.stage.name,
             self.queue,
             self.prefetch,
-            "handled on the I/O thread" if self.on_io_thread else f"{self.worker_threads} worker threads",
+            self._dispatch.described,
             self.batch_size,
         )
         self.ready.set()
         stopped_at = time.monotonic()  # from when the stop began: set again then
         try:
             while True:
-                # Deliveries left for this thread: take in what else has come, without waiting, then handle.
-                waiting_here = self.on_io_thread and bool(self._waiting)
-                connection.process_data_events(time_limit=0 if waiting_here else 0.25)
-                if self.on_io_thread:
-                    self._work_waiting()
+                connection.process_data_events(time_limit=self._dispatch.round_seconds(bool(self._waiting)))
+                self._dispatch.after_round()
                 self._tick()
                 self.outbox.confirmed(self.settler.take_confirmations())
                 if self._stopping.is_set():
@@ -236,14 +230,12 @@ class Consumer:
         with self._lock:
             self._in_flight += 1
         self.metrics.in_flight.inc()
-        self._waiting.append(delivery)  # with no worker threads, _serve handles it after this round of I/O
-        if self._executor is not None:
-            self._executor.submit(self._work_waiting)
+        self._waiting.append(delivery)
+        self._dispatch.delivered()
 
     def _work_waiting(self) -> None:
-        """On a worker thread or the I/O thread: take what is waiting (one delivery when idle, up to a batch
-        under a backlog), process it, and settle each delivery on the I/O thread. A call that finds nothing
-        waiting (others took it) returns."""
+        """Take what is waiting (one delivery when idle, up to a batch under a backlog), process it, and settle
+        each on the I/O thread. Where dispatch runs it, it finds nothing when others took it, and returns."""
         deliveries: list[Delivery] = []
         while len(deliveries) < self.batch_size:
             try:
