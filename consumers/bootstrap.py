@@ -74,7 +74,7 @@ def without_pool_metrics(engine, engine_tracer) -> None:
 
 
 def session_factory(settings: Settings, tracer_provider=None) -> sessionmaker:
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, timeout_seconds=settings.database_timeout_seconds)
     # expire_on_commit=False: the runtime reads outbox rows after the commit that wrote them.
     if tracer_provider is None:
         return sessionmaker(engine, expire_on_commit=False)

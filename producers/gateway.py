@@ -86,7 +86,7 @@ def create_app(settings: Settings, client_factory=None) -> Flask:
     app = Gateway(__name__, template_folder=str(ASSETS / "gateway"), static_folder=str(ASSETS / "gateway" / "static"))
     # A body larger than a message may be is refused before it is read (waitress is capped alike, in serve()).
     app.config["MAX_CONTENT_LENGTH"] = settings.max_message_bytes
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, timeout_seconds=settings.database_timeout_seconds)
     storage = settings.document_storage()
     public_url = settings.gateway_url.rstrip("/")
     client_factory = client_factory or (
@@ -349,7 +349,7 @@ def _pdf(content: bytes, name: str) -> Response:
 
 def _not_ready(settings: Settings):
     """Why the gateway cannot take requests now (no broker node, no database), or None."""
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, timeout_seconds=settings.database_timeout_seconds)
 
     def check() -> str | None:
         if not broker.reachable(settings.amqp_url):

@@ -70,6 +70,10 @@ class Settings:
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     exchange: str = "reportflow"
     database_url: str = "sqlite:///var/reportflow.db"
+    # PostgreSQL: how long a statement, a connection attempt or an unanswered packet may hold a consumer or
+    # the gateway before it fails as transient (a retry). Keep it under heartbeat_seconds: a stage handled
+    # on the I/O thread sends no heartbeats while it waits. 0: no limit.
+    database_timeout_seconds: float = 10
     storage_dir: Path = Path("var/storage")  # this process's own files (status, .eml without SMTP)
     storage_url: str = ""  # where documents are kept: file:///path or s3://bucket/prefix; "": storage_dir
     smtp_url: str = ""
@@ -200,6 +204,7 @@ ENVIRONMENT_VARIABLES = {
     "amqp_url": ["REPORTFLOW_AMQP_URL"],
     "exchange": ["REPORTFLOW_EXCHANGE"],
     "database_url": ["REPORTFLOW_DATABASE_URL"],
+    "database_timeout_seconds": ["REPORTFLOW_DATABASE_TIMEOUT_SECONDS"],
     "storage_dir": ["REPORTFLOW_STORAGE_DIR"],
     "storage_url": ["REPORTFLOW_STORAGE_URL"],
     "smtp_url": ["REPORTFLOW_SMTP_URL"],

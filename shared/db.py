@@ -61,7 +61,9 @@ class Effects:
     refusal: str | None = None
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, timeout_seconds: float = 0) -> Engine:
+    """timeout_seconds (PostgreSQL): the longest a statement, a connection attempt or an unanswered packet
+    may hold a caller before it fails as transient (postgresql_timeouts); 0, for migrations and tools: none."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -73,7 +75,30 @@ def make_engine(url: str) -> Engine:
         parsed = parsed.set(drivername="postgresql+psycopg")
     # No pre-ping: it costs a round trip per transaction. A connection that died with the server fails its
     # statement, SQLAlchemy discards the pool, and the runtime retries the message.
-    return create_engine(parsed, pool_size=10, max_overflow=10, pool_recycle=1800)
+    timeouts = postgresql_timeouts(dict(parsed.query), timeout_seconds) if timeout_seconds else {}
+    return create_engine(parsed, pool_size=10, max_overflow=10, pool_recycle=1800, connect_args=timeouts)
+
+
+def postgresql_timeouts(query: dict, seconds: float) -> dict:
+    """libpq's parameters for a database that stops answering, each where the URL does not set its own:
+    the server cancels a statement (a lock wait) after `seconds`; the client gives up on a connection whose
+    greeting does not come, on data the peer does not acknowledge (a host gone, a network dropping packets)
+    and, by keepalives, on a connection the peer stopped acknowledging while it waited."""
+    milliseconds = max(1, round(seconds * 1000))
+    probe = max(1, round(seconds / 3))
+    wanted = {
+        "connect_timeout": str(max(2, round(seconds))),  # whole seconds, 2 at least (libpq)
+        "tcp_user_timeout": str(milliseconds),
+        "keepalives": "1",
+        "keepalives_idle": str(probe),
+        "keepalives_interval": str(probe),
+        "keepalives_count": "3",
+    }
+    timeouts = {key: value for key, value in wanted.items() if key not in query}
+    options = query.get("options", "")
+    if "statement_timeout" not in options:
+        timeouts["options"] = f"{options} -c statement_timeout={milliseconds}".strip()
+    return timeouts
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -17,6 +17,8 @@ class TcpProxy:
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._stalled = False
+        self._held: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def cut(self) -> None:
@@ -31,13 +33,23 @@ class TcpProxy:
                 s.close()
             self._sockets.clear()
 
+    def stall(self) -> None:
+        """Drop every connection, then take new ones and say nothing on them: a server that accepts and
+        never answers, which only a client's own timeout gets past. Held until close()."""
+        self.cut()
+        self._stalled = True
+        self._open.set()
+
     def restore(self) -> None:
+        self._stalled = False
         self._open.set()
 
     def close(self) -> None:
         self._closed = True
         self.cut()
         self._listener.close()
+        for s in self._held:
+            s.close()
 
     def _accept(self) -> None:
         while not self._closed:
@@ -47,6 +59,9 @@ class TcpProxy:
                 return
             if not self._open.is_set():
                 client.close()
+                continue
+            if self._stalled:
+                self._held.append(client)
                 continue
             try:
                 upstream = socket.create_connection(self.target)

@@ -371,6 +371,81 @@ def test_a_database_outage_is_retried_through_and_nothing_reaches_the_dead_lette
     assert count(url.replace(f"127.0.0.1:{proxy.port}", "127.0.0.1:5432"), Report) == 6
 
 
+def test_a_statement_the_database_holds_up_fails_within_the_timeout_and_the_broker_connection_stays(
+    settings_for, postgres_url, tap, exchange, broker
+):
+    """Creation is handled on the I/O thread, so a statement that waits sends no heartbeats meanwhile. A
+    lock held longer than two heartbeats must cost the message a retry, not the consumer its connection."""
+    import time
+
+    settings = settings_for(
+        postgres_url, retry_delays=TEST_RETRY_TIERS, heartbeat_seconds=2, database_timeout_seconds=2
+    )
+    consumer = build_consumer("creation", settings)
+    assert consumer.worker_threads == 0  # the path this is about
+    engine = make_engine(postgres_url)
+    try:
+        with running(consumer), ReportflowClient(TEST_AMQP_URL, exchange) as client:
+            client.request_report(sample_request(report_id="r-before"))
+            tap.wait_for("report.created")
+            with engine.connect() as holder:
+                holder.execute(text("LOCK TABLE inbox IN ACCESS EXCLUSIVE MODE"))
+                client.request_report(sample_request(report_id="r-held"))
+                time.sleep(7)
+                holder.rollback()
+            created = tap.wait_for("report.created", 2, timeout=60)
+    finally:
+        engine.dispose()
+    assert {e[1]["report_id"] for e in created} == {"r-before", "r-held"}
+    assert consumer.connections_opened == 1
+    assert dead_letters(broker, exchange) == []
+
+
+def test_a_database_that_accepts_and_never_answers_fails_the_connect_within_the_timeout(
+    settings_for, postgres_behind_proxy, tap, exchange, broker
+):
+    """A server that takes the connection and says nothing (a host going down, a proxy wedged): libpq would
+    wait for its greeting forever, on the I/O thread. It must fail as transient, and serve once it answers."""
+    import time
+
+    proxy, url = postgres_behind_proxy
+    consumer = build_consumer("creation", settings_for(url, retry_delays=TEST_RETRY_TIERS, database_timeout_seconds=2))
+    with running(consumer), ReportflowClient(TEST_AMQP_URL, exchange) as client:
+        client.request_report(sample_request(report_id="r-before"))
+        tap.wait_for("report.created")
+        proxy.stall()
+        client.request_report(sample_request(report_id="r-stalled"))
+        time.sleep(5)
+        proxy.restore()
+        created = tap.wait_for("report.created", 2, timeout=60)
+    assert {e[1]["report_id"] for e in created} == {"r-before", "r-stalled"}
+    assert consumer.connections_opened == 1
+    assert dead_letters(broker, exchange) == []
+
+
+def test_the_timeouts_reach_the_driver_and_a_urls_own_settings_win(postgres_url):
+    engine = make_engine(postgres_url + "?keepalives_idle=7", timeout_seconds=3)
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("SHOW statement_timeout")).scalar_one() == "3s"
+            parameters = {
+                option.keyword.decode(): (option.val or b"").decode()
+                for option in connection.connection.dbapi_connection.pgconn.info
+            }
+    finally:
+        engine.dispose()
+    assert parameters["connect_timeout"] == "3"
+    assert parameters["tcp_user_timeout"] == "3000"
+    assert parameters["keepalives"] == "1"
+    assert parameters["keepalives_idle"] == "7"  # the URL's
+    untimed = make_engine(postgres_url)
+    try:
+        with untimed.connect() as connection:
+            assert connection.execute(text("SHOW statement_timeout")).scalar_one() == "0"
+    finally:
+        untimed.dispose()
+
+
 def test_the_relay_publishes_what_a_crash_left_in_the_outbox(settings_for, sqlite_url, tap):
     from datetime import datetime, timedelta
 
