@@ -32,6 +32,26 @@ TRANSIENT = (
 )  # Lost connections, timeouts and SMTP answers are decided in is_transient, before this list.
 
 
+# SQLSTATEs of a statement the server cancelled or refused whatever it was: its statement_timeout (57014),
+# a server shutting down or not yet up (57P01-57P03).
+_DATABASE_AWAY = frozenset({"57014", "57P01", "57P02", "57P03"})
+
+
+def database_away(error: BaseException) -> bool:
+    """Whether a failure is the database's rather than a message's: unreachable, the connection lost, a
+    statement held past its timeout, the pool exhausted. Every message would meet it alike."""
+    if isinstance(error, (sa.TimeoutError, sa.DisconnectionError, sa.InterfaceError)):
+        return True
+    if not isinstance(error, sa.DBAPIError):
+        return False
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    return (
+        error.connection_invalidated
+        or sqlstate in _DATABASE_AWAY
+        or (isinstance(error, sa.OperationalError) and sqlstate is None)  # no answer to have a state
+    )
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     delays: tuple[int, ...] = Settings.retry_delays

@@ -375,11 +375,12 @@ def test_a_statement_the_database_holds_up_fails_within_the_timeout_and_the_brok
     settings_for, postgres_url, tap, exchange, broker
 ):
     """Creation is handled on the I/O thread, so a statement that waits sends no heartbeats meanwhile. A
-    lock held longer than two heartbeats must cost the message a retry, not the consumer its connection."""
+    lock held longer than two heartbeats must cost the messages a retry, not the consumer its connection;
+    and a batch that meets it waits out one timeout, not one for each of its messages in turn."""
     import time
 
     settings = settings_for(
-        postgres_url, retry_delays=TEST_RETRY_TIERS, heartbeat_seconds=2, database_timeout_seconds=2
+        postgres_url, retry_delays=TEST_RETRY_TIERS, heartbeat_seconds=2, database_timeout_seconds=1
     )
     consumer = build_consumer("creation", settings)
     assert consumer.worker_threads == 0  # the path this is about
@@ -390,13 +391,15 @@ def test_a_statement_the_database_holds_up_fails_within_the_timeout_and_the_brok
             tap.wait_for("report.created")
             with engine.connect() as holder:
                 holder.execute(text("LOCK TABLE inbox IN ACCESS EXCLUSIVE MODE"))
-                client.request_report(sample_request(report_id="r-held"))
+                held = [f"r-held-{n}" for n in range(8)]
+                for report_id in held:
+                    client.request_report(sample_request(report_id=report_id))
                 time.sleep(7)
                 holder.rollback()
-            created = tap.wait_for("report.created", 2, timeout=60)
+            created = tap.wait_for("report.created", 1 + len(held), timeout=60)
     finally:
         engine.dispose()
-    assert {e[1]["report_id"] for e in created} == {"r-before", "r-held"}
+    assert {e[1]["report_id"] for e in created} == {"r-before", *held}
     assert consumer.connections_opened == 1
     assert dead_letters(broker, exchange) == []
 
@@ -421,6 +424,30 @@ def test_a_database_that_accepts_and_never_answers_fails_the_connect_within_the_
     assert {e[1]["report_id"] for e in created} == {"r-before", "r-stalled"}
     assert consumer.connections_opened == 1
     assert dead_letters(broker, exchange) == []
+
+
+def test_only_the_databases_own_failures_count_as_the_database_away(postgres_url):
+    """A batch that meets the database away retries every message; one that meets one message's bad data
+    handles each alone. The errors here are the server's own."""
+    from sqlalchemy.exc import DBAPIError
+
+    from reportflow.consumers.retries import database_away
+    from tests.helpers import free_port
+
+    def raised(url: str, sql: str, **engine_options) -> DBAPIError:
+        engine = make_engine(url, **engine_options)
+        try:
+            with pytest.raises(DBAPIError) as caught, engine.begin() as connection:
+                connection.execute(text(sql))
+            return caught.value
+        finally:
+            engine.dispose()
+
+    assert database_away(raised(postgres_url, "SELECT pg_sleep(5)", timeout_seconds=0.5))
+    closed_port = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{free_port()}")
+    assert database_away(raised(closed_port, "SELECT 1"))
+    assert not database_away(raised(postgres_url, "SELECT 'not a number'::int"))
+    assert not database_away(raised(postgres_url, "SELECT * FROM no_such_table"))
 
 
 def test_the_timeouts_reach_the_driver_and_a_urls_own_settings_win(postgres_url):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from opentelemetry import context
 
+from reportflow.consumers.retries import database_away
 from reportflow.consumers.runtime.messages import Delivery, Outcome, OutgoingMessage
 from reportflow.shared.db import Effects, UnitOfWork
 from reportflow.shared.events import Event
@@ -92,9 +93,13 @@ class Batches:
         elif batch:
             try:
                 outcomes.update(self._in_one_transaction(batch))
-            except Exception as exc:  # the commit itself: each is handled alone, with its own retry
-                log.warning("a batch of %d could not commit (%r); handling each alone", len(batch), exc)
-                outcomes.update({index: self._processor.process(delivery) for index, delivery, _ in batch})
+            except Exception as exc:
+                if database_away(exc):  # alone, each would wait out the same timeout in turn
+                    log.warning("a batch of %d met the database away (%r); each is retried", len(batch), exc)
+                    outcomes.update({index: self._processor.fail(delivery, exc) for index, delivery, _ in batch})
+                else:  # the commit itself: each is handled alone, with its own retry
+                    log.warning("a batch of %d could not commit (%r); handling each alone", len(batch), exc)
+                    outcomes.update({index: self._processor.process(delivery) for index, delivery, _ in batch})
         outcomes.update({index: self._processor.process(delivery) for index, delivery in later})
         return [outcomes[index] for index in range(len(deliveries))]
 

@@ -62,10 +62,13 @@ class Processor:
         return self._trust.screen(message, publisher_of(delivery))
 
     @contextmanager
-    def span(self, delivery: Delivery, message):
-        """The process span of a delivery (telemetry's), with who published it."""
+    def span(self, delivery: Delivery, message, *, in_report_trace: bool = True):
+        """The process span of a delivery (telemetry's), with who published it. in_report_trace: False keeps
+        it in the message's own trace, without asking the database where the report's lives."""
         exchange = delivery.exchange or self._exchange  # retries come back through the default exchange
-        with self._telemetry.process(delivery, message, exchange, self._queue, publisher_of(delivery)) as span:
+        with self._telemetry.process(
+            delivery, message, exchange, self._queue, publisher_of(delivery), in_report_trace=in_report_trace
+        ) as span:
             yield span
 
     def batchable(self, delivery: Delivery) -> Event | None:
@@ -99,6 +102,13 @@ class Processor:
                 return self.handle(message)
             except Exception as exc:
                 return self._failed(delivery, message, span, exc)
+
+    def fail(self, delivery: Delivery, exc: Exception) -> Outcome:
+        """A delivery that met a failure outside it (the database away, met by its batch): its span and its
+        retry, with no try of its own, which would only wait out the same timeout again."""
+        message = self.read(delivery)
+        with self.span(delivery, message, in_report_trace=False) as span:
+            return self._failed(delivery, message, span, exc)
 
     def handle(self, message: Event | InvalidMessage, *, timer: bool = False) -> Outcome:
         """Run the stage's handler on a message already read, in the current trace context: inbox claim,

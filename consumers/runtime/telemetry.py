@@ -48,11 +48,14 @@ class Telemetry:
         )
 
     @contextmanager
-    def process(self, delivery, message, exchange: str, queue: str, publisher: str | None = None):
+    def process(
+        self, delivery, message, exchange: str, queue: str, publisher: str | None = None, in_report_trace: bool = True
+    ):
         """The span a delivery is processed in. Library instrumentation (SQL, publishes) runs only inside a
-        sampled one: unsampled, it would make spans nobody exports; the context still travels on."""
+        sampled one: unsampled, it would make spans nobody exports; the context still travels on.
+        in_report_trace: whether a late message may join its report's stored trace (a database read)."""
         try:
-            parent, links = self._parent(delivery.properties, message)
+            parent, links = self._parent(delivery.properties, message, in_report_trace)
         except Exception:
             parent, links = context_from(delivery.properties.headers), []
         with (
@@ -160,12 +163,12 @@ class Telemetry:
         ):
             yield carrier_of_current()
 
-    def _parent(self, props, message) -> tuple[context.Context, list[Link]]:
+    def _parent(self, props, message, in_report_trace: bool = True) -> tuple[context.Context, list[Link]]:
         """The message's own context; or, for a message about a report that lives in another trace (a late
         decision), the report's trace with a link to the message's ("continue", the default), or the
         message's trace with a link to the report's ("link", for those who sample by trace)."""
         incoming = context_from(props.headers)
-        if self.stage.stored_trace is None or not message.report_id:
+        if self.stage.stored_trace is None or not message.report_id or not in_report_trace:
             return incoming, []
         with suppress_instrumentation(), self._session_factory() as session:
             stored = self.stage.stored_trace(message, session)
