@@ -845,9 +845,10 @@ def main() -> None:
                 "Celery with equal durable work",
                 untraced / equal,
             )
-            # The same latencies where the chain keeps up: half the burst rate reportflow reached, for both;
-            # and at 100/s, which a machine of two cores carries for both chains (at 200/s it is 95% busy).
-            half = max(10, int(ours.throughput / 2))
+            # The same latencies where both chains keep up: half the burst rate the slower of the two reached
+            # (half reportflow's would overrun a Celery chain whose burst is below it, and say nothing of
+            # either); and at 100/s, which a machine of two cores carries for both (at 200/s it is 95% busy).
+            half = max(10, int(min(ours.throughput, theirs.throughput) / 2))
             ours_half, theirs_half = (
                 chain_reportflow(burst // 4, half, seconds, OTLP_PORT),
                 chain_celery(burst // 4, half, seconds),
