@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -42,10 +43,26 @@ TEST_PG_URL = os.environ.get("REPORTFLOW_TEST_POSTGRES_URL", "postgresql://postg
 TEST_RETRY_TIERS = (1, 2, 4, 8)
 
 
+# Ports for servers a test starts come from below the kernel's ephemeral range: a port the kernel hands out
+# (bind to 0) is one it may give, before the server binds it, to an outgoing connection of the many a test
+# opens (cluster nodes, pools), and the server then fails with "address already in use".
+_TEST_PORTS = range(27000, 32000)  # clear of the local cluster's ports (infra/rabbitmq-cluster.sh)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on, and not one this process handed out before."""
+    for port in random.sample(_TEST_PORTS, 200):
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_TEST_PORTS}")
 
 
 def wait_until(condition, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
