@@ -371,12 +371,13 @@ def test_a_database_outage_is_retried_through_and_nothing_reaches_the_dead_lette
     assert count(url.replace(f"127.0.0.1:{proxy.port}", "127.0.0.1:5432"), Report) == 6
 
 
+@pytest.mark.parametrize("locked", ["inbox", "reports"], ids=["the-claim", "the-handlers-own-sql"])
 def test_a_statement_the_database_holds_up_fails_within_the_timeout_and_the_broker_connection_stays(
-    settings_for, postgres_url, tap, exchange, broker
+    settings_for, postgres_url, tap, exchange, broker, locked
 ):
     """Creation is handled on the I/O thread, so a statement that waits sends no heartbeats meanwhile. A
-    lock held longer than two heartbeats must cost the messages a retry, not the consumer its connection;
-    and a batch that meets it waits out one timeout, not one for each of its messages in turn."""
+    lock held past the heartbeat timeout must cost the messages a retry, not the consumer its connection;
+    and a batch that meets it, at its claim or in a handler, waits it out once, not once for each message."""
     import time
 
     settings = settings_for(
@@ -390,7 +391,7 @@ def test_a_statement_the_database_holds_up_fails_within_the_timeout_and_the_brok
             client.request_report(sample_request(report_id="r-before"))
             tap.wait_for("report.created")
             with engine.connect() as holder:
-                holder.execute(text("LOCK TABLE inbox IN ACCESS EXCLUSIVE MODE"))
+                holder.execute(text(f"LOCK TABLE {locked} IN ACCESS EXCLUSIVE MODE"))
                 held = [f"r-held-{n}" for n in range(8)]
                 for report_id in held:
                     client.request_report(sample_request(report_id=report_id))

@@ -123,6 +123,8 @@ class Batches:
                         processor.run_handler(replace(event, trace_context=carrier), uow)
                         savepoint.commit()
                     except Exception as exc:
+                        if database_away(exc):
+                            raise  # not this message's doing: the batch's neighbours would each meet it too
                         savepoint.rollback()
                         with telemetry.runtime_sql():
                             uow.unclaim(event.message_id)
