@@ -71,8 +71,9 @@ class Settings:
     exchange: str = "reportflow"
     database_url: str = "sqlite:///var/reportflow.db"
     # PostgreSQL: how long a statement, a connection attempt or an unanswered packet may hold a consumer or
-    # the gateway before it fails as transient (a retry). Keep it under heartbeat_seconds: a stage handled
-    # on the I/O thread sends no heartbeats while it waits. 0: no limit.
+    # the gateway before it fails as transient (a retry). Keep it under half heartbeat_seconds: a stage
+    # handled on the I/O thread sends no heartbeats while it waits, up to twice a message (approval's
+    # stored trace, then its claim), and the broker closes a connection silent for a heartbeat. 0: none.
     database_timeout_seconds: float = 10
     storage_dir: Path = Path("var/storage")  # this process's own files (status, .eml without SMTP)
     storage_url: str = ""  # where documents are kept: file:///path or s3://bucket/prefix; "": storage_dir
