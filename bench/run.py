@@ -335,17 +335,23 @@ def chain_reportflow(n_burst: int, rate: int, seconds: float, otlp_port: int, tr
 
 
 def _add_paced(
-    figures: Figures, pace: str, ours: list[float], theirs: list[float], target: str | None, keep_samples: bool
+    figures: Figures,
+    pace: str,
+    ours: list[float],
+    theirs: list[float],
+    target: str | None,
+    keep_samples: bool,
+    celery: str = "Celery",
 ) -> None:
-    """p50 and p99 per hop of a paced load, reportflow's against Celery's. target: "ratio" (p99 at most
-    twice Celery's), "8 ms" (p99 per hop), or None."""
-    for label, latencies, baseline in (("reportflow", ours, theirs), ("Celery", theirs, None)):
+    """p50 and p99 per hop of a paced load, reportflow's against Celery's (celery names which Celery chain).
+    target: "ratio" (p99 at most twice Celery's), "8 ms" (p99 per hop), or None."""
+    for label, latencies, baseline in (("reportflow", ours, theirs), (celery, theirs, None)):
         p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
         figures.add(
             f"chain paced {pace} p50 per hop, {label}",
             p50 / 4,
             "ms",
-            "Celery" if baseline else "itself",
+            celery if baseline else "itself",
             (p50 / percentile(baseline, 50)) if baseline else None,
         )
         ratio = (p99 / percentile(baseline, 99)) if baseline else None
@@ -358,7 +364,7 @@ def _add_paced(
             f"chain paced {pace} p99 per hop, {label}",
             p99 / 4,
             "ms",
-            "Celery" if baseline else "itself",
+            celery if baseline else "itself",
             ratio,
             aim,
             met,
@@ -863,6 +869,22 @@ def main() -> None:
                 ("100/s", ours_light, theirs_light, None),
             ):
                 _add_paced(figures, pace, ours_paced.latencies, theirs_paced.latencies, target, keep_samples=not q)
+            # Latency on equal terms too: against the Celery chain that commits what a reportflow hop commits,
+            # traced, at half the burst of the slower of the two (that chain's, on every machine so far).
+            equal_half = max(5, int(min(ours.throughput, equal_traced) / 2))
+            ours_equal, theirs_equal = (
+                chain_reportflow(burst // 4, equal_half, seconds, OTLP_PORT),
+                chain_celery(burst // 4, equal_half, seconds, durable=True, traced=True),
+            )
+            _add_paced(
+                figures,
+                f"{equal_half}/s (half the equal-work chain's capacity)",
+                ours_equal.latencies,
+                theirs_equal.latencies,
+                None,
+                keep_samples=not q,
+                celery="Celery with equal durable work, traced",
+            )
             # What each message cost the chain's processes: in the burst (reportflow batches), and handled
             # alone at half capacity and at 100/s, against the burst.
             _add_cpu(figures, "burst", ours.cpu["burst"], theirs.cpu["burst"])
@@ -1046,7 +1068,7 @@ def _series_label(figure_name: str) -> str:
     """The samples hang on a figure; the curve shows every message's whole latency, not that figure."""
     if figure_name.startswith("chain paced"):
         pace = figure_name.removeprefix("chain ").split(" p", 1)[0]  # "paced 200/s", "paced 59/s (half capacity)"
-        return f"four-stage chain, {pace}, {figure_name.rsplit(', ', 1)[-1]}: publish to last hop"
+        return f"four-stage chain, {pace}, {figure_name.split(' per hop, ', 1)[-1]}: publish to last hop"
     return "end to end: request to final email"
 
 
