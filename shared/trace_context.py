@@ -4,7 +4,7 @@ is the propagator's business, installed by tracing.setup_tracing in the processe
 
 from __future__ import annotations
 
-from opentelemetry import context, propagate
+from opentelemetry import context, propagate, trace
 
 
 def carrier_of_current() -> dict:
@@ -24,3 +24,9 @@ def context_from(carrier: dict | None) -> context.Context:
         if isinstance(key, str) and isinstance(value, str):
             headers[key.lower()] = value
     return propagate.extract(headers)
+
+
+def unsampled_remote(parent: context.Context) -> bool:
+    """Whether a context is that of an upstream span whose trace is not sampled."""
+    span_context = trace.get_current_span(parent).get_span_context()
+    return span_context.is_valid and span_context.is_remote and not span_context.trace_flags.sampled

@@ -96,10 +96,13 @@ def sdk_disabled() -> bool:
 
 
 class ReportflowTracerProvider(TracerProvider):
-    """The SDK's provider, with the span pipeline's counters beside it, for status, health and metrics."""
+    """The SDK's provider, with the span pipeline's counters beside it, for status, health and metrics.
+    unsampled_parent_decides: its sampler never samples a span whose remote parent is unsampled (so the
+    consumer runtime passes such a context on without asking it)."""
 
-    def __init__(self, **options):
+    def __init__(self, *, unsampled_parent_decides: bool = False, **options):
         super().__init__(**options)
+        self.unsampled_parent_decides = unsampled_parent_decides
         self.stats = SpanPipelineStats()
         self.add_span_processor(self.stats)
 
@@ -133,7 +136,11 @@ def setup_tracing(
     resource = detected.merge(Resource({k: v for k, v in ours.items() if k not in set_by_user}))
 
     sampler = None if os.environ.get("OTEL_TRACES_SAMPLER") else ParentBased(TraceIdRatioBased(settings.sampling_ratio))
-    provider = ReportflowTracerProvider(resource=resource, **({"sampler": sampler} if sampler else {}))
+    # ParentBased's default for an unsampled remote parent is ALWAYS_OFF; a sampler named by
+    # OTEL_TRACES_SAMPLER may decide otherwise, so it is asked for every span.
+    provider = ReportflowTracerProvider(
+        resource=resource, unsampled_parent_decides=sampler is not None, **({"sampler": sampler} if sampler else {})
+    )
     exporter = _exporter(settings, service_name)
     if exporter is not None:
         watched = WatchedExporter(exporter, provider.stats)

@@ -508,3 +508,62 @@ def test_an_unsampled_messages_sql_meets_no_instrumentation(sqlite_url, tracer_p
     with sessions() as session:  # outside any span: the runtime's own bookkeeping
         assert session.get_bind() is plain
     plain.dispose()
+
+
+def _delivery_in(traceparent: str):
+    """A report.created delivery that arrives in the given upstream trace, and its event."""
+    import pika
+
+    from reportflow.consumers.runtime import Delivery
+    from reportflow.shared.events import encode, message_properties
+    from tests.helpers import first_event
+
+    event = Event("report.created", first_event("r-unsampled-upstream"))
+    properties = pika.BasicProperties(**message_properties(event, {"traceparent": traceparent}))
+    return Delivery(None, 1, "test", event.type, properties, encode(event), False), event
+
+
+def _process_span_of(traceparent: str, provider):
+    """What a stage's process span is for a delivery in that trace: whether it records, whether
+    instrumentation may run inside it, and the trace headers its events would carry."""
+    from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+
+    from reportflow.consumers.runtime.telemetry import Telemetry
+    from reportflow.consumers.stage import Stage
+    from reportflow.shared.trace_context import carrier_of_current
+
+    telemetry = Telemetry(Stage("generation", {}), TracingSettings(), None, ("127.0.0.1", 5672), provider)
+    delivery, event = _delivery_in(traceparent)
+    with telemetry.process(delivery, event, "test", "test.generation") as span:
+        return span.is_recording(), is_instrumentation_enabled(), carrier_of_current()
+
+
+def test_a_message_in_an_unsampled_trace_carries_its_context_on_and_makes_no_span(tracer_provider, finished_spans):
+    unsampled = f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-00"
+    recording, instrumented, carried = _process_span_of(unsampled, tracer_provider)
+    assert not recording and not instrumented
+    assert carried["traceparent"] == unsampled  # as it came: no span of reportflow's stands between
+    assert not finished_spans()
+
+    sampled = f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01"
+    recording, instrumented, carried = _process_span_of(sampled, tracer_provider)
+    assert recording and instrumented
+    assert carried["traceparent"] != sampled and carried["traceparent"].startswith(f"00-{UPSTREAM_TRACE}-")
+    [process] = finished_spans()
+    assert format(process.parent.span_id, "016x") == UPSTREAM_SPAN
+
+
+def test_a_sampler_named_in_the_environment_is_asked_even_in_an_unsampled_trace(monkeypatch):
+    """OTEL_TRACES_SAMPLER may keep what its upstream did not (always_on): then every message asks it."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    with tracing.switched(tracing.enabled()):
+        provider = tracing.setup_tracing("reportflow-generation", TracingSettings(), "test")
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    recording, instrumented, _ = _process_span_of(f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-00", provider)
+    assert recording and instrumented
+    [process] = memory.get_finished_spans()
+    assert process.context.trace_id == int(UPSTREAM_TRACE, 16)

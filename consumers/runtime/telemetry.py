@@ -18,7 +18,7 @@ from reportflow.consumers.stage import Stage
 from reportflow.shared import failures
 from reportflow.shared.config import TracingSettings
 from reportflow.shared.publishing import publish_span_attributes, publish_span_name
-from reportflow.shared.trace_context import carrier_of_current, context_from
+from reportflow.shared.trace_context import carrier_of_current, context_from, unsampled_remote
 
 PRIVATE_ATTRIBUTES = {"user.email"}  # personal data: recorded only when tracing.record_emails says so
 
@@ -38,6 +38,9 @@ class Telemetry:
         self.broker_address = broker_address  # the node connected to: spans name it
         self._provider = tracer_provider
         self.tracer = trace.get_tracer("reportflow.consumer", tracer_provider=tracer_provider)
+        # Whether the provider's sampler follows an unsampled upstream (ParentBased's default): then such a
+        # message needs no span to learn it is not sampled.
+        self._unsampled_parent_decides = getattr(tracer_provider, "unsampled_parent_decides", False)
 
     def instrument(self, channel) -> None:
         # Per channel, not global instrument(): the channel of retries and dead letters, whose publishes are
@@ -58,6 +61,13 @@ class Telemetry:
             parent, links = self._parent(delivery.properties, message, in_report_trace)
         except Exception:
             parent, links = context_from(delivery.properties.headers), []
+        if self._unsampled_parent_decides and unsampled_remote(parent):
+            # The sampler would only say no: the upstream's context travels on as it came, with no span made,
+            # no attributes built, and no instrumentation asked.
+            upstream = trace.get_current_span(parent)
+            with trace.use_span(upstream), suppress_instrumentation():
+                yield upstream
+            return
         with (
             self.tracer.start_as_current_span(
                 f"process {exchange}:{message.type}:{queue}",
