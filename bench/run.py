@@ -227,9 +227,9 @@ def hop(n: int, mode: str, otlp_port: int) -> float:
         delete_broker_objects(exchange, ["hop"])
 
 
-def _tracing_cost(otlp_port: int, iterations: int, mode: str, ratio: float) -> dict:
+def _tracing_cost(otlp_port: int, iterations: int, mode: str, ratio: float, upstream: str = "root") -> dict:
     out = subprocess.run(
-        [PYTHON, "-m", "bench.tracing_cost", str(otlp_port), str(iterations), mode, str(ratio)],
+        [PYTHON, "-m", "bench.tracing_cost", str(otlp_port), str(iterations), mode, str(ratio), upstream],
         capture_output=True,
         text=True,
         check=True,
@@ -266,16 +266,19 @@ def tracing_cpu(
     return costs
 
 
-def tracing_cpu_paired(otlp_port: int, iterations: int, ratios: tuple[float, ...], repeats: int) -> dict[float, dict]:
+def tracing_cpu_paired(
+    otlp_port: int, iterations: int, ratios: tuple[float, ...], repeats: int, upstream: str = "root"
+) -> dict[float, dict]:
     """Tracing's CPU per message per hop with the traced and the untraced hop in one process, in alternating
     blocks (bench/tracing_cost.py, mode paired): the median of the blocks' differences, and its quartiles.
     Between separate processes the untraced hop alone moved by more than the unsampled cost it is set
     against (docs/performance.md); within a process, both sides move together. A whole run still moves
-    with the machine's speed, which only ever slows it: each ratio keeps its least median over `repeats`."""
+    with the machine's speed, which only ever slows it: each ratio keeps its least median over `repeats`.
+    upstream: the trace context each message comes with (bench/tracing_cost.py)."""
     best: dict[float, dict] = {}
     for _ in range(repeats):
         for ratio in ratios:
-            run = _tracing_cost(otlp_port, iterations, "paired", ratio)
+            run = _tracing_cost(otlp_port, iterations, "paired", ratio, upstream)
             if ratio not in best or run["tracing_us"] < best[ratio]["tracing_us"]:
                 best[ratio] = run
     return best
@@ -809,6 +812,20 @@ def main() -> None:
                     "µs",
                     "the least of each over the runs, tracing off",
                 )
+            # Above, each message starts its trace, as at a chain's first hop. Every later hop gets a message in
+            # a trace its upstream decided on; unsampled, that is what most of a chain's hops are.
+            [in_trace] = tracing_cpu_paired(OTLP_PORT, 500 if q else 6000, (0.0,), 1 if q else 3, "unsampled").values()
+            figures.add(
+                "tracing CPU per message per hop, sampling 0, in a trace its upstream did not sample",
+                in_trace["tracing_us"],
+                "µs",
+                "the same hop with tracing off, in the same process",
+                None,
+                f"<= {targets[0.0]} µs",
+                in_trace["tracing_us"] <= targets[0.0],
+                quartiles=[round(q, 1) for q in in_trace["tracing_us_quartiles"]],
+                pairs=in_trace["pairs"],
+            )
 
         if "chain" in only:
             print("2. four-stage chain vs Celery", flush=True)

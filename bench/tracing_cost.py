@@ -4,7 +4,11 @@ processor and settler, on a pass-through stage with PostgreSQL, the real SDK, th
 instrumentations and a real OTLP export to a local sink; only the broker is left out (a channel that
 sends nothing). Run once with tracing on and once off: the difference is tracing's.
 
-    python -m bench.tracing_cost OTLP_PORT ITERATIONS on|off|sdk|paired [SAMPLING_RATIO]  (prints JSON)
+    python -m bench.tracing_cost OTLP_PORT ITERATIONS on|off|sdk|paired [SAMPLING_RATIO [root|unsampled]]
+
+(prints JSON). root: each message comes with no trace context, as from an upstream that leaves sampling
+to reportflow, so the hop starts its trace; unsampled: each comes in a trace its upstream did not sample,
+as every hop after a chain's first does at sampling 0.
 
 on, off and sdk each run in a process of their own, because a process has one global tracer provider.
 paired runs the traced and the untraced hop side by side in one process, in alternating blocks, so that
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -97,7 +102,7 @@ def _settings(database_url: str, tracing: TracingSettings) -> Settings:
     return Settings(database_url=database_url, exchange="bench-tracing-cost", tracing=tracing)
 
 
-def _hops(settings: Settings, sessions, provider):
+def _hops(settings: Settings, sessions, provider, upstream: str = "root"):
     """one_message(n): the runtime's hop for the n-th message, on a pass-through stage."""
     stage = Stage("tracing-cost", {"report.created": pass_through("report.created")}, describe=describe)
     consumer = Consumer(stage, settings, sessions, {}, tracer_provider=provider)
@@ -105,9 +110,8 @@ def _hops(settings: Settings, sessions, provider):
     run = uuid.uuid4().hex[:8]
 
     def one_message(n: int) -> None:
-        # As an upstream that leaves sampling to reportflow sends it: no traceparent, each message a new root.
         event = Event("report.created", first_event(f"r-{run}-{n}"))
-        properties = pika.BasicProperties(**message_properties(event))
+        properties = pika.BasicProperties(**message_properties(event, _upstream_headers(upstream)))
         delivery = Delivery(_NetworklessChannel(), n, settings.exchange, event.type, properties, encode(event), False)
         outcome = consumer.processor.process(delivery)
         assert outcome.publish and outcome.dead_letter_reason is None, outcome
@@ -116,15 +120,27 @@ def _hops(settings: Settings, sessions, provider):
     return one_message
 
 
-PAIRED_BLOCK = 100  # messages a block
+def _upstream_headers(upstream: str) -> dict:
+    """The trace context a message arrives with: none (a root), or an unsampled trace of its own."""
+    if upstream == "root":
+        return {}
+    trace_id, span_id = random.getrandbits(128) or 1, random.getrandbits(64) or 1
+    return {"traceparent": f"00-{trace_id:032x}-{span_id:016x}-00"}
 
 
-def paired(port: int, iterations: int, ratio: float, database_url: str) -> dict:
+# Messages a block. A sampled block ends with a flush, so its spans' export is in its own time: blocks of a
+# hundred keep exports as large as a hop's (64 spans). Unsampled, nothing is exported and the two hops
+# alternate message by message, so that the machine's drift, which moves a hundred-message block by more
+# than the cost measured, falls on both alike.
+PAIRED_BLOCK = {"sampled": 100, "unsampled": 1}
+
+
+def paired(port: int, iterations: int, ratio: float, database_url: str, upstream: str = "root") -> dict:
     """The hop traced and untraced in one process, in alternating blocks of PAIRED_BLOCK messages, each
     pair's order swapped from the last. A traced block ends with a flush, which waits for an export the
     batch processor has started and sends the rest, so the export of its spans is in its own CPU time and
     none runs on into an untraced block. Tracing's cost is the median of the pairs' differences, per
-    message."""
+    message. upstream: the trace context the messages come with (see the module's doc)."""
     from opentelemetry.trace import NoOpTracerProvider
 
     _prepare(port, database_url)
@@ -132,24 +148,25 @@ def paired(port: int, iterations: int, ratio: float, database_url: str) -> dict:
     traced = _settings(database_url, TracingSettings(enabled=True, sampling_ratio=ratio))
     # The untraced hop's engine first: once the SQLAlchemy instrumentation is on, it instruments every engine
     # made after. Its tracer is the API's no-op one, as in a process that traces nothing.
-    off = _hops(untraced, session_factory(untraced), NoOpTracerProvider())
+    off = _hops(untraced, session_factory(untraced), NoOpTracerProvider(), upstream)
     provider = setup_tracing("bench-tracing-cost", traced.tracing)
-    on = _hops(traced, session_factory(traced, provider), provider)
+    on = _hops(traced, session_factory(traced, provider), provider, upstream)
+    size = PAIRED_BLOCK["sampled" if ratio > 0 else "unsampled"]
 
     def block(one_message, first: int, flush: bool) -> float:
         started = time.process_time()
-        for n in range(first, first + PAIRED_BLOCK):
+        for n in range(first, first + size):
             one_message(n)
         if flush:
             provider.force_flush()
-        return (time.process_time() - started) / PAIRED_BLOCK
+        return (time.process_time() - started) / size
 
     for n in range(200):  # warm both
         on(-n - 1), off(-n - 1)
     provider.force_flush()
     differences, on_cpu, off_cpu = [], [], []
-    for pair in range(max(1, iterations // PAIRED_BLOCK)):
-        first = pair * PAIRED_BLOCK
+    for pair in range(max(1, iterations // size)):
+        first = pair * size
         if pair % 2:
             untraced_cpu, traced_cpu = block(off, first, False), block(on, first, True)
         else:
@@ -161,7 +178,7 @@ def paired(port: int, iterations: int, ratio: float, database_url: str) -> dict:
     provider.shutdown()
     quartiles = statistics.quantiles(differences, n=4) if len(differences) > 1 else differences * 3
     return {
-        "iterations": len(differences) * PAIRED_BLOCK,
+        "iterations": len(differences) * size,
         "pairs": len(differences),
         "tracing_us": statistics.median(differences) * 1e6,
         "tracing_us_quartiles": [quartiles[0] * 1e6, quartiles[2] * 1e6],
@@ -241,8 +258,9 @@ def _measured(iterations: int, provider, one_message) -> dict:
 if __name__ == "__main__":
     port, iterations, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     ratio = float(sys.argv[4]) if len(sys.argv) > 4 else 1.0
+    upstream = sys.argv[5] if len(sys.argv) > 5 else "root"
     database_url = os.environ.get("REPORTFLOW_DATABASE_URL", "postgresql://postgres@127.0.0.1/reportflow_test")
     if mode == "paired":
-        print(json.dumps(paired(port, iterations, ratio, database_url)))
+        print(json.dumps(paired(port, iterations, ratio, database_url, upstream)))
     else:
         print(json.dumps(main(port, iterations, mode, ratio, database_url)))
