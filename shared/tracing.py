@@ -98,11 +98,13 @@ def sdk_disabled() -> bool:
 class ReportflowTracerProvider(TracerProvider):
     """The SDK's provider, with the span pipeline's counters beside it, for status, health and metrics.
     unsampled_parent_decides: its sampler never samples a span whose remote parent is unsampled (so the
-    consumer runtime passes such a context on without asking it)."""
+    consumer runtime passes such a context on without asking it). sampler_reads_attributes: whether its
+    sampler may decide on a span's attributes (if not, the runtime builds them only for a span it records)."""
 
-    def __init__(self, *, unsampled_parent_decides: bool = False, **options):
+    def __init__(self, *, unsampled_parent_decides: bool = False, sampler_reads_attributes: bool = True, **options):
         super().__init__(**options)
         self.unsampled_parent_decides = unsampled_parent_decides
+        self.sampler_reads_attributes = sampler_reads_attributes
         self.stats = SpanPipelineStats()
         self.add_span_processor(self.stats)
 
@@ -136,10 +138,15 @@ def setup_tracing(
     resource = detected.merge(Resource({k: v for k, v in ours.items() if k not in set_by_user}))
 
     sampler = None if os.environ.get("OTEL_TRACES_SAMPLER") else ParentBased(TraceIdRatioBased(settings.sampling_ratio))
-    # ParentBased's default for an unsampled remote parent is ALWAYS_OFF; a sampler named by
-    # OTEL_TRACES_SAMPLER may decide otherwise, so it is asked for every span.
+    # ParentBased's default for an unsampled remote parent is ALWAYS_OFF, and a ratio decides on the trace id
+    # alone; a sampler named by OTEL_TRACES_SAMPLER may do neither, so it is asked for every span, attributes
+    # and all.
+    own = sampler is not None
     provider = ReportflowTracerProvider(
-        resource=resource, unsampled_parent_decides=sampler is not None, **({"sampler": sampler} if sampler else {})
+        resource=resource,
+        unsampled_parent_decides=own,
+        sampler_reads_attributes=not own,
+        **({"sampler": sampler} if own else {}),
     )
     exporter = _exporter(settings, service_name)
     if exporter is not None:

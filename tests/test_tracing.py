@@ -510,8 +510,8 @@ def test_an_unsampled_messages_sql_meets_no_instrumentation(sqlite_url, tracer_p
     plain.dispose()
 
 
-def _delivery_in(traceparent: str):
-    """A report.created delivery that arrives in the given upstream trace, and its event."""
+def _delivery_in(traceparent: str | None):
+    """A report.created delivery that arrives in the given upstream trace (or none), and its event."""
     import pika
 
     from reportflow.consumers.runtime import Delivery
@@ -519,20 +519,21 @@ def _delivery_in(traceparent: str):
     from tests.helpers import first_event
 
     event = Event("report.created", first_event("r-unsampled-upstream"))
-    properties = pika.BasicProperties(**message_properties(event, {"traceparent": traceparent}))
+    properties = pika.BasicProperties(**message_properties(event, {"traceparent": traceparent} if traceparent else {}))
     return Delivery(None, 1, "test", event.type, properties, encode(event), False), event
 
 
-def _process_span_of(traceparent: str, provider):
-    """What a stage's process span is for a delivery in that trace: whether it records, whether
-    instrumentation may run inside it, and the trace headers its events would carry."""
+def _process_span_of(traceparent: str | None, provider, describe=None):
+    """What a stage's process span is for a delivery in that trace (None: with no trace context): whether it
+    records, whether instrumentation may run inside it, and the trace headers its events would carry."""
     from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
     from reportflow.consumers.runtime.telemetry import Telemetry
     from reportflow.consumers.stage import Stage
     from reportflow.shared.trace_context import carrier_of_current
 
-    telemetry = Telemetry(Stage("generation", {}), TracingSettings(), None, ("127.0.0.1", 5672), provider)
+    stage = Stage("generation", {}, describe=describe)
+    telemetry = Telemetry(stage, TracingSettings(), None, ("127.0.0.1", 5672), provider)
     delivery, event = _delivery_in(traceparent)
     with telemetry.process(delivery, event, "test", "test.generation") as span:
         return span.is_recording(), is_instrumentation_enabled(), carrier_of_current()
@@ -567,3 +568,71 @@ def test_a_sampler_named_in_the_environment_is_asked_even_in_an_unsampled_trace(
     assert recording and instrumented
     [process] = memory.get_finished_spans()
     assert process.context.trace_id == int(UPSTREAM_TRACE, 16)
+
+
+class _DescribeCalls:
+    """A stage's describe that counts how often the runtime asks it for a span's attributes."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, message) -> dict:
+        self.calls += 1
+        return {"report.template": message.payload["template"]}
+
+
+def test_a_hop_builds_its_spans_attributes_only_when_it_records(monkeypatch):
+    """With reportflow's own sampler (a ratio of the trace id), an unsampled hop that starts its trace builds
+    no attributes, and carries its new context on; a sampled one gets them all. Tracing off builds none."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import NoOpTracerProvider
+
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    with tracing.switched(tracing.enabled()):
+        provider = tracing.setup_tracing("reportflow-generation", TracingSettings(sampling_ratio=0.0), "test")
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    describe = _DescribeCalls()
+
+    recording, instrumented, carried = _process_span_of(None, provider, describe)
+    assert not recording and not instrumented and describe.calls == 0
+    _, trace_id, _, flags = carried["traceparent"].split("-")
+    assert trace_id != UPSTREAM_TRACE and not int(flags, 16) & 1  # a new trace, carried on unsampled
+    _process_span_of(None, NoOpTracerProvider(), describe)
+    assert describe.calls == 0
+
+    recording, _, _ = _process_span_of(f"00-{UPSTREAM_TRACE}-{UPSTREAM_SPAN}-01", provider, describe)
+    assert recording and describe.calls == 1
+    [process] = memory.get_finished_spans()
+    assert process.attributes["report.template"] == "standard"
+    assert process.attributes["report.id"] == "r-unsampled-upstream"
+    assert process.attributes["messaging.operation.type"] == "process"
+
+
+def test_a_sampler_that_may_read_attributes_sees_them_at_span_start(monkeypatch):
+    """A sampler named by OTEL_TRACES_SAMPLER may decide on attributes: it is given them all, at start."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler
+
+    class SeesAttributes(Sampler):
+        seen: list = []
+
+        def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None):
+            self.seen.append(dict(attributes or {}))
+            return ALWAYS_ON.should_sample(parent_context, trace_id, name, kind, attributes, links)
+
+        def get_description(self) -> str:
+            return "SeesAttributes"
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    with tracing.switched(tracing.enabled()):
+        named = tracing.setup_tracing("reportflow-generation", TracingSettings(), "test")
+    assert named.sampler_reads_attributes
+    sampler = SeesAttributes()
+    provider = tracing.ReportflowTracerProvider(sampler=sampler, sampler_reads_attributes=True)
+    describe = _DescribeCalls()
+    recording, _, _ = _process_span_of(None, provider, describe)
+    assert recording
+    [seen] = sampler.seen
+    assert seen["report.template"] == "standard" and seen["report.id"] == "r-unsampled-upstream"

@@ -41,6 +41,14 @@ class Telemetry:
         # Whether the provider's sampler follows an unsampled upstream (ParentBased's default): then such a
         # message needs no span to learn it is not sampled.
         self._unsampled_parent_decides = getattr(tracer_provider, "unsampled_parent_decides", False)
+        # Whether a process span's attributes must be there for the sampler; if not, only a span that records
+        # gets them. With no SDK behind the API (tracing off) nothing records: none are built.
+        provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
+        self._attributes_for_sampler = getattr(
+            provider,
+            "sampler_reads_attributes",
+            not isinstance(provider, (trace.NoOpTracerProvider, trace.ProxyTracerProvider)),
+        )
 
     def instrument(self, channel) -> None:
         # Per channel, not global instrument(): the channel of retries and dead letters, whose publishes are
@@ -55,7 +63,8 @@ class Telemetry:
         self, delivery, message, exchange: str, queue: str, publisher: str | None = None, in_report_trace: bool = True
     ):
         """The span a delivery is processed in. Library instrumentation (SQL, publishes) runs only inside a
-        sampled one: unsampled, it would make spans nobody exports; the context still travels on.
+        sampled one: unsampled, it would make spans nobody exports; the context still travels on. Its attributes
+        are given at start to a sampler that may read them, and otherwise built only for a span that records.
         in_report_trace: whether a late message may join its report's stored trace (a database read)."""
         try:
             parent, links = self._parent(delivery.properties, message, in_report_trace)
@@ -68,18 +77,23 @@ class Telemetry:
             with trace.use_span(upstream), suppress_instrumentation():
                 yield upstream
             return
+        attributes = (
+            self._attributes(delivery, message, exchange, queue, publisher) if self._attributes_for_sampler else None
+        )
         with (
             self.tracer.start_as_current_span(
                 f"process {exchange}:{message.type}:{queue}",
                 context=parent,
                 kind=SpanKind.CONSUMER,
                 links=links,
-                attributes=self._attributes(delivery, message, exchange, queue, publisher),
+                attributes=attributes,
                 record_exception=False,
                 set_status_on_exception=False,
             ) as span,
             nullcontext() if span.is_recording() else suppress_instrumentation(),
         ):
+            if attributes is None and span.is_recording():
+                span.set_attributes(self._attributes(delivery, message, exchange, queue, publisher))
             yield span
 
     @contextmanager
