@@ -10,7 +10,7 @@ from sqlalchemy.orm import sessionmaker
 
 from reportflow import consumers
 from reportflow.consumers.runtime import Consumer
-from reportflow.consumers.runtime.telemetry import SampledSessions
+from reportflow.consumers.runtime.sessions import SampledSessions
 from reportflow.shared.config import Settings
 from reportflow.shared.db import make_engine
 from reportflow.shared.documents import IsolatedRenderer

@@ -12,7 +12,6 @@ from opentelemetry import context, trace
 from opentelemetry.instrumentation.pika import PikaInstrumentor
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled, suppress_instrumentation
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
-from sqlalchemy.orm import Session, sessionmaker
 
 from reportflow.consumers.stage import Stage
 from reportflow.shared import failures
@@ -245,21 +244,6 @@ class Telemetry:
         if failed_before:
             attributes["reportflow.attempt"] = failed_before + 1
         return attributes
-
-
-class SampledSessions(sessionmaker):
-    """Sessions for a traced process: on the instrumented view of the engine inside a recording span, on
-    the plain engine otherwise, so that an unsampled message's statements meet no instrumentation at all
-    (suppressed, each would still ask it). always_traced: for a batch, whose messages may be either."""
-
-    def __init__(self, plain, traced):
-        super().__init__(plain, expire_on_commit=False)
-        self.always_traced = sessionmaker(traced, expire_on_commit=False)
-
-    def __call__(self, **local_kw) -> Session:
-        if "bind" not in local_kw and trace.get_current_span().is_recording():
-            local_kw["bind"] = self.always_traced.kw["bind"]
-        return super().__call__(**local_kw)
 
 
 def sampled(stored_headers: dict) -> bool:
