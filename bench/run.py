@@ -285,6 +285,9 @@ def tracing_cpu_paired(
 
 
 # -- 2. four-stage chain: reportflow vs Celery ----------------------------------------------------------------
+# Rounds of the half-capacity pace in a full run (see main): each runs both chains twice, ABBA.
+HALF_CAPACITY_ROUNDS = 2
+
 CHAIN = [
     ("stage1", "report.created"),
     ("stage2", "report.generated"),
@@ -885,17 +888,18 @@ def main() -> None:
             # The same latencies where both chains keep up: half the burst rate the slower of the two reached
             # (half reportflow's would overrun a Celery chain whose burst is below it, and say nothing of
             # either); and at 100/s, which a machine of two cores carries for both (at 200/s it is 95% busy).
-            # The target's pace is run twice for each chain, in the order reportflow, Celery, Celery,
-            # reportflow, and each chain's runs pooled: these machines' speed drifts over minutes (the same
-            # chain's p50 doubled between runs a minute apart), and one run each, in one order, put the drift
-            # into the ratio.
+            # The target's pace is run in rounds of reportflow, Celery, Celery, reportflow (HALF_CAPACITY_ROUNDS
+            # of them), and each chain's runs pooled: these machines' speed drifts over minutes (the same
+            # chain's p50 doubled between runs a minute apart; one sitting's two reportflow runs gave a p99 of 17
+            # and 38 ms), and one run each, in one order, put the drift into the ratio.
             half = max(10, int(min(ours.throughput, theirs.throughput) / 2))
-            first_ours = chain_reportflow(burst // 4, half, seconds, OTLP_PORT)
-            first_theirs = chain_celery(burst // 4, half, seconds)
-            second_theirs = chain_celery(burst // 4, half, seconds)
-            second_ours = chain_reportflow(burst // 4, half, seconds, OTLP_PORT)
-            ours_half = ChainRun.pooled(first_ours, second_ours)
-            theirs_half = ChainRun.pooled(first_theirs, second_theirs)
+            ours_runs, theirs_runs = [], []
+            for _ in range(1 if q else HALF_CAPACITY_ROUNDS):
+                ours_runs.append(chain_reportflow(burst // 4, half, seconds, OTLP_PORT))
+                theirs_runs.append(chain_celery(burst // 4, half, seconds))
+                theirs_runs.append(chain_celery(burst // 4, half, seconds))
+                ours_runs.append(chain_reportflow(burst // 4, half, seconds, OTLP_PORT))
+            ours_half, theirs_half = ChainRun.pooled(*ours_runs), ChainRun.pooled(*theirs_runs)
             ours_light, theirs_light = (
                 chain_reportflow(burst // 4, 100, seconds, OTLP_PORT),
                 chain_celery(burst // 4, 100, seconds),
@@ -907,10 +911,7 @@ def main() -> None:
                 theirs_half.latencies,
                 "ratio",
                 keep_samples=not q,
-                runs=(
-                    [first_ours.latencies, second_ours.latencies],
-                    [first_theirs.latencies, second_theirs.latencies],
-                ),
+                runs=([r.latencies for r in ours_runs], [r.latencies for r in theirs_runs]),
             )
             for pace, ours_paced, theirs_paced, target in (
                 (f"{rate}/s", ours, theirs, "8 ms"),
