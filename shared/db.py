@@ -35,6 +35,21 @@ _ADD_TO_OUTBOX_ON_PSYCOPG = (
     "INSERT INTO outbox (message_id, event_type, payload, headers, source, created_at)"
     " VALUES (%(message_id)s, %(event_type)s, %(payload)s, %(headers)s, %(source)s, %(created_at)s) RETURNING id"
 )
+# A batch's the same way, its rows as arrays: one statement whatever the batch's size, which psycopg prepares
+# once. (SQLAlchemy compiles the PostgreSQL dialect's insert afresh for every batch.) Outbox ids come back
+# with their message ids, which are unique, since RETURNING keeps no promise of order.
+_CLAIM_ALL_ON_PSYCOPG = (
+    "INSERT INTO inbox (consumer, message_id, event_type, processed_at)"
+    " SELECT %(consumer)s, m, t, %(processed_at)s"
+    " FROM unnest(%(message_ids)s::text[], %(event_types)s::text[]) AS u(m, t)"
+    " ON CONFLICT DO NOTHING RETURNING message_id"
+)
+_ADD_ALL_TO_OUTBOX_ON_PSYCOPG = (
+    "INSERT INTO outbox (message_id, event_type, payload, headers, source, created_at)"
+    " SELECT m, t, p, h, %(source)s, c FROM unnest(%(message_ids)s::text[], %(event_types)s::text[],"
+    " %(payloads)s::json[], %(headers)s::json[], %(created_at)s::timestamptz[]) AS u(m, t, p, h, c)"
+    " RETURNING message_id, id"
+)
 # Elsewhere, or with their SQL traced (tracing.runtime_sql), through SQLAlchemy. It does not cache the
 # PostgreSQL dialect's insert (it compiles it every time); SQL text it does.
 _CLAIM_ON_POSTGRESQL = text(
@@ -260,6 +275,14 @@ class UnitOfWork:
     def claim_all(self, messages: list[tuple[str, str]]) -> set[str]:
         """Claim (message_id, event_type) pairs in one statement; return the ids not processed before."""
         now = utcnow()
+        if self._to_driver(self.session.get_bind().dialect):
+            values = {
+                "consumer": self.consumer,
+                "processed_at": now,
+                "message_ids": [m for m, _ in messages],
+                "event_types": [t for _, t in messages],
+            }
+            return {row[0] for row in self._driver_returning(_CLAIM_ALL_ON_PSYCOPG, values, every_row=True)}
         rows = [{"consumer": self.consumer, "message_id": m, "event_type": t, "processed_at": now} for m, t in messages]
         return set(self.session.scalars(_CLAIM_ALL_ON_POSTGRESQL, rows))
 
@@ -279,11 +302,26 @@ class UnitOfWork:
         """Commit a batch: each handler's (effects, trace headers), the outbox rows in one statement; return
         each handler's outbox rows (id, event), in order."""
         rows = [self._outbox_row(e, headers) for effects, headers in handled for e in effects.emitted]
-        ids = iter(self.session.scalars(_ADD_ALL_TO_OUTBOX, rows).all() if rows else [])
+        ids = iter(self._add_all_to_outbox(rows) if rows else [])
         for effects, headers in handled:
             self._set_timers(effects.scheduled, headers)
         self.session.commit()
         return [[(next(ids), e) for e in effects.emitted] for effects, _ in handled]
+
+    def _add_all_to_outbox(self, rows: list[dict]) -> list[int]:
+        """The outbox ids of rows, in their order."""
+        if not self._to_driver(self.session.get_bind().dialect):
+            return list(self.session.scalars(_ADD_ALL_TO_OUTBOX, rows))
+        values = {
+            "source": self.consumer,
+            "message_ids": [r["message_id"] for r in rows],
+            "event_types": [r["event_type"] for r in rows],
+            "payloads": [Json(r["payload"]) for r in rows],
+            "headers": [Json(r["headers"]) for r in rows],
+            "created_at": [r["created_at"] for r in rows],
+        }
+        ids = dict(self._driver_returning(_ADD_ALL_TO_OUTBOX_ON_PSYCOPG, values, every_row=True))
+        return [ids[r["message_id"]] for r in rows]
 
     def bookkeeping_in_sqlalchemy(self) -> bool:
         """Whether the runtime's next step (the claim, or the commit with what is pending) runs statements
@@ -293,8 +331,9 @@ class UnitOfWork:
     def _to_driver(self, dialect) -> bool:
         return dialect.driver == "psycopg" and not self._bookkeeping_traced
 
-    def _driver_returning(self, statement: str, values: dict):
-        """Run statement on the session's own connection, in its transaction; its RETURNING row, or None.
+    def _driver_returning(self, statement: str, values: dict, every_row: bool = False):
+        """Run statement on the session's own connection, in its transaction; its RETURNING row, or None
+        (every_row: all its rows).
         A driver error is raised as SQLAlchemy raises it, so that retries judge it alike, and a lost
         connection is dropped from the pool as SQLAlchemy drops it."""
         connection = self.session.connection()
@@ -302,7 +341,7 @@ class UnitOfWork:
         try:
             with closing(connection.connection.cursor()) as cursor:
                 cursor.execute(statement, values)
-                return cursor.fetchone()
+                return cursor.fetchall() if every_row else cursor.fetchone()
         except driver_error as error:
             lost = connection.dialect.is_disconnect(error, connection.connection, None)
             if lost:

@@ -8,13 +8,17 @@ from __future__ import annotations
 import threading
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
 
 from reportflow.consumers import creation
 from reportflow.consumers.bootstrap import build_consumer, session_factory
 from reportflow.consumers.runtime import Consumer
 from reportflow.consumers.stage import Stage
 from reportflow.producers import ReportflowClient
-from reportflow.shared.models import InboxRecord, Report
+from reportflow.shared.db import Effects, UnitOfWork, make_engine
+from reportflow.shared.events import Event
+from reportflow.shared.models import InboxRecord, OutboxMessage, Report
 from reportflow.shared.topology import Topology, declare
 from tests.helpers import TEST_AMQP_URL, count, dead_letters, running, sample_request, settled
 
@@ -120,3 +124,46 @@ def test_a_stage_that_waits_only_on_the_database_batches_on_the_io_thread(settin
     assert worker_threads("creation", postgres_url, concurrency=3) == 3
     assert worker_threads("creation", postgres_url, batch_size=1) == 4  # no batches: threads overlap its waits
     assert worker_threads("creation", sqlite_url) == 1
+
+
+@pytest.mark.parametrize("bookkeeping_traced", [False, True], ids=["on the driver's cursor", "through SQLAlchemy"])
+def test_a_batchs_claims_and_outbox_rows_are_written_alike_on_either_path(postgres_url, bookkeeping_traced):
+    """The batch's inbox claim and outbox rows, on psycopg's cursor or (tracing.runtime_sql) through SQLAlchemy:
+    the ids not claimed before, and each handler's outbox rows, with their ids in order. Batches of several
+    sizes, more of them than psycopg runs before it prepares a statement."""
+    engine = make_engine(postgres_url)
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    with UnitOfWork(sessions, "stage", bookkeeping_traced=bookkeeping_traced) as uow:
+        assert uow.claim_all([("seen-before", "report.created")]) == {"seen-before"}
+        uow.commit_all([])
+    committed = []
+    for batch in range(7):
+        ids = [f"m-{batch}-{n}" for n in range(batch + 1)]
+        with UnitOfWork(sessions, "stage", bookkeeping_traced=bookkeeping_traced) as uow:
+            claimed = uow.claim_all([(m, "report.created") for m in [*ids, "seen-before"]])
+            assert claimed == set(ids)
+            handled = [
+                (Effects([Event("report.generated", {"n": n, "batch": batch}) for _ in range(n % 3)]), {"n": str(n)})
+                for n in range(batch + 1)
+            ]
+            for (effects, headers), rows in zip(handled, uow.commit_all(handled), strict=True):
+                assert [event for _, event in rows] == effects.emitted
+                committed += [(outbox_id, event, headers) for outbox_id, event in rows]
+    with sessions() as session:
+        stored = {row.id: row for row in session.scalars(select(OutboxMessage))}
+        inbox = session.scalars(select(InboxRecord)).all()
+    engine.dispose()
+    assert len(stored) == len(committed) == sum(n % 3 for batch in range(7) for n in range(batch + 1))
+    for outbox_id, event, headers in committed:
+        row = stored[outbox_id]
+        assert (row.message_id, row.event_type, row.payload, row.headers, row.source) == (
+            event.message_id,
+            event.type,
+            event.payload,
+            headers,
+            "stage",
+        )
+        assert row.created_at is not None and row.published_at is None
+    assert len(inbox) == 1 + sum(range(1, 8))
+    assert {(r.consumer, r.event_type) for r in inbox} == {("stage", "report.created")}
+    assert all(r.processed_at is not None for r in inbox)
