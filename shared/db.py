@@ -36,8 +36,8 @@ _ADD_TO_OUTBOX_ON_PSYCOPG = (
     " VALUES (%(message_id)s, %(event_type)s, %(payload)s, %(headers)s, %(source)s, %(created_at)s) RETURNING id"
 )
 # A batch's the same way, its rows as arrays: one statement whatever the batch's size, which psycopg prepares
-# once. (SQLAlchemy compiles the PostgreSQL dialect's insert afresh for every batch.) Outbox ids come back
-# with their message ids, which are unique, since RETURNING keeps no promise of order.
+# once. Outbox ids come back with their message ids, which are unique, since RETURNING keeps no promise of
+# order.
 _CLAIM_ALL_ON_PSYCOPG = (
     "INSERT INTO inbox (consumer, message_id, event_type, processed_at)"
     " SELECT %(consumer)s, m, t, %(processed_at)s"

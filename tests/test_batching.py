@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import sessionmaker
 
 from reportflow.consumers import creation
@@ -130,8 +130,11 @@ def test_a_stage_that_waits_only_on_the_database_batches_on_the_io_thread(settin
 def test_a_batchs_claims_and_outbox_rows_are_written_alike_on_either_path(postgres_url, bookkeeping_traced):
     """The batch's inbox claim and outbox rows, on psycopg's cursor or (tracing.runtime_sql) through SQLAlchemy:
     the ids not claimed before, and each handler's outbox rows, with their ids in order. Batches of several
-    sizes, more of them than psycopg runs before it prepares a statement."""
+    sizes, more of them than psycopg runs before it prepares a statement. On the driver's cursor, SQLAlchemy
+    sees neither statement."""
     engine = make_engine(postgres_url)
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda conn, cursor, statement, *rest: statements.append(statement))
     sessions = sessionmaker(engine, expire_on_commit=False)
     with UnitOfWork(sessions, "stage", bookkeeping_traced=bookkeeping_traced) as uow:
         assert uow.claim_all([("seen-before", "report.created")]) == {"seen-before"}
@@ -147,19 +150,21 @@ def test_a_batchs_claims_and_outbox_rows_are_written_alike_on_either_path(postgr
                 for n in range(batch + 1)
             ]
             for (effects, headers), rows in zip(handled, uow.commit_all(handled), strict=True):
-                assert [event for _, event in rows] == effects.emitted
-                committed += [(outbox_id, event, headers) for outbox_id, event in rows]
+                assert [emitted for _, emitted in rows] == effects.emitted
+                committed += [(outbox_id, emitted, headers) for outbox_id, emitted in rows]
     with sessions() as session:
         stored = {row.id: row for row in session.scalars(select(OutboxMessage))}
         inbox = session.scalars(select(InboxRecord)).all()
     engine.dispose()
+    assert any(s.startswith("INSERT INTO inbox") for s in statements) == bookkeeping_traced, statements
+    assert any(s.startswith("INSERT INTO outbox") for s in statements) == bookkeeping_traced, statements
     assert len(stored) == len(committed) == sum(n % 3 for batch in range(7) for n in range(batch + 1))
-    for outbox_id, event, headers in committed:
+    for outbox_id, emitted, headers in committed:
         row = stored[outbox_id]
         assert (row.message_id, row.event_type, row.payload, row.headers, row.source) == (
-            event.message_id,
-            event.type,
-            event.payload,
+            emitted.message_id,
+            emitted.type,
+            emitted.payload,
             headers,
             "stage",
         )
