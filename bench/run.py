@@ -285,7 +285,8 @@ def tracing_cpu_paired(
 
 
 # -- 2. four-stage chain: reportflow vs Celery ----------------------------------------------------------------
-# Rounds of the half-capacity pace in a full run (see main): each runs both chains twice, ABBA.
+# Rounds of the half-capacity pace in a full run (see main): each runs both chains twice, ABBA, and reportflow
+# untraced once, in the middle.
 HALF_CAPACITY_ROUNDS = 2
 
 CHAIN = [
@@ -359,11 +360,14 @@ def _add_paced(
     keep_samples: bool,
     celery: str = "Celery",
     runs: tuple[list[list[float]], list[list[float]]] | None = None,
+    ours_label: str = "reportflow",
 ) -> None:
     """p50 and p99 per hop of a paced load, reportflow's against Celery's (celery names which Celery chain).
     target: "ratio" (p99 at most twice Celery's), "8 ms" (p99 per hop), or None. runs: each chain's runs,
-    where the latencies pool several, whose own p99s the JSON keeps beside the pooled one."""
-    for index, (label, latencies, baseline) in enumerate((("reportflow", ours, theirs), (celery, theirs, None))):
+    where the latencies pool several, whose own p99s the JSON keeps beside the pooled one. ours_label: other
+    than reportflow's, a variant set against Celery figures added already, so only its own are added."""
+    chains = [(ours_label, ours, theirs)] + ([(celery, theirs, None)] if ours_label == "reportflow" else [])
+    for index, (label, latencies, baseline) in enumerate(chains):
         p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
         each = {"p99_per_hop_each_run": [round(percentile(r, 99) / 4, 3) for r in runs[index]]} if runs else {}
         figures.add(
@@ -893,10 +897,13 @@ def main() -> None:
             # chain's p50 doubled between runs a minute apart; one sitting's two reportflow runs gave a p99 of 17
             # and 38 ms), and one run each, in one order, put the drift into the ratio.
             half = max(10, int(min(ours.throughput, theirs.throughput) / 2))
-            ours_runs, theirs_runs = [], []
+            # Untraced too, in the middle of each round (where the traced and the Celery runs centre): how much
+            # of the gap to bare Celery, which traces nothing, is tracing's.
+            ours_runs, theirs_runs, untraced_runs = [], [], []
             for _ in range(1 if q else HALF_CAPACITY_ROUNDS):
                 ours_runs.append(chain_reportflow(burst // 4, half, seconds, OTLP_PORT))
                 theirs_runs.append(chain_celery(burst // 4, half, seconds))
+                untraced_runs.append(chain_reportflow(burst // 4, half, seconds, OTLP_PORT, tracing=False))
                 theirs_runs.append(chain_celery(burst // 4, half, seconds))
                 ours_runs.append(chain_reportflow(burst // 4, half, seconds, OTLP_PORT))
             ours_half, theirs_half = ChainRun.pooled(*ours_runs), ChainRun.pooled(*theirs_runs)
@@ -912,6 +919,16 @@ def main() -> None:
                 "ratio",
                 keep_samples=not q,
                 runs=([r.latencies for r in ours_runs], [r.latencies for r in theirs_runs]),
+            )
+            _add_paced(
+                figures,
+                f"{half}/s (half capacity)",
+                [x for r in untraced_runs for x in r.latencies],
+                theirs_half.latencies,
+                None,
+                keep_samples=False,
+                runs=([r.latencies for r in untraced_runs],),
+                ours_label="reportflow, tracing off",
             )
             for pace, ours_paced, theirs_paced, target in (
                 (f"{rate}/s", ours, theirs, "8 ms"),
