@@ -359,14 +359,15 @@ def _add_paced(
     target: str | None,
     keep_samples: bool,
     celery: str = "Celery",
-    runs: tuple[list[list[float]], list[list[float]]] | None = None,
+    runs: tuple[list[list[float]], ...] | None = None,
     ours_label: str = "reportflow",
+    celery_figures: bool = True,
 ) -> None:
     """p50 and p99 per hop of a paced load, reportflow's against Celery's (celery names which Celery chain).
     target: "ratio" (p99 at most twice Celery's), "8 ms" (p99 per hop), or None. runs: each chain's runs,
-    where the latencies pool several, whose own p99s the JSON keeps beside the pooled one. ours_label: other
-    than reportflow's, a variant set against Celery figures added already, so only its own are added."""
-    chains = [(ours_label, ours, theirs)] + ([(celery, theirs, None)] if ours_label == "reportflow" else [])
+    where the latencies pool several, whose own p99s the JSON keeps beside the pooled one. ours_label names
+    reportflow's variant; celery_figures: False where Celery's own figures were added already."""
+    chains = [(ours_label, ours, theirs)] + ([(celery, theirs, None)] if celery_figures else [])
     for index, (label, latencies, baseline) in enumerate(chains):
         p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
         each = {"p99_per_hop_each_run": [round(percentile(r, 99) / 4, 3) for r in runs[index]]} if runs else {}
@@ -929,6 +930,7 @@ def main() -> None:
                 keep_samples=False,
                 runs=([r.latencies for r in untraced_runs],),
                 ours_label="reportflow, tracing off",
+                celery_figures=False,
             )
             for pace, ours_paced, theirs_paced, target in (
                 (f"{rate}/s", ours, theirs, "8 ms"),
